@@ -1,0 +1,3 @@
+"""Quantfarm: a team-wide model quantization farm."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Broker settings and task dispatch by name, shared by the API and the workers.
+
+The API enqueues with ``send_task`` by name, so it never imports the workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantfarm.settings import Settings
+
+RUN_JOB = "quantfarm.run_job"
+SWEEP = "quantfarm.sweep"
+DELIVER_WEBHOOK = "quantfarm.deliver_webhook"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings: the DB holds all state, so ack late, prefetch one, keep no results."""
+    url = settings.resolved_broker_url
+    conf: dict[str, Any] = {
+        "broker_url": url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": settings.queue,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_max_tasks_per_child": 1 if not settings.embedded else None,
+        "broker_transport_options": {},
+    }
+    if url.startswith("filesystem"):
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    elif url.startswith(("redis", "rediss")):
+        # Our leases and sweeper handle lost workers; keep Redis from redelivering running jobs.
+        conf["broker_transport_options"] = {"visibility_timeout": 12 * 3600}
+    return conf
+
+
+class Dispatcher:
+    """Sends tasks to the workers' queue by name."""
+
+    def __init__(self, settings: Settings):
+        from celery import Celery
+
+        self.app = Celery("quantfarm-client")
+        self.app.conf.update(celery_config(settings))
+        self.queue = settings.queue
+
+    def run_job(self, job_id: str) -> None:
+        self.app.send_task(RUN_JOB, args=[job_id], queue=self.queue)
+
+    def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:
+        self.app.send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=self.queue, countdown=countdown or None)
+
+    def ping(self) -> bool:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return True

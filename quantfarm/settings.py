@@ -1,0 +1,108 @@
+"""One typed settings object, read from ``QUANTFARM_*`` variables at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a process of the farm can be configured with.
+
+    Build it once with ``Settings()`` (or ``load_settings``) when a process starts
+    and pass it down; nothing reads the environment at import time.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="QUANTFARM_", env_file=None, extra="ignore")
+
+    # Where embedded state lives (SQLite file, broker folders, artifacts, scratch).
+    home: Path = Path(".quantfarm")
+    database_url: str | None = None
+    broker_url: str | None = None
+
+    # HTTP API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    url: str | None = None  # what the CLI talks to; defaults to http://host:port
+
+    # Artifact store
+    store: Literal["local", "s3"] = "local"
+    artifact_dir: Path | None = None
+    s3_bucket: str = "quantfarm"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = True
+    s3_max_attempts: int = 5
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 30.0
+    s3_multipart_threshold: int = 64 * 1024 * 1024
+    s3_multipart_chunksize: int = 16 * 1024 * 1024
+    presign_downloads: bool = False
+
+    # Workers
+    scratch_dir: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int | None = None
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float | None = None  # default: a third of the lease
+    sweep_seconds: float = 10.0
+    requeue_queued_after_seconds: float = 600.0
+    max_attempts: int = Field(default=5, ge=1)
+    max_shard_bytes: int = 2 * 1024**3
+    model_cache_bytes: int = 50 * 1024**3
+    queue: str = "quantfarm"
+
+    # Webhooks
+    webhook_allow_private: bool = False
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_base: float = 2.0
+    webhook_backoff_max: float = 3600.0
+
+    # Hub
+    hf_endpoint: str | None = None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'quantfarm.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.home / "artifacts").resolve()
+
+    @property
+    def resolved_scratch_dir(self) -> Path:
+        return (self.scratch_dir or self.home / "scratch").resolve()
+
+    @property
+    def api_url(self) -> str:
+        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_seconds or max(self.lease_seconds / 3.0, 0.5)
+
+    @property
+    def embedded(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem")
+
+
+def load_settings(**overrides) -> Settings:
+    """Build the settings from the environment, with explicit overrides on top."""
+    return Settings(**overrides)

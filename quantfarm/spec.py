@@ -1,0 +1,339 @@
+"""The job spec: one typed, strict description of what a job must do.
+
+The same pydantic models validate API requests, feed the OpenAPI document and
+the web form, and are stored (secrets removed) on the job row.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from quantfarm.errors import ValidationFailed
+
+BUILTIN_DATASETS = ("code",)
+METHODS = ("gptq", "awq", "bnb-4bit", "bnb-8bit", "rtn")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- model sources ----------------------------------------------------------
+
+
+class HubSource(Strict):
+    source: Literal["hub"]
+    repo_id: str = Field(description="Hub model id, e.g. org/name")
+    revision: str = Field("main", description="Branch, tag or commit")
+    token: SecretStr | None = Field(None, description="Hub token for private models (write-only)")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if not _REPO_ID.match(v):
+            raise ValueError("must look like 'org/name'")
+        return v
+
+
+class S3Source(Strict):
+    source: Literal["s3"]
+    uri: str = Field(description="s3://bucket/prefix/ holding the model files")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", v):
+            raise ValueError("must be an s3://bucket/prefix URI")
+        return v
+
+
+class LocalSource(Strict):
+    source: Literal["local"]
+    path: str = Field(description="Absolute path on the workers' shared filesystem")
+
+    @field_validator("path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return v
+
+
+class UploadSource(Strict):
+    source: Literal["upload"]
+    upload_id: str
+
+
+ModelSource = Annotated[Union[HubSource, S3Source, LocalSource, UploadSource], Field(discriminator="source")]
+
+
+# --- method options -------------------------------------------------------------
+
+
+class GPTQOptions(Strict):
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
+    group_size: Literal[-1, 32, 64, 128] = Field(128, description="Columns sharing one scale; -1 for per-channel")
+    sym: bool = Field(True, description="Symmetric quantization (zero point fixed at the middle)")
+    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = Field(False, description="With act-order, fix group parameters before the solve")
+    damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening added to the Hessian diagonal, as a fraction of its mean")
+    true_sequential: bool = Field(True, description="Quantize sub-modules in order, feeding quantized outputs forward")
+
+
+class RTNOptions(Strict):
+    bits: Literal[4, 8] = Field(4, description="Bits per weight")
+    group_size: Literal[-1, 32, 64, 128] = Field(128, description="Columns sharing one scale; -1 for per-channel")
+    sym: bool = Field(True, description="Symmetric quantization")
+
+
+class AWQOptions(Strict):
+    bits: Literal[4] = Field(4, description="Bits per weight (AWQ kernels take 4)")
+    group_size: Literal[32, 64, 128] = Field(128, description="Columns sharing one scale")
+    zero_point: bool = Field(True, description="Asymmetric quantization with a zero point")
+    version: Literal["gemm", "gemv"] = Field("gemm", description="Kernel packing the checkpoint is written for")
+
+
+class BnB4Options(Strict):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too")
+    compute_dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Matmul dtype")
+    skip_modules: list[str] = Field(default_factory=list, description="Module names kept in full precision")
+
+
+class BnB8Options(Strict):
+    threshold: float = Field(6.0, ge=0, description="LLM.int8() outlier threshold")
+    skip_modules: list[str] = Field(default_factory=list, description="Module names kept in full precision")
+
+
+METHOD_OPTIONS: dict[str, type[Strict]] = {
+    "gptq": GPTQOptions,
+    "awq": AWQOptions,
+    "bnb-4bit": BnB4Options,
+    "bnb-8bit": BnB8Options,
+    "rtn": RTNOptions,
+}
+
+
+# --- calibration, destination, webhooks -------------------------------------------
+
+
+class Calibration(Strict):
+    dataset: str | None = Field(None, description="builtin:<name> or hub:<dataset>[:<config>][:<split>]")
+    texts: list[str] | None = Field(None, min_length=1, max_length=100_000)
+    upload_id: str | None = None
+    num_samples: int = Field(128, ge=1, le=4096)
+    seq_len: int = Field(512, ge=16, le=16384)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith("builtin:"):
+            if v.split(":", 1)[1] not in BUILTIN_DATASETS:
+                raise ValueError(f"unknown built-in set; choose from: {', '.join('builtin:' + b for b in BUILTIN_DATASETS)}")
+            return v
+        if v.startswith("hub:") and len(v) > 4 and all(v.split(":")[1:2]):
+            return v
+        raise ValueError("must be builtin:<name> or hub:<dataset>[:<config>][:<split>]")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Calibration":
+        given = [n for n in ("dataset", "texts", "upload_id") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of dataset, texts, upload_id (got {', '.join(given)})")
+        if not given:
+            self.dataset = "builtin:code"
+        return self
+
+
+class HubDestination(Strict):
+    repo_id: str
+    private: bool = True
+    branch: str | None = None
+    token: SecretStr | None = None
+
+    _repo = field_validator("repo_id")(HubSource._repo.__func__)
+
+
+class Destination(Strict):
+    store: bool = Field(True, description="Keep the result in the farm's object store")
+    hub: HubDestination | None = None
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> "Destination":
+        if not self.store and self.hub is None:
+            raise ValueError("the result must go somewhere: set store or hub")
+        return self
+
+
+class Webhook(Strict):
+    url: str
+    secret: SecretStr | None = Field(None, description="whsec_<base64> signing secret (write-only)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+
+class Evaluation(Strict):
+    texts: list[str] | None = Field(None, min_length=1, description="Held-out text; default: built-in held-out code")
+    max_windows: int = Field(16, ge=1, le=1024)
+
+
+# --- the job ---------------------------------------------------------------------
+
+
+class _JobBase(Strict):
+    model: ModelSource
+    calibration: Calibration = Field(default_factory=Calibration)
+    destination: Destination = Field(default_factory=Destination)
+    evaluate: bool = False
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    webhooks: list[Webhook] = Field(default_factory=list, max_length=10)
+    priority: int = Field(0, ge=-10, le=10)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+
+class GPTQJob(_JobBase):
+    method: Literal["gptq"]
+    options: GPTQOptions = Field(default_factory=GPTQOptions)
+
+
+class AWQJob(_JobBase):
+    method: Literal["awq"]
+    options: AWQOptions = Field(default_factory=AWQOptions)
+
+
+class BnB4Job(_JobBase):
+    method: Literal["bnb-4bit"]
+    options: BnB4Options = Field(default_factory=BnB4Options)
+
+
+class BnB8Job(_JobBase):
+    method: Literal["bnb-8bit"]
+    options: BnB8Options = Field(default_factory=BnB8Options)
+
+
+class RTNJob(_JobBase):
+    method: Literal["rtn"]
+    options: RTNOptions = Field(default_factory=RTNOptions)
+
+
+JobSpec = Annotated[Union[GPTQJob, AWQJob, BnB4Job, BnB8Job, RTNJob], Field(discriminator="method")]
+_ADAPTER: TypeAdapter = TypeAdapter(JobSpec)
+_TAGS = {"gptq": "GPTQJob", "awq": "AWQJob", "bnb-4bit": "BnB4Job", "bnb-8bit": "BnB8Job", "rtn": "RTNJob"}
+
+
+def _field_path(loc: tuple) -> str:
+    # Pydantic puts the discriminators' tags ("gptq", "hub") into the location; drop them.
+    parts = list(loc)
+    if parts and parts[0] in _TAGS:
+        parts = parts[1:]
+    if len(parts) > 1 and parts[0] == "model" and parts[1] in ("hub", "s3", "local", "upload"):
+        del parts[1]
+    return ".".join(str(p) for p in parts) or "body"
+
+
+def _message(err: dict) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "union_tag_invalid":
+        expected = err.get("ctx", {}).get("expected_tags", "")
+        return f"unknown value {err.get('ctx', {}).get('tag')!r}; expected one of {expected}"
+    if kind == "union_tag_not_found":
+        return "field required"
+    if kind == "missing":
+        return "field required"
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def validation_fields(exc: ValidationError) -> dict[str, str]:
+    """Turn a pydantic error into ``{"dotted.field": "why"}``."""
+    fields: dict[str, str] = {}
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = err.get("ctx", {}).get("discriminator", "")
+            name = tag.strip("'") if tag else "method"
+            loc = loc + (name,)
+        path = _field_path(loc)
+        msg = _message(err)
+        fields[path] = f"{fields[path]}; {msg}" if path in fields else msg
+    return fields
+
+
+def parse_spec(data: Any) -> "GPTQJob | AWQJob | BnB4Job | BnB8Job | RTNJob":
+    """Validate a request body into a job spec.
+
+    Raises ValidationFailed with a per-field map when the body is wrong.
+    """
+    if not isinstance(data, dict):
+        raise ValidationFailed({"body": "must be a JSON object"}, "The request body must be a JSON object.")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ValidationFailed(validation_fields(exc)) from None
+
+
+def spec_schema() -> dict:
+    """Return the JSON schema of the job spec (for OpenAPI and the web form)."""
+    return _ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
+
+
+def public_spec(spec: BaseModel) -> dict:
+    """Return the spec as JSON with every secret removed."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["model"].pop("token", None)
+    hub = data.get("destination", {}).get("hub")
+    if hub:
+        hub.pop("token", None)
+    for hook in data.get("webhooks", []):
+        hook.pop("secret", None)
+    return data
+
+
+def spec_secrets(spec: BaseModel) -> dict[str, str]:
+    """Return the spec's secrets, keyed by where they go back."""
+    out: dict[str, str] = {}
+    tok = getattr(spec.model, "token", None)
+    if tok is not None:
+        out["model.token"] = tok.get_secret_value()
+    if spec.destination.hub is not None and spec.destination.hub.token is not None:
+        out["destination.hub.token"] = spec.destination.hub.token.get_secret_value()
+    for i, hook in enumerate(spec.webhooks):
+        if hook.secret is not None:
+            out[f"webhooks.{i}.secret"] = hook.secret.get_secret_value()
+    return out
+
+
+def load_spec(public: dict, secrets: dict[str, str] | None = None):
+    """Rebuild a full spec from its stored public JSON and secrets."""
+    import copy
+
+    data = copy.deepcopy(public)
+    for key, value in (secrets or {}).items():
+        parts = key.split(".")
+        node: Any = data
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[parts[-1]] = value
+    return _ADAPTER.validate_python(data)

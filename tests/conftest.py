@@ -1,0 +1,82 @@
+"""Shared fixtures: real PostgreSQL and Redis on this machine, SQLite files, tiny models."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PG_ADMIN = os.environ.get("QUANTFARM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("QUANTFARM_TEST_REDIS", "redis://127.0.0.1:6379/0")
+CACHE = Path(os.environ.get("QUANTFARM_TEST_CACHE", Path(__file__).resolve().parent.parent / "test-output" / "cache"))
+
+
+def _admin_exec(sql: str) -> None:
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(sa.text(sql))
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh PostgreSQL database for this test session, migrated to head."""
+    from storage.migrate import upgrade
+
+    name = f"qf_test_{uuid.uuid4().hex[:10]}"
+    _admin_exec(f"CREATE DATABASE {name}")
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    _admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    from storage.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'quantfarm.db'}"
+    upgrade(url)
+    return url
+
+
+def _truncate(db) -> None:
+    from storage.models import Base
+
+    with db.session() as s:
+        for table in reversed(Base.metadata.sorted_tables):
+            s.execute(table.delete())
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db(request, tmp_path):
+    """A migrated, empty database: each test runs on PostgreSQL and on SQLite."""
+    from storage.db import Database
+
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else request.getfixturevalue("sqlite_url")
+    database = Database(url)
+    _truncate(database)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    from tests.support.models import train_tokenizer
+
+    return train_tokenizer(CACHE / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer_dir):
+    """A 2-layer random Llama saved in sharded safetensors with the trained tokenizer."""
+    from tests.support.models import make_tiny_model
+
+    return make_tiny_model(CACHE / "tiny-llama", "llama", tokenizer_dir=tokenizer_dir, shard="300KB")

@@ -1,0 +1,87 @@
+"""Tiny Hugging Face models built locally (the Hub is unreachable here).
+
+Dims are multiples of 128: gptqmodel's CPU kernel, bnb nf4 and llm-compressor
+break on others (an intermediate size of 688, say).
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+
+TOKENIZER_VOCAB = 1024
+
+
+def stdlib_text(max_chars: int = 2_000_000, skip_holdout: bool = True) -> list[str]:
+    from workers.engine.calibration import builtin_code_texts
+
+    return builtin_code_texts(holdout=not skip_holdout, max_chars=max_chars)
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
+    """Train a byte-level BPE on stdlib sources and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    if (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(stdlib_text(1_000_000), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: int = 256, vocab: int = TOKENIZER_VOCAB, heads: int = 4, kv_heads: int = 2):
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  max_position_embeddings=1024, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(intermediate_size=intermediate, num_key_value_heads=kv_heads, tie_word_embeddings=False, **common)
+    if arch == "mistral":
+        return MistralConfig(intermediate_size=intermediate, num_key_value_heads=kv_heads, sliding_window=None, **common)
+    if arch == "qwen2":
+        return Qwen2Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        return Qwen3Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads, tie_word_embeddings=True, **common)
+    if arch == "opt":
+        common.pop("max_position_embeddings")
+        return OPTConfig(ffn_dim=intermediate, word_embed_proj_dim=hidden, max_position_embeddings=1024, do_layer_norm_before=True, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(out_dir: Path, arch: str = "llama", *, tokenizer_dir: Path, seed: int = 0, shard: str | None = None, dtype=torch.float32, **kw) -> Path:
+    """Build a random tiny model with the shared tokenizer and save it with ``save_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).to(dtype)
+    # Random init gives near-uniform logits; widen the weights so quantization error shows in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    model.save_pretrained(out_dir, max_shard_size=shard or "2GB")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def add_bert(out_dir: Path) -> Path:
+    """A BERT encoder: a real model the farm does not support (no causal LM)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=256, hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256)
+    BertModel(cfg).save_pretrained(out_dir)
+    return out_dir

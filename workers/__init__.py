@@ -1,0 +1,1 @@
+"""Everything that runs jobs: the Celery app, thin tasks, the runner and the engine."""

@@ -1,0 +1,93 @@
+"""Per-layer checkpoints in a blob store, guarded by a fingerprint of the inputs.
+
+Layout under the job's checkpoint prefix::
+
+    manifest.json            fingerprint, its parts, and one entry per finished layer
+    layer-00000.safetensors  that layer's packed tensors
+
+A layer file is written before the manifest names it, so a crash in between
+leaves an unreferenced file, never a manifest pointing at nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from quantfarm.errors import CheckpointMismatch, StorageUnavailable
+from quantfarm.store import BlobStore
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """A stable digest of everything that determines a job's result."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes() + str((tuple(t.shape), str(t.dtype))).encode()).hexdigest()
+
+
+class Checkpoints:
+    """Read and write one job's layer checkpoints."""
+
+    def __init__(self, store: BlobStore, parts: dict[str, Any]):
+        self.store = store
+        self.parts = parts
+        self.digest = fingerprint(parts)
+        self.layers: dict[int, dict[str, Any]] = {}
+
+    def _read_manifest(self) -> dict | None:
+        try:
+            return json.loads(self.store.get_bytes(MANIFEST))
+        except KeyError:
+            return None
+
+    def open(self) -> set[int]:
+        """Load the manifest; return finished layers. Raises CheckpointMismatch on a different fingerprint."""
+        m = self._read_manifest()
+        if m is None:
+            return set()
+        if m.get("fingerprint") != self.digest:
+            old = m.get("parts", {})
+            changed = sorted(k for k in set(old) | set(self.parts) if old.get(k) != self.parts.get(k))
+            raise CheckpointMismatch(
+                "This job's checkpoints were made from different inputs (changed: "
+                f"{', '.join(changed) or 'unknown'}); they cannot be resumed. Submit a new job.",
+                details={"changed": changed},
+            )
+        self.layers = {int(k): v for k, v in m.get("layers", {}).items()}
+        return set(self.layers)
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        key = f"layer-{index:05d}.safetensors"
+        blob = st_save({k: v.contiguous().cpu() for k, v in sorted(tensors.items())})
+        self.store.put_bytes(key, blob)
+        self.layers[index] = {"key": key, "sha256": hashlib.sha256(blob).hexdigest(), "tensors": sorted(tensors), **info}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.digest,
+            "parts": self.parts,
+            "layers": {str(i): v for i, v in sorted(self.layers.items())},
+        }
+        self.store.put_bytes(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        entry = self.layers[index]
+        try:
+            blob = self.store.get_bytes(entry["key"])
+        except KeyError:
+            raise StorageUnavailable(f"Checkpoint {entry['key']} is listed in the manifest but missing from the store.") from None
+        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise CheckpointMismatch(f"Checkpoint {entry['key']} is corrupt (sha256 differs from the manifest).")
+        return st_load(blob)
+
+    def losses(self) -> dict[int, dict[str, float]]:
+        return {i: v.get("losses", {}) for i, v in sorted(self.layers.items())}

@@ -1,0 +1,184 @@
+"""A model skeleton on the meta device whose modules are filled from the shards on demand."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantfarm.errors import NotAModel, UnsupportedModel
+from workers.engine.arch import Arch, arch_for
+from workers.engine.shards import ShardReader
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, dict[str, Any]]  # hidden states and the layer's keyword arguments
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn the ``device`` setting (auto | cpu | cuda[:N]) into a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(source: torch.dtype, device: torch.device) -> torch.dtype:
+    """Activations stay in the source's half dtype on GPU; on CPU use float32 (fp16 matmul is slow there)."""
+    if device.type == "cuda" and source in (torch.float16, torch.bfloat16):
+        return source
+    return torch.float32
+
+
+def read_config(model_dir: Path):
+    """Load a transformers config, turning every failure into a clear job error."""
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise NotAModel(f"{model_dir} has no config.json; it does not look like a Hugging Face model directory.")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        raise NotAModel(f"config.json in {model_dir} could not be read: {exc}") from None
+
+
+class StreamedModel:
+    """The model's modules exist on ``meta``; ``materialize`` loads one at a time."""
+
+    def __init__(self, model_dir: Path, device: torch.device):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        self.dir = Path(model_dir)
+        self.config = read_config(self.dir)
+        self.arch: Arch = arch_for(self.config)
+        self.shards = ShardReader(self.dir)
+        self.device = device
+        src = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None) or torch.float32
+        self.source_dtype = getattr(torch, src) if isinstance(src, str) else src
+        self.dtype = compute_dtype(self.source_dtype, device)
+        try:
+            with init_empty_weights(include_buffers=False), contextlib.redirect_stdout(io.StringIO()):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
+        except ValueError as exc:
+            raise UnsupportedModel(f"transformers cannot build this model as a causal LM: {exc}") from None
+        self.model.eval()
+        for module in self.model.modules():  # rotary tables etc. are real buffers; put them where we compute
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[name] = buf.to(device)
+        self.layers: nn.ModuleList = self.model.get_submodule(self.arch.layers)
+        self.num_layers = len(self.layers)
+
+    # --- loading -----------------------------------------------------------------
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.arch.layers}.{i}."
+
+    def module(self, path: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _load(self, module: nn.Module, prefix: str, overrides: dict[str, torch.Tensor] | None = None) -> None:
+        expected = module.state_dict().keys()
+        tensors = self.shards.load_prefix(prefix)
+        if overrides:
+            tensors.update(overrides)
+        missing = [k for k in expected if k not in tensors]
+        if missing and prefix == self.arch.head + "." and missing == ["weight"]:
+            tensors["weight"] = self.shards.get(self.arch.embed + ".weight")  # tied embeddings
+            missing = []
+        if missing:
+            raise NotAModel(f"The weights are missing tensors for {prefix}: {', '.join(missing[:5])}.")
+        sd = {k: tensors[k].to(self.device, self.dtype if tensors[k].is_floating_point() else tensors[k].dtype) for k in expected}
+        module.load_state_dict(sd, strict=True, assign=True)
+
+    def materialize(self, path: str) -> nn.Module | None:
+        """Load a non-layer module (embedding, norm, head) onto the compute device."""
+        module = self.module(path)
+        if module is not None:
+            self._load(module, path + ".")
+        return module
+
+    def load_layer(self, i: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Load decoder layer ``i``'s weights (with ``overrides`` replacing source tensors)."""
+        layer = self.layers[i]
+        self._load(layer, self.layer_prefix(i), overrides)
+        return layer
+
+    @staticmethod
+    def release(module: nn.Module | None) -> None:
+        """Drop a module's weights back to ``meta``."""
+        if module is not None:
+            module.to("meta")
+
+    # --- running -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture_inputs(self, token_batches: list[torch.Tensor]) -> list[Batch]:
+        """Run the embeddings and record what layer 0 receives for each batch."""
+        pre = [self.materialize(p) for p in self.arch.pre]
+
+        def hook(_module, args, kwargs):
+            raise _Captured(args, kwargs)
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        out: list[Batch] = []
+        try:
+            for ids in token_batches:
+                try:
+                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                except _Captured as cap:
+                    kwargs = dict(cap.kwargs_)
+                    hidden = cap.args_[0] if cap.args_ else kwargs.pop("hidden_states")
+                    out.append((hidden, kwargs))
+                else:  # pragma: no cover - the hook always fires
+                    raise RuntimeError("layer 0 was never reached")
+        finally:
+            handle.remove()
+            for m in pre:
+                self.release(m)
+        return out
+
+    @staticmethod
+    @torch.no_grad()
+    def forward_layer(layer: nn.Module, inputs: list[Batch]) -> list[Batch]:
+        """Run a batch list through one layer; the kwargs carry over unchanged."""
+        outs = []
+        for hidden, kwargs in inputs:
+            o = layer(hidden, **kwargs)
+            outs.append((o[0] if isinstance(o, tuple) else o, kwargs))
+        return outs
+
+    @torch.no_grad()
+    def head_nll(self, inputs: list[Batch], token_batches: list[torch.Tensor]) -> tuple[float, int]:
+        """Apply the final norm and head; return (sum of next-token NLL, token count)."""
+        post = [self.materialize(p) for p in self.arch.post]
+        total, count = 0.0, 0
+        try:
+            for (hidden, _), ids in zip(inputs, token_batches):
+                h = hidden
+                for m in post:
+                    if m is not None:
+                        h = m(h)
+                logits = h[:, :-1].float()
+                target = ids[:, 1:].to(self.device)
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+                total += float(nll)
+                count += target.numel()
+        finally:
+            for m in post:
+                self.release(m)
+        return total, count

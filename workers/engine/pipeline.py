@@ -1,0 +1,151 @@
+"""The layer loop: capture, quantize or replay, checkpoint, report, free — one layer at a time."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel
+
+from workers.engine import ENGINE_VERSION
+from workers.engine.calibration import calibration_ids
+from workers.engine.checkpoint import Checkpoints, tensor_digest
+from workers.engine.methods import LayerContext, Method, method_for
+from workers.engine.model import StreamedModel
+
+log = logging.getLogger(__name__)
+
+BATCH_TOKENS = 4096
+
+
+@dataclass
+class LayerReport:
+    """What the loop tells its caller at every layer boundary."""
+
+    index: int
+    total: int
+    seconds: float
+    losses: dict[str, float]
+    resumed: bool
+    eta_seconds: float | None
+
+
+@dataclass
+class QuantizeRequest:
+    source_dir: Path
+    method: str
+    options: BaseModel
+    calibration: Any  # quantfarm.spec.Calibration
+    evaluate: bool = False
+    evaluation: Any = None  # quantfarm.spec.Evaluation
+    base_model: str = ""
+    read_upload: Callable[[str], str] | None = None
+
+
+@dataclass
+class LoopStats:
+    computed: list[int] = field(default_factory=list)
+    replayed: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def batches_of(ids: torch.Tensor) -> list[torch.Tensor]:
+    size = max(1, BATCH_TOKENS // ids.shape[1])
+    return list(ids.split(size))
+
+
+def fingerprint_parts(model: StreamedModel, method: Method, calib: torch.Tensor | None) -> dict[str, Any]:
+    return {
+        "engine_version": ENGINE_VERSION,
+        "source_files": model.shards.file_hashes(),
+        "method": method.describe(),
+        "calibration": tensor_digest(calib) if calib is not None else None,
+        "batch_tokens": BATCH_TOKENS,
+        "compute": {"device": model.device.type, "dtype": str(model.dtype)},
+    }
+
+
+def run_layers(
+    model: StreamedModel,
+    method: Method,
+    calib: torch.Tensor | None,
+    ckpt: Checkpoints,
+    on_layer: Callable[[LayerReport], None] | None = None,
+) -> LoopStats:
+    """Quantize every decoder layer in order, replaying the ones already checkpointed.
+
+    A replayed layer goes through exactly the same ``apply`` + forward as a fresh
+    one, so the activations (and therefore the bytes) of a resumed run equal an
+    uninterrupted one.
+    """
+    done = ckpt.open()
+    stats = LoopStats()
+    total = model.num_layers
+    needs_inputs = method.requires_calibration
+    token_batches = batches_of(calib) if (needs_inputs and calib is not None) else []
+    # Layers after the last checkpoint need activations; the ones before only need replaying.
+    inputs = model.capture_inputs(token_batches) if needs_inputs else []
+    t_start = time.monotonic()
+    for i in range(total):
+        t0 = time.monotonic()
+        resumed = i in done
+        if resumed and not needs_inputs:
+            stats.replayed.append(i)
+            _report(on_layer, i, total, 0.0, ckpt, True, stats, t_start)
+            continue
+        layer = model.load_layer(i)
+        if resumed:
+            tensors = ckpt.load(i)
+            stats.replayed.append(i)
+        else:
+            out = method.quantize_layer(LayerContext(model, i, layer, inputs))
+            tensors = out.tensors
+        # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
+        # replayed one compute with identical weights from here on.
+        method.apply(model.arch, layer, tensors)
+        if needs_inputs and i + 1 < total:
+            inputs = model.forward_layer(layer, inputs)
+        model.release(layer)
+        seconds = time.monotonic() - t0
+        if not resumed:
+            ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3)})
+            stats.computed.append(i)
+        del tensors
+        gc.collect()
+        _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start)
+    stats.seconds = time.monotonic() - t_start
+    return stats
+
+
+def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:
+    if on_layer is None:
+        return
+    n = len(stats.computed)
+    per = (time.monotonic() - t_start) / max(i + 1, 1) if n == 0 else sum(ckpt.layers[j].get("seconds", 0) for j in stats.computed) / n
+    eta = per * (total - i - 1)
+    on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, round(eta, 1)))
+
+
+def prepare(req: QuantizeRequest, device: torch.device) -> tuple[StreamedModel, Method, Any, torch.Tensor | None]:
+    """Open the source, build the method, and tokenize the calibration set."""
+    model = StreamedModel(req.source_dir, device)
+    method = method_for(req.method, req.options)
+    tokenizer = load_tokenizer(req.source_dir) if (method.requires_calibration or req.evaluate) else None
+    calib = calibration_ids(req.calibration, tokenizer, read_upload=req.read_upload) if method.requires_calibration else None
+    return model, method, tokenizer, calib
+
+
+def load_tokenizer(source_dir: Path):
+    from transformers import AutoTokenizer
+
+    from quantfarm.errors import NotAModel
+
+    try:
+        return AutoTokenizer.from_pretrained(source_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise NotAModel(f"The model at {source_dir} has no usable tokenizer: {str(exc)[:200]}") from None
