@@ -27,6 +27,11 @@ def make_engine(url: str, **kwargs) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+def after_commit(s: Session, fn) -> None:
+    """Run ``fn`` after the session's transaction commits (dropped on rollback)."""
+    s.info.setdefault("after_commit", []).append(fn)
+
+
 class Database:
     """An engine plus a session factory; one per process."""
 
@@ -37,7 +42,11 @@ class Database:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """Yield a session that commits on success and rolls back on error."""
+        """Yield a session that commits on success and rolls back on error.
+
+        Callbacks registered with ``after_commit`` run once the commit succeeded
+        (enqueue only after the transaction that created the work commits).
+        """
         s = self.sessions()
         try:
             yield s
@@ -46,7 +55,10 @@ class Database:
             s.rollback()
             raise
         finally:
+            callbacks = s.info.pop("after_commit", [])
             s.close()
+        for fn in callbacks:
+            fn()
 
     def ping(self) -> bool:
         from sqlalchemy import text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -13,9 +14,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_last = [0]
+_id_lock = threading.Lock()
+
+
 def new_id(prefix: str) -> str:
-    """Return a time-sortable opaque id (48-bit ms clock + 80 random bits, ULID-like)."""
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    """Return a time-sortable opaque id (48-bit ms clock + 80 random bits, ULID-like).
+
+    Ids made in one process are strictly increasing, also within a millisecond.
+    """
+    with _id_lock:
+        value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+        if value <= _last[0]:
+            value = _last[0] + 1
+        _last[0] = value
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])

@@ -1,0 +1,38 @@
+# The two commands: `make run` (embedded stack) and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: run test install services browser clean bench
+
+run: install
+	$(VENV)/bin/quantfarm run
+
+test: install services browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, from the pinned CPU wheel; the constraints keep every later install on it.
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[methods,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+services:
+	bash scripts/services.sh
+
+browser:
+	@command -v chromium >/dev/null || (echo "installing chromium for the browser tests" && \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .quantfarm test-output

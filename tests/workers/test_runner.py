@@ -1,0 +1,161 @@
+"""The job runner on a real database (PostgreSQL and SQLite), driven in-process.
+
+The broker is not involved here (the runner is a plain object); the end-to-end
+tests exercise the Celery worker and the filesystem/Redis brokers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from quantfarm.settings import Settings
+from quantfarm.spec import parse_spec, public_spec, spec_secrets
+from storage import jobs
+from storage.artifacts import LocalStore
+from storage.jobs import JobStatus
+from storage.models import Artifact, JobEvent
+from workers.runner import JobRunner, artifact_prefix, checkpoint_prefix
+
+CAL = {"num_samples": 4, "seq_len": 64}
+
+
+def submit(db, body) -> str:
+    spec = parse_spec(body)
+    with db.session() as s:
+        job = jobs.create_job(s, method=spec.method, model_ref="test", spec=public_spec(spec), secrets=spec_secrets(spec))
+        return job.id
+
+
+@pytest.fixture
+def env(db, tmp_path):
+    settings = Settings(home=tmp_path / "home", lease_seconds=30)
+    store = LocalStore(tmp_path / "store")
+    return settings, db, store
+
+
+def load(db, job_id):
+    with db.session() as s:
+        job = jobs.get_job(s, job_id)
+        events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+        arts = list(s.scalars(select(Artifact).where(Artifact.job_id == job_id)))
+        return job, events, arts
+
+
+def test_rtn_job_succeeds_and_records_its_artifact(env, tiny_llama):
+    settings, db, store = env
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "options": {"group_size": 32}})
+    assert JobRunner(settings, db, store).run(job_id) == "succeeded"
+    job, events, arts = load(db, job_id)
+    assert job.status == "succeeded" and job.error_code is None and job.stage is None
+    assert (job.layers_done, job.layers_total) == (2, 2)
+    assert job.lease_owner is None and job.finished_at is not None
+    assert [e.to_status for e in events if e.kind == "status"] == ["queued", "running", "succeeded"]
+    assert [e.stage for e in events if e.kind == "stage"] == ["fetching", "calibrating", "exporting", "uploading"]
+    assert [e.data["layers_done"] for e in events if e.kind == "progress"] == [1, 2]
+    (art,) = arts
+    assert art.format == "gptq" and art.file_count == len(art.files) > 3
+    for f in art.files:  # every recorded file is in the store with its size and sha256
+        blob = store.get_bytes(f"{artifact_prefix(job_id)}/{f['path']}")
+        assert len(blob) == f["size"] and hashlib.sha256(blob).hexdigest() == f["sha256"]
+    config = json.loads(store.get_bytes(f"{artifact_prefix(job_id)}/config.json"))
+    assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["group_size"] == 32
+    assert store.list(checkpoint_prefix(job_id)) == []  # checkpoints are dropped after success
+    assert job.metrics["size_bytes_after"] < job.metrics["size_bytes_before"]
+
+
+@pytest.mark.parametrize(
+    "path_kind,code",
+    [("missing", "model_not_found"), ("empty", "not_a_model"), ("bert", "unsupported_architecture")],
+)
+def test_bad_models_fail_with_clear_codes(env, tmp_path, path_kind, code):
+    from tests.support.models import add_bert
+
+    settings, db, store = env
+    path = tmp_path / path_kind
+    if path_kind == "empty":
+        path.mkdir()
+        (path / "notes.txt").write_text("no model here")
+    elif path_kind == "bert":
+        add_bert(path)
+    job_id = submit(db, {"model": {"source": "local", "path": str(path)}, "method": "gptq", "calibration": CAL})
+    assert JobRunner(settings, db, store).run(job_id) == "failed"
+    job, events, arts = load(db, job_id)
+    assert job.status == "failed" and job.error_code == code
+    assert job.error_message and str(path) in job.error_message or code == "unsupported_architecture"
+    if code == "unsupported_architecture":
+        assert "llama" in job.error_message and "bert" in job.error_message
+    assert arts == [] and job.lease_owner is None
+
+
+def test_second_claim_is_skipped(env, tiny_llama):
+    settings, db, store = env
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    with db.session() as s:
+        assert jobs.claim(s, job_id, "other-worker", 60) is not None
+    assert JobRunner(settings, db, store).run(job_id) == "skipped"
+    job, _, _ = load(db, job_id)
+    assert job.status == "running" and job.lease_owner == "other-worker"
+
+
+class CancelAtCalibration(JobRunner):
+    """Requests a cancel the moment calibration starts, like a user clicking Cancel."""
+
+    def _stage(self, job_id, stage):
+        super()._stage(job_id, stage)
+        if stage.value == "calibrating":
+            with self.db.session() as s:
+                jobs.request_cancel(s, job_id)
+
+
+def test_cancel_stops_at_layer_boundary_and_retry_resumes(env, tiny_llama):
+    settings, db, store = env
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq", "calibration": CAL})
+    assert CancelAtCalibration(settings, db, store).run(job_id) == "cancelled"
+    job, events, arts = load(db, job_id)
+    assert job.status == "cancelled" and job.layers_done == 1 and arts == []
+    manifest = json.loads(store.get_bytes(f"{checkpoint_prefix(job_id)}/manifest.json"))
+    assert sorted(manifest["layers"]) == ["0"]  # the finished layer's checkpoint stays
+    with db.session() as s:
+        jobs.retry(s, job_id)
+    assert JobRunner(settings, db, store).run(job_id) == "succeeded"
+    job, events, arts = load(db, job_id)
+    assert job.attempt == 2 and len(arts) == 1
+    resumed = [e.data["resumed"] for e in events if e.kind == "progress"][-2:]
+    assert resumed == [True, False]  # layer 0 replayed from its checkpoint, layer 1 computed
+
+
+def test_sweeper_requeues_expired_lease_and_fails_after_max_attempts(env, tiny_llama):
+    from datetime import timedelta
+
+    from storage.models import utcnow
+    from workers.sweeper import Sweeper
+
+    settings, db, store = env
+    settings = settings.model_copy(update={"max_attempts": 2})
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def run_job(self, job_id):
+            self.sent.append(job_id)
+
+    rec = Recorder()
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    with db.session() as s:
+        jobs.claim(s, job_id, "dead-worker", 1)
+    later = utcnow() + timedelta(seconds=5)
+    out = Sweeper(settings, db, rec).sweep_once(now=later)
+    assert out["requeued"] == [job_id] and rec.sent == [job_id]
+    job, events, _ = load(db, job_id)
+    assert job.status == "queued" and job.attempt == 2 and job.lease_owner is None
+    with db.session() as s:
+        jobs.claim(s, job_id, "dead-again", 1)
+    out = Sweeper(settings, db, rec).sweep_once(now=utcnow() + timedelta(seconds=5))
+    job, _, _ = load(db, job_id)
+    assert out["failed"] == [job_id] and job.status == "failed" and job.error_code == "worker_lost"
+    assert JobStatus(job.status).terminal
