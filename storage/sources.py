@@ -1,0 +1,273 @@
+"""Fetch a job's model (``local``, ``s3://`` or Hub) into a directory the engine can read.
+
+Hub and S3 models land in a cache shared by the jobs of one worker machine,
+keyed by repo + resolved commit (or bucket + object ETags), with a size limit
+(``model_cache_bytes``) enforced least-recently-used first. Entries appear
+atomically (download to a temp dir, then rename) and are guarded by file locks,
+so concurrent jobs never see half a model and eviction never removes a model a
+job is holding. Tokens never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from quantfarm.errors import JobError, ModelNotFound, NotAModel, StorageUnavailable
+from quantfarm.settings import Settings
+from quantfarm.spec import HubSource, LocalSource, ModelSource, S3Source
+from quantfarm.store import walk_files
+
+log = logging.getLogger(__name__)
+
+# What a causal LM needs: weights, configs, tokenizer files, chat templates. Root files only
+# (see ``_HUB_IGNORE``): subfolders hold other formats (original/, onnx/) we never read.
+MODEL_FILES = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+_HUB_IGNORE = ["*/*"]
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    path: Path
+    source: str
+    revision: str | None = None  # resolved Hub commit, or a digest of the S3 listing
+
+
+def model_cache_dir(settings: Settings) -> Path:
+    return settings.resolved_scratch_dir / "model-cache"
+
+
+def fetch_model(source: Any, secrets: dict[str, str], settings: Settings, scratch: Path, *,
+                hold: contextlib.ExitStack | None = None) -> Path:
+    """Return a local directory holding the model ``source`` names.
+
+    ``hold``, when given, keeps the cache entry from being evicted until it closes.
+    Raises ModelNotFound (no such model/revision/prefix, or no access) and
+    StorageUnavailable (the Hub or the S3 endpoint cannot be reached).
+    """
+    return fetch(source, secrets, settings, scratch, hold=hold).path
+
+
+def fetch(source: Any, secrets: dict[str, str], settings: Settings, scratch: Path, *,
+          hold: contextlib.ExitStack | None = None) -> FetchedModel:
+    """Like ``fetch_model``, also returning the resolved revision."""
+    if isinstance(source, dict):
+        from pydantic import TypeAdapter
+
+        source = TypeAdapter(ModelSource).validate_python(source)
+    if isinstance(source, LocalSource):
+        path = Path(source.path)
+        if not path.is_dir():
+            raise ModelNotFound(f"Model path {path}: no such directory on this worker.")
+        return FetchedModel(path, "local")
+    cache = ModelCache(model_cache_dir(settings), settings.model_cache_bytes) if settings.model_cache_bytes > 0 else None
+    if isinstance(source, S3Source):
+        return _fetch_s3(source, settings, cache, scratch, hold)
+    if isinstance(source, HubSource):
+        return _fetch_hub(source, secrets.get("model.token"), settings, cache, scratch, hold)
+    raise ModelNotFound(f"Model source {getattr(source, 'source', source)!r} is not supported yet; use hub, s3 or local.",
+                        code="unsupported_source")
+
+
+def _place(cache: "ModelCache | None", key: str, fill: Callable[[Path], None], scratch: Path,
+           hold: contextlib.ExitStack | None) -> Path:
+    if cache is None:  # caching off: every job downloads into its own scratch dir
+        target = scratch / "model"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        fill(target)
+        return target
+    return cache.get(key, fill, hold)
+
+
+# --- S3 -----------------------------------------------------------------------------------
+
+
+def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) -> FetchedModel:
+    from storage.s3 import S3Store
+
+    bucket, _, prefix = source.uri[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    store = S3Store.from_settings(settings, bucket=bucket, prefix="", create_bucket=False)
+    try:
+        objects = store.list_objects(prefix)
+        if not objects:
+            raise ModelNotFound(f"No objects under {source.uri}; check the bucket and prefix.")
+        digest = hashlib.sha256(
+            "\n".join(f"{o['key']}\0{o['size']}\0{o['etag']}" for o in objects).encode()
+        ).hexdigest()[:16]
+        strip = len(prefix) + 1 if prefix else 0
+
+        def fill(tmp: Path) -> None:
+            for o in objects:
+                store.get_file(o["key"], tmp / o["key"][strip:])
+
+        key = _safe(f"s3--{bucket}--{prefix}") + f"--{digest}"
+        return FetchedModel(_place(cache, key, fill, scratch, hold), "s3", digest)
+    except JobError as exc:
+        if exc.code == "storage_error":  # no such bucket, access denied: the model cannot be read
+            raise ModelNotFound(f"Cannot read the model at {source.uri}: {exc.message}") from exc
+        raise
+
+
+# --- the Hub ----------------------------------------------------------------------------------
+
+
+def hub_endpoint(settings: Settings) -> str:
+    from huggingface_hub import constants
+
+    return (settings.hf_endpoint or constants.ENDPOINT).rstrip("/")
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str, endpoint: str, has_token: bool) -> Iterator[None]:
+    """Turn huggingface_hub failures into ModelNotFound / StorageUnavailable."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    access = "the job's token lacks access to it" if has_token else "no token was given (set model.token)"
+    try:
+        yield
+    except GatedRepoError as exc:
+        raise ModelNotFound(f"Hub model {repo_id} is gated and {access}; accept its terms on the Hub with the token's account.") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFound(f"Hub model {repo_id} has no revision {revision!r}.") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFound(f"Hub model {repo_id} was not found, or it is private and {access}.") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status in (401, 403):
+            raise ModelNotFound(f"Hub model {repo_id}: {access}.") from exc
+        raise StorageUnavailable(f"The Hugging Face Hub at {endpoint} answered HTTP {status} for {repo_id}; retry the job later.") from exc
+    except (LocalEntryNotFoundError, httpx2.TransportError) as exc:
+        raise StorageUnavailable(f"The Hugging Face Hub at {endpoint} is unreachable ({type(exc).__name__}); retry the job later.") from exc
+
+
+def _fetch_hub(source: HubSource, token: str | None, settings: Settings, cache, scratch: Path, hold) -> FetchedModel:
+    from huggingface_hub import HfApi, snapshot_download
+
+    endpoint = hub_endpoint(settings)
+    with _hub_errors(source.repo_id, source.revision, endpoint, token is not None):
+        sha = HfApi(endpoint=endpoint).model_info(source.repo_id, revision=source.revision, token=token).sha
+
+    def fill(tmp: Path) -> None:
+        with _hub_errors(source.repo_id, source.revision, endpoint, token is not None):
+            snapshot_download(
+                source.repo_id, revision=sha, local_dir=tmp, token=token, endpoint=endpoint,
+                allow_patterns=MODEL_FILES, ignore_patterns=_HUB_IGNORE, max_workers=4,
+            )
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local-dir bookkeeping
+        if not any(tmp.glob("*.safetensors")):
+            raise NotAModel(f"Hub model {source.repo_id}@{sha[:12]} has no .safetensors weights at its root.")
+
+    key = _safe(f"hub--{source.repo_id.replace('/', '--')}") + f"--{sha}"
+    path = _place(cache, key, fill, scratch, hold)
+    log.info("model %s@%s ready at %s", source.repo_id, sha[:12], path)
+    return FetchedModel(path, "hub", sha)
+
+
+# --- the cache ---------------------------------------------------------------------------------
+
+
+def _safe(name: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:120]
+    return f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in walk_files(path) if not p.is_symlink())
+
+
+class ModelCache:
+    """Directories keyed by name under ``root``, evicted LRU beyond ``limit`` bytes.
+
+    Each entry has a lock file ``<key>.lock``: held exclusively while the entry
+    is downloaded or evicted, shared while a job uses it. Its mtime is the
+    entry's last use.
+    """
+
+    def __init__(self, root: Path, limit: int):
+        self.root = Path(root)
+        self.limit = limit
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _lock(self, key: str) -> int:
+        return os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def get(self, key: str, fill: Callable[[Path], None], hold: contextlib.ExitStack | None = None) -> Path:
+        """Return the entry ``key``, calling ``fill(tmp_dir)`` to create it if missing."""
+        entry = self.root / key
+        fd = self._lock(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one download per key; others wait and then reuse it
+            if not entry.is_dir():
+                tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir()
+                try:
+                    fill(tmp)
+                    os.replace(tmp, entry)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                log.info("model cache: added %s", key)
+            os.utime(self.root / f"{key}.lock")
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self.evict(keep=key)
+        except BaseException:
+            os.close(fd)
+            raise
+        if hold is not None:
+            hold.callback(os.close, fd)
+        else:
+            os.close(fd)
+        return entry
+
+    def entries(self) -> list[tuple[float, str, int]]:
+        """Return ``(last_used, key, bytes)`` for each complete entry, oldest first."""
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and not p.name.startswith(".tmp-"):
+                lock = self.root / f"{p.name}.lock"
+                used = lock.stat().st_mtime if lock.exists() else 0.0
+                out.append((used, p.name, _dir_size(p)))
+        return sorted(out)
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Remove least-recently-used entries until the cache fits; return what went."""
+        entries = self.entries()
+        total = sum(size for _, _, size in entries)
+        removed = []
+        for _used, key, size in entries:
+            if total <= self.limit:
+                break
+            if key == keep:
+                continue
+            fd = self._lock(key)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a job is using it (or downloading it)
+                os.close(fd)
+                continue
+            try:
+                gone = self.root / f".tmp-evict-{key}-{uuid.uuid4().hex[:8]}"
+                os.replace(self.root / key, gone)
+                shutil.rmtree(gone, ignore_errors=True)
+                total -= size
+                removed.append(key)
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("model cache: evicted %s to stay under %d bytes", ", ".join(removed), self.limit)
+        if total > self.limit:
+            log.warning("model cache holds %d bytes, over its %d-byte limit: the rest is in use", total, self.limit)
+        return removed

@@ -1,0 +1,192 @@
+"""Webhook deliveries in the database: the outbox rows and their attempt log.
+
+A delivery is created in the same transaction that ends the job, with its
+payload serialized once, so every retry sends the same bytes under the same
+``webhook-id``. Each send is claimed first with a compare-and-set on the attempt
+counter, so two workers holding the same task never both send attempt N.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from quantfarm.errors import InvalidState, NotFound
+from storage.models import Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
+from storage.views import iso
+
+EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
+
+PENDING, DELIVERED, FAILED, DISABLED = "pending", "delivered", "failed", "disabled"
+
+
+def event_type_for(status: str) -> str:
+    """Return the event type of a terminal job status.
+
+    Raises InvalidState for a job that has not ended.
+    """
+    try:
+        return EVENT_TYPES[status]
+    except KeyError:
+        raise InvalidState(f"A job that is {status} has no webhook event; only ended jobs notify.") from None
+
+
+def build_payload(event_type: str, job_object: dict[str, Any], at: datetime) -> str:
+    """Serialize the Standard Webhooks body ``{"type", "timestamp", "data"}`` once."""
+    body = {"type": event_type, "timestamp": iso(at), "data": job_object}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def _refuse_leaks(body: str, secrets: dict[str, str]) -> None:
+    # The job object must already be secret-free; refuse loudly rather than mail a token out.
+    for key, value in secrets.items():
+        if value and str(value) in body:
+            raise ValueError(f"The webhook payload would contain the secret {key!r}; refusing to store it.")
+
+
+def create_deliveries(session: Session, job: Job, payload_job: dict[str, Any], secrets: dict[str, str] | None = None) -> list[str]:
+    """Create one pending delivery per webhook of ``job`` for its terminal event; return their ids.
+
+    Idempotent: hooks that already have a delivery for this event keep it (and
+    its id is returned). ``secrets`` (default: the job's) are only used to make
+    sure none of them leaks into the payload; they are never stored here.
+    Raises InvalidState if the job has not ended, ValueError if the payload
+    would carry a secret.
+    """
+    hooks = (job.spec or {}).get("webhooks") or []
+    if not hooks:
+        return []
+    event = event_type_for(job.status)
+    now = utcnow()
+    body = build_payload(event, payload_job, job.finished_at or now)
+    _refuse_leaks(body, (job.secrets or {}) if secrets is None else secrets)
+    # The terminal transition is a compare-and-set, so only one process gets here per
+    # event; checking first keeps the caller's transaction free of IntegrityErrors.
+    existing = {
+        d.hook_index: d.id
+        for d in session.scalars(select(WebhookDelivery).where(
+            WebhookDelivery.job_id == job.id, WebhookDelivery.job_attempt == job.attempt, WebhookDelivery.event_type == event))
+    }
+    ids = []
+    for i, hook in enumerate(hooks):
+        if i in existing:
+            ids.append(existing[i])
+            continue
+        delivery = WebhookDelivery(
+            id=new_id("msg"), job_id=job.id, job_attempt=job.attempt, hook_index=i, url=hook["url"], event_type=event, payload=body,
+            status=PENDING, attempts=0, next_attempt_at=now, created_at=now,
+        )
+        session.add(delivery)
+        ids.append(delivery.id)
+    session.flush()
+    return ids
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one send needs: claimed attempt number, URL, body and signing secret."""
+
+    delivery_id: str
+    attempt: int
+    url: str
+    payload: bytes
+    secret: str | None
+
+
+def get_delivery(session: Session, delivery_id: str) -> WebhookDelivery:
+    """Return the delivery or raise NotFound."""
+    d = session.get(WebhookDelivery, delivery_id)
+    if d is None:
+        raise NotFound(f"No webhook delivery with id {delivery_id!r}.", details={"resource": "webhook_delivery", "id": delivery_id})
+    return d
+
+
+def claim_attempt(session: Session, delivery: WebhookDelivery, now: datetime, *, force: bool = False) -> Claim | None:
+    """Take the next attempt of a pending, due delivery; None if it is not ours to send.
+
+    ``force`` ignores ``next_attempt_at`` (a replay). The attempt counter is the
+    compare-and-set token: a concurrent claim of the same attempt gets None.
+    """
+    if delivery.status != PENDING:
+        return None
+    if not force and delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+        return None
+    seen = delivery.attempts
+    res = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.status == PENDING, WebhookDelivery.attempts == seen)
+        .values(attempts=seen + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    job = session.get(Job, delivery.job_id)
+    secret = (job.secrets or {}).get(f"webhooks.{delivery.hook_index}.secret") if job is not None else None
+    return Claim(delivery.id, seen + 1, delivery.url, delivery.payload.encode("utf-8"), secret)
+
+
+def record_attempt(
+    session: Session,
+    delivery_id: str,
+    *,
+    status: str,
+    at: datetime,
+    status_code: int | None,
+    latency_ms: float | None,
+    error: str | None,
+    next_attempt_at: datetime | None,
+) -> WebhookAttempt:
+    """Log one attempt and move the delivery to ``status`` (pending, delivered, failed, disabled)."""
+    attempt = WebhookAttempt(
+        delivery_id=delivery_id, at=at, status_code=status_code, latency_ms=latency_ms,
+        error=error[:2000] if error else None, next_attempt_at=next_attempt_at,
+    )
+    session.add(attempt)
+    values: dict[str, Any] = {"status": status, "next_attempt_at": next_attempt_at}
+    if status_code is not None:
+        values["last_status_code"] = status_code
+    if status == DELIVERED:
+        values["delivered_at"] = at
+    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(**values))
+    session.flush()
+    return attempt
+
+
+def list_deliveries(session: Session, job_id: str) -> list[WebhookDelivery]:
+    """Return a job's deliveries (with their attempt logs), oldest first."""
+    stmt = select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(WebhookDelivery.created_at, WebhookDelivery.hook_index)
+    return list(session.scalars(stmt))
+
+
+def due_deliveries(session: Session, now: datetime | None = None, limit: int = 100) -> list[str]:
+    """Return ids of pending deliveries whose next attempt is due (for the sweeper)."""
+    now = now or utcnow()
+    stmt = (
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def replay(session: Session, delivery_id: str) -> WebhookDelivery:
+    """Queue a delivery again with a fresh attempt budget; its log is kept.
+
+    The same bytes go out under the same ``webhook-id``, so receivers can dedupe.
+    Raises NotFound for an unknown id, InvalidState while it is still pending.
+    """
+    d = get_delivery(session, delivery_id)
+    if d.status == PENDING:
+        raise InvalidState(f"Webhook delivery {delivery_id} is still pending; it is sent on schedule.", details={"status": d.status})
+    session.execute(
+        update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(status=PENDING, attempts=0, next_attempt_at=utcnow())
+    )
+    session.flush()
+    session.refresh(d)
+    return d

@@ -1,0 +1,211 @@
+"""Fetching models: local paths, ``s3://`` prefixes on a real moto_server, and the Hub.
+
+The Hub is unreachable from this machine: the real ``huggingface_hub`` client
+talks to the stand-in of tests/support/hubserver.py over HTTP instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from quantfarm.errors import ModelNotFound, NotAModel, StorageUnavailable
+from quantfarm.store import sha256_file, walk_files
+from storage.s3 import S3Store
+from storage.sources import ModelCache, fetch, fetch_model, model_cache_dir
+from tests.support.hubserver import HubServer
+from tests.support.s3server import free_port, s3_settings_for
+
+TOKEN = "hf_READtoken_secret_777"
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in walk_files(root)}
+
+
+# --- local ----------------------------------------------------------------------------------
+
+
+def test_local_directory_is_read_in_place(tiny_llama, tmp_path, s3_settings):
+    got = fetch_model({"source": "local", "path": str(tiny_llama)}, {}, s3_settings, tmp_path / "scratch")
+    assert got == tiny_llama and not (tmp_path / "scratch").exists()
+    for bad in (tmp_path / "missing", tiny_llama / "config.json"):
+        with pytest.raises(ModelNotFound) as err:
+            fetch_model({"source": "local", "path": str(bad)}, {}, s3_settings, tmp_path / "scratch")
+        assert err.value.message == f"Model path {bad}: no such directory on this worker."
+
+
+# --- s3 ----------------------------------------------------------------------------------------
+
+
+def test_s3_prefix_is_fetched_cached_and_refetched_when_it_changes(tiny_llama, tmp_path, s3_settings):
+    bucket = S3Store.from_settings(s3_settings, bucket="team-models", create_bucket=True)
+    bucket.upload_dir("llama/v1", tiny_llama)
+    bucket.put_bytes("llama/v10/other.bin", b"not part of v1")
+    source = {"source": "s3", "uri": "s3://team-models/llama/v1/"}
+
+    first = fetch(source, {}, s3_settings, tmp_path / "scratch")
+    assert tree(first.path) == tree(tiny_llama) and first.source == "s3"
+    assert first.path.parent == model_cache_dir(s3_settings)
+    again = fetch(source, {}, s3_settings, tmp_path / "scratch2")
+    assert again == first  # same listing, same cache entry, nothing downloaded twice
+
+    bucket.put_bytes("llama/v1/config.json", b'{"changed": true}')
+    changed = fetch(source, {}, s3_settings, tmp_path / "scratch3")
+    assert changed.path != first.path and (changed.path / "config.json").read_bytes() == b'{"changed": true}'
+
+
+def test_s3_without_cache_downloads_into_scratch(tiny_llama, tmp_path, moto):
+    settings = s3_settings_for(tmp_path, moto.url, model_cache_bytes=0)
+    S3Store.from_settings(settings, bucket="nocache-models", create_bucket=True).upload_dir("m", tiny_llama)
+    got = fetch_model({"source": "s3", "uri": "s3://nocache-models/m"}, {}, settings, tmp_path / "scratch")
+    assert got == tmp_path / "scratch" / "model" and tree(got) == tree(tiny_llama)
+    assert not model_cache_dir(settings).exists()
+
+
+def test_s3_missing_prefix_or_bucket_is_model_not_found(tmp_path, s3_settings):
+    S3Store.from_settings(s3_settings, bucket="empty-models", create_bucket=True).ensure_bucket()
+    with pytest.raises(ModelNotFound, match=r"^No objects under s3://empty-models/nothing/; check the bucket and prefix\.$"):
+        fetch_model({"source": "s3", "uri": "s3://empty-models/nothing/"}, {}, s3_settings, tmp_path)
+    with pytest.raises(ModelNotFound, match="Cannot read the model at s3://no-such-bucket-xyz/m: Bucket 'no-such-bucket-xyz' does not exist"):
+        fetch_model({"source": "s3", "uri": "s3://no-such-bucket-xyz/m"}, {}, s3_settings, tmp_path)
+
+
+def test_s3_endpoint_down_is_storage_unavailable(tmp_path):
+    settings = s3_settings_for(tmp_path, f"http://127.0.0.1:{free_port()}", s3_max_attempts=2)
+    with pytest.raises(StorageUnavailable, match="is unavailable"):
+        fetch_model({"source": "s3", "uri": "s3://team-models/llama/"}, {}, settings, tmp_path)
+
+
+# --- the Hub ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(tiny_llama):
+    with HubServer() as server:
+        files = {p.relative_to(tiny_llama).as_posix(): p.read_bytes() for p in walk_files(tiny_llama)}
+        files.update({"original/consolidated.pth": b"pickle", "README.md": b"# card", "onnx/model.onnx": b"onnx"})
+        server.first = server.add_repo("org/tiny-llama", files)
+        server.add_token(TOKEN, write=False, read={"org/private-llama", "org/gated-llama"})
+        yield server
+
+
+def hub_settings(hub, tmp_path, **kw):
+    from quantfarm.settings import Settings
+
+    return Settings(**{"home": tmp_path / "home", "hf_endpoint": hub.endpoint, **kw})
+
+
+def test_hub_model_is_fetched_with_only_what_a_model_needs(hub, tiny_llama, tmp_path):
+    settings = hub_settings(hub, tmp_path)
+    got = fetch({"source": "hub", "repo_id": "org/tiny-llama"}, {}, settings, tmp_path / "s")
+    assert got.revision == hub.first and got.path.name.endswith(f"--{hub.first}")
+    assert tree(got.path) == tree(tiny_llama)  # no README, original/, onnx/, nor .cache
+    gets = lambda: [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]  # noqa: E731
+    n = len(gets())
+    assert fetch({"source": "hub", "repo_id": "org/tiny-llama"}, {}, settings, tmp_path / "s2") == got
+    assert len(gets()) == n  # served from the worker's cache
+
+
+def test_hub_revision_is_honoured_and_keys_the_cache(hub, tmp_path):
+    settings = hub_settings(hub, tmp_path)
+    second = hub.repos["org/tiny-llama"].commit("main", "new config", {"config.json": b'{"v": 2}'}).sha
+    new = fetch({"source": "hub", "repo_id": "org/tiny-llama"}, {}, settings, tmp_path / "a")
+    old = fetch({"source": "hub", "repo_id": "org/tiny-llama", "revision": hub.first}, {}, settings, tmp_path / "b")
+    assert (new.revision, old.revision) == (second, hub.first) and new.path != old.path
+    assert (new.path / "config.json").read_bytes() == b'{"v": 2}'
+    assert (old.path / "config.json").read_bytes() != b'{"v": 2}'
+    with pytest.raises(ModelNotFound, match=r"^Hub model org/tiny-llama has no revision 'v9'\.$"):
+        fetch_model({"source": "hub", "repo_id": "org/tiny-llama", "revision": "v9"}, {}, settings, tmp_path)
+
+
+def test_hub_token_access_and_clear_refusals(hub, tiny_llama, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    settings = hub_settings(hub, tmp_path)
+    files = {p.relative_to(tiny_llama).as_posix(): p.read_bytes() for p in walk_files(tiny_llama)}
+    hub.add_repo("org/private-llama", files, private=True)
+    hub.add_repo("org/gated-llama", files, gated=True)
+    hub.add_repo("org/other-gated", files, gated=True)
+
+    got = fetch_model({"source": "hub", "repo_id": "org/private-llama"}, {"model.token": TOKEN}, settings, tmp_path)
+    assert tree(got) == tree(tiny_llama)
+    assert {tok for _m, p, tok in hub.requests if "private-llama" in p} == {TOKEN}
+    assert fetch_model({"source": "hub", "repo_id": "org/gated-llama"}, {"model.token": TOKEN}, settings, tmp_path).is_dir()
+
+    cases = [
+        ("org/private-llama", None, "Hub model org/private-llama was not found, or it is private and no token was given (set model.token)."),
+        ("org/missing", TOKEN, "Hub model org/missing was not found, or it is private and the job's token lacks access to it."),
+        ("org/other-gated", TOKEN, "Hub model org/other-gated is gated and the job's token lacks access to it; accept its terms on the Hub with the token's account."),
+    ]
+    for repo, token, message in cases:
+        with pytest.raises(ModelNotFound) as err:
+            fetch_model({"source": "hub", "repo_id": repo}, {"model.token": token} if token else {}, settings, tmp_path)
+        assert err.value.message == message and err.value.code == "model_not_found"
+    assert TOKEN not in caplog.text
+
+
+def test_hub_errors_and_outages(hub, tmp_path):
+    settings = hub_settings(hub, tmp_path)
+    hub.fail_next("/api/models/org/tiny-llama", 1, 500)
+    with pytest.raises(StorageUnavailable, match=f"The Hugging Face Hub at {hub.endpoint} answered HTTP 500 for org/tiny-llama"):
+        fetch_model({"source": "hub", "repo_id": "org/tiny-llama"}, {}, settings, tmp_path)
+    down = hub_settings(hub, tmp_path, hf_endpoint=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageUnavailable, match="is unreachable \\(ConnectError\\)"):
+        fetch_model({"source": "hub", "repo_id": "org/tiny-llama"}, {}, down, tmp_path)
+    hub.add_repo("org/not-a-model", {"README.md": b"# docs only", "config.json": b"{}"})
+    with pytest.raises(NotAModel, match="has no .safetensors weights"):
+        fetch_model({"source": "hub", "repo_id": "org/not-a-model"}, {}, settings, tmp_path)
+    assert not [p for p in model_cache_dir(settings).iterdir() if p.is_dir()]  # no half entries left
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+
+def _filler(size: int):
+    def fill(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"\0" * size)
+
+    return fill
+
+
+def _age(cache: ModelCache, key: str, t: float) -> None:
+    os.utime(cache.root / f"{key}.lock", (t, t))
+
+
+def test_cache_evicts_least_recently_used_but_never_a_held_entry(tmp_path):
+    cache = ModelCache(tmp_path / "cache", limit=1000)
+    cache.get("a", _filler(400))
+    _age(cache, "a", 1000)
+    cache.get("b", _filler(400))
+    _age(cache, "b", 2000)
+    cache.get("a", _filler(400))  # a hit: a is now the most recent
+    _age(cache, "a", 3000)
+    cache.get("c", _filler(400))  # 1200 bytes > 1000: the least recently used (b) goes
+    assert sorted(k for _, k, _ in cache.entries()) == ["a", "c"]
+
+    with contextlib.ExitStack() as hold:
+        _age(cache, "a", 100)  # the oldest, but a job holds it
+        cache.get("a", _filler(400), hold)
+        _age(cache, "a", 100)
+        _age(cache, "c", 200)
+        cache.get("d", _filler(400))
+        assert sorted(k for _, k, _ in cache.entries()) == ["a", "d"]  # c went instead
+    cache.get("e", _filler(700))  # over the limit again, nothing held: only e stays
+    assert [k for _, k, _ in cache.entries()] == ["e"]
+
+
+def test_cache_fill_failure_leaves_no_entry(tmp_path):
+    cache = ModelCache(tmp_path / "cache", limit=10_000)
+
+    def broken(tmp: Path) -> None:
+        (tmp / "partial.safetensors").write_bytes(b"half")
+        raise StorageUnavailable("endpoint went away")
+
+    with pytest.raises(StorageUnavailable):
+        cache.get("m", broken)
+    assert cache.entries() == [] and [p.name for p in cache.root.iterdir()] == ["m.lock"]
+    assert (cache.get("m", _filler(10)) / "model.safetensors").stat().st_size == 10
