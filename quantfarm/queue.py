@@ -25,6 +25,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_backend": None,
         "task_default_queue": settings.queue,
+        "task_routes": {
+            RUN_JOB: {"queue": settings.queue},
+            SWEEP: {"queue": settings.service_queue},
+            DELIVER_WEBHOOK: {"queue": settings.service_queue},
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
@@ -34,12 +39,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if url.startswith("filesystem"):
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     elif url.startswith(("redis", "rediss")):
@@ -49,20 +55,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 class Dispatcher:
-    """Sends tasks to the workers' queue by name."""
+    """Sends tasks by name: jobs to the job queue, webhooks to the service queue."""
 
     def __init__(self, settings: Settings):
         from celery import Celery
 
         self.app = Celery("quantfarm-client")
         self.app.conf.update(celery_config(settings))
-        self.queue = settings.queue
 
     def run_job(self, job_id: str) -> None:
-        self.app.send_task(RUN_JOB, args=[job_id], queue=self.queue)
+        self.app.send_task(RUN_JOB, args=[job_id])
 
     def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:
-        self.app.send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=self.queue, countdown=countdown or None)
+        self.app.send_task(DELIVER_WEBHOOK, args=[delivery_id], countdown=countdown or None)
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:

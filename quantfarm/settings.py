@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     max_shard_bytes: int = 2 * 1024**3
     model_cache_bytes: int = 50 * 1024**3
-    queue: str = "quantfarm"
+    queue: str = "quantfarm"  # long quantization jobs, one per worker
+    service_queue: str = "quantfarm-service"  # sweeps and webhook deliveries, never stuck behind a job
 
     # Webhooks
     webhook_allow_private: bool = False

@@ -1,4 +1,4 @@
-"""The embedded stack: API, one worker and the sweeper as supervised child processes.
+"""The embedded stack: API, one job worker and the service worker (sweeper + webhooks).
 
 ``quantfarm run`` starts them in the foreground. A child that dies is restarted
 (a killed worker's job is requeued by the sweeper and resumes from its
@@ -25,7 +25,7 @@ log = logging.getLogger("quantfarm.run")
 CHILDREN = {
     "api": ["-m", "api"],
     "worker": ["-m", "workers"],
-    "sweeper": ["-m", "workers.sweeper"],
+    "service": ["-m", "workers", "service"],  # sweeper (beat) + webhook deliveries
 }
 GRACE_SECONDS = 10.0
 

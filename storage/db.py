@@ -37,6 +37,8 @@ class Database:
 
     def __init__(self, url: str):
         self.url = url
+        # Called with a delivery id after a commit that created it (set by processes that can enqueue).
+        self.notify_webhook = None
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -48,6 +50,7 @@ class Database:
         (enqueue only after the transaction that created the work commits).
         """
         s = self.sessions()
+        s.info["notify_webhook"] = self.notify_webhook
         try:
             yield s
             s.commit()

@@ -8,6 +8,7 @@ never both move the same job), and appends a ``job_events`` row.
 from __future__ import annotations
 
 import enum
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -97,7 +98,28 @@ def transition(
     add_event(s, job.id, "status", from_status=frm.value, to_status=to.value, message=message, data=data)
     s.flush()
     s.refresh(job)
+    if to in TERMINAL:
+        _notify_ended(s, job)
     return job
+
+
+def _notify_ended(s: Session, job: Job) -> None:
+    """Queue the job's webhooks in this transaction; send them once it commits."""
+    from storage.db import after_commit
+    from storage.views import job_view
+    from storage.webhooks import create_deliveries
+
+    ids = create_deliveries(s, job, job_view(job))
+    notify = s.info.get("notify_webhook")
+    for delivery_id in ids if notify else ():
+        after_commit(s, lambda d=delivery_id: _safe_notify(notify, d))
+
+
+def _safe_notify(notify, delivery_id: str) -> None:
+    try:
+        notify(delivery_id)
+    except Exception:  # broker down: the sweeper re-sends due deliveries
+        logging.getLogger(__name__).exception("could not enqueue webhook delivery %s", delivery_id)
 
 
 def get_job(s: Session, job_id: str, *, lock: bool = False) -> Job:
@@ -153,7 +175,7 @@ def claim(s: Session, job_id: str, owner: str, lease_seconds: float) -> Job | No
     if res.rowcount != 1:
         s.rollback()
         return None
-    job = get_job(s, job_id)
+    job = s.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
     add_event(
         s, job_id, "status", from_status=JobStatus.QUEUED.value, to_status=JobStatus.RUNNING.value,
         message=f"Claimed by {owner}", data={"owner": owner, "attempt": job.attempt},

@@ -135,6 +135,7 @@ class WebhookDelivery(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_attempt: Mapped[int] = mapped_column(Integer, default=1)  # a retried job notifies again when it ends again
     hook_index: Mapped[int] = mapped_column(Integer)
     url: Mapped[str] = mapped_column(String(2000))
     event_type: Mapped[str] = mapped_column(String(40))
@@ -148,7 +149,7 @@ class WebhookDelivery(Base):
 
     attempt_log: Mapped[list["WebhookAttempt"]] = relationship(order_by="WebhookAttempt.id", cascade="all, delete-orphan")
 
-    __table_args__ = (UniqueConstraint("job_id", "hook_index", "event_type", name="uq_webhook_delivery"),)
+    __table_args__ = (UniqueConstraint("job_id", "job_attempt", "hook_index", "event_type", name="uq_webhook_delivery"),)
 
 
 class WebhookAttempt(Base):

@@ -1,26 +1,41 @@
-"""``python -m workers``: start one Celery worker (one job at a time)."""
+"""``python -m workers [worker|service]``.
+
+``worker`` runs quantization jobs, one at a time (one per GPU in production).
+``service`` runs the sweeper on a beat schedule and delivers webhooks, on its own
+queue, so neither waits behind an hours-long job.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
+import sys
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from quantfarm.settings import Settings
     from workers.celery_app import configure
     from workers.context import init_context
 
+    role = (argv if argv is not None else sys.argv[1:] or ["worker"])[0]
     settings = Settings()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s %(message)s")
     if settings.torch_threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s %(message)s")
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     init_context(settings)
     app = configure(settings)
-    app.worker_main([
-        "worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}",
-        "--without-gossip", "--without-mingle", "--loglevel=INFO",
-    ])
+    common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
+    if role == "worker":
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])
+    elif role == "service":
+        settings.home.mkdir(parents=True, exist_ok=True)
+        app.worker_main([
+            "worker", "--pool=threads", "--concurrency=4", f"--queues={settings.service_queue}",
+            "--beat", f"--schedule={settings.home.resolve() / 'celerybeat-schedule'}", *common,
+        ])
+    else:
+        raise SystemExit(f"unknown role {role!r}; use 'worker' or 'service'")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ unexpected exception (failed with ``internal_error``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -63,8 +64,8 @@ class JobRunner:
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
         hb = Heartbeat(self.db, job_id, self.owner, self.settings.lease_seconds, self.settings.heartbeat_interval)
         try:
-            with hb:
-                return self._run(job, scratch, hb)
+            with hb, contextlib.ExitStack() as hold:
+                return self._run(job, scratch, hb, hold)
         except LeaseLost:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return "lease_lost"
@@ -84,7 +85,7 @@ class JobRunner:
 
     # --- stages --------------------------------------------------------------------
 
-    def _run(self, job, scratch: Path, hb: Heartbeat) -> str:
+    def _run(self, job, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack) -> str:
         import torch
 
         from workers.engine.model import resolve_device
@@ -94,7 +95,7 @@ class JobRunner:
         spec = load_spec(job.spec, job.secrets)
         started = time.monotonic()
         self._stage(job.id, Stage.FETCHING)
-        source_dir = self._fetch(spec, scratch)
+        source_dir = self._fetch(spec, scratch, hold)
 
         def on_layer(report) -> None:
             if hb.lost:
@@ -141,16 +142,11 @@ class JobRunner:
         self.store.delete_prefix(checkpoint_prefix(job.id))
         return JobStatus.SUCCEEDED.value
 
-    def _fetch(self, spec, scratch: Path) -> Path:
-        if spec.model.source == "local":
-            path = Path(spec.model.path)
-            if not path.is_dir():
-                raise ModelNotFound(f"Model path {path} does not exist on this worker (or is not a directory).")
-            return path
+    def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack) -> Path:
         from storage.sources import fetch_model
 
         secrets = {"model.token": spec.model.token.get_secret_value()} if getattr(spec.model, "token", None) else {}
-        return fetch_model(spec.model, secrets, self.settings, scratch)
+        return fetch_model(spec.model, secrets, self.settings, scratch, hold=hold)
 
     def _read_upload(self, upload_id: str) -> str:
         keys = [k for k in self.store.list(f"uploads/{upload_id}/") if not k.endswith("/meta.json")]
@@ -160,8 +156,8 @@ class JobRunner:
 
     @staticmethod
     def _base_model(spec) -> str:
-        m = spec.model
-        return {"hub": lambda: m.repo_id, "s3": lambda: m.uri, "local": lambda: Path(m.path).name, "upload": lambda: m.upload_id}[m.source]()
+        # The card's base_model must be a Hub id (the Hub rejects anything else); other sources have none.
+        return spec.model.repo_id if spec.model.source == "hub" else ""
 
     # --- DB writes -------------------------------------------------------------------
 

@@ -1,14 +1,12 @@
 """The sweeper: requeue jobs whose worker was lost, re-send lost messages.
 
-Run by Celery beat in production and by its own loop (``python -m
-workers.sweeper``) in the embedded stack.
+Celery beat (inside the ``service`` worker) sends the sweep task every
+``sweep_seconds``, in production and in the embedded stack alike.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from datetime import datetime
 
 from quantfarm.queue import Dispatcher
@@ -51,32 +49,26 @@ class Sweeper:
         for job in stale:
             self._enqueue(job.id)
             out["reenqueued"].append(job.id)
+        out["webhooks"] = self._resend_due_webhooks(now)
         return out
+
+    def _resend_due_webhooks(self, now: datetime) -> list[str]:
+        """Re-send deliveries whose next attempt is overdue (their countdown message was lost)."""
+        from datetime import timedelta
+
+        from storage.webhooks import due_deliveries
+
+        with self.db.session() as s:
+            due = due_deliveries(s, now - timedelta(seconds=max(30.0, self.settings.sweep_seconds * 3)))
+        for delivery_id in due:
+            try:
+                self.dispatcher.deliver_webhook(delivery_id)
+            except Exception:
+                log.exception("webhook %s: could not enqueue", delivery_id)
+        return due
 
     def _enqueue(self, job_id: str) -> None:
         try:
             self.dispatcher.run_job(job_id)
         except Exception:  # broker down: the job stays queued and the next pass retries
             log.exception("job %s: could not enqueue", job_id)
-
-
-def main() -> None:
-    """Sweep every ``sweep_seconds`` until SIGTERM/SIGINT."""
-    from workers.context import init_context
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sweeper %(levelname)s %(message)s")
-    ctx = init_context(Settings())
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("sweeper started (every %.1fs)", ctx.settings.sweep_seconds)
-    while not stop.is_set():
-        try:
-            ctx.sweeper.sweep_once()
-        except Exception:
-            log.exception("sweep pass failed")
-        stop.wait(ctx.settings.sweep_seconds)
-
-
-if __name__ == "__main__":
-    main()

@@ -23,5 +23,5 @@ def deliver_webhook(delivery_id: str) -> None:
 
     ctx = context()
     outcome = WebhookSender(ctx.db, ctx.settings).deliver(delivery_id)
-    if outcome.retry_in is not None:
+    if outcome.retry:
         ctx.dispatcher.deliver_webhook(delivery_id, countdown=outcome.retry_in)

@@ -84,6 +84,7 @@ def upgrade() -> None:
     op.create_table('webhook_deliveries',
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('job_id', sa.String(length=40), nullable=False),
+    sa.Column('job_attempt', sa.Integer(), nullable=False),
     sa.Column('hook_index', sa.Integer(), nullable=False),
     sa.Column('url', sa.String(length=2000), nullable=False),
     sa.Column('event_type', sa.String(length=40), nullable=False),
@@ -96,7 +97,7 @@ def upgrade() -> None:
     sa.Column('delivered_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('job_id', 'hook_index', 'event_type', name='uq_webhook_delivery')
+    sa.UniqueConstraint('job_id', 'job_attempt', 'hook_index', 'event_type', name='uq_webhook_delivery')
     )
     with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_webhook_deliveries_job_id'), ['job_id'], unique=False)
