@@ -6,6 +6,8 @@ the web form, and are stored (secrets removed) on the job row.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -180,9 +182,32 @@ class Destination(Strict):
         return self
 
 
+def secret_key(secret: str) -> bytes:
+    """Return the HMAC key of a ``whsec_<base64>`` webhook secret.
+
+    Decodes like the Standard Webhooks reference (prefix and padding optional).
+    Raises ValueError (naming no part of the secret) if it is not base64.
+    """
+    raw = secret[len("whsec_"):] if secret.startswith("whsec_") else secret
+    try:
+        key = base64.b64decode(raw + "==", validate=False)
+    except (binascii.Error, ValueError):
+        raise ValueError("the webhook secret is not valid base64 after its whsec_ prefix") from None
+    if not key:
+        raise ValueError("the webhook secret is empty")
+    return key
+
+
 class Webhook(Strict):
     url: str
     secret: SecretStr | None = Field(None, description="whsec_<base64> signing secret (write-only)")
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            secret_key(v.get_secret_value())
+        return v
 
     @field_validator("url")
     @classmethod

@@ -10,7 +10,6 @@ never sooner than the receiver's ``Retry-After``. Secrets never reach a log.
 from __future__ import annotations
 
 import base64
-import binascii
 import email.utils
 import hashlib
 import hmac
@@ -27,6 +26,7 @@ import requests
 
 from quantfarm.netguard import AddressRefused, URLRefused, check_webhook_url, guarded_session
 from quantfarm.settings import Settings
+from quantfarm.spec import secret_key
 from storage import webhooks as store
 from storage.db import Database
 from storage.models import WebhookDelivery
@@ -35,22 +35,6 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "quantfarm-webhooks/1"
 _BODY_EXCERPT = 200
-
-
-def secret_key(secret: str) -> bytes:
-    """Return the HMAC key of a ``whsec_<base64>`` secret.
-
-    Decodes like the reference implementation (prefix optional, padding
-    optional). Raises ValueError (naming no part of it) if it is not base64.
-    """
-    raw = secret[len("whsec_"):] if secret.startswith("whsec_") else secret
-    try:
-        key = base64.b64decode(raw + "==")
-    except (binascii.Error, ValueError):
-        raise ValueError("the webhook secret is not valid base64 after its whsec_ prefix") from None
-    if not key:
-        raise ValueError("the webhook secret is empty")
-    return key
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from quantfarm.settings import Settings
 from quantfarm.spec import parse_spec, public_spec, spec_secrets

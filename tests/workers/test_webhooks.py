@@ -249,9 +249,17 @@ def test_unsigned_hook_and_concurrent_claims(db, tmp_path):
     assert "webhook-signature" not in got.headers and got.headers["webhook-id"] == did
 
 
-def test_a_secret_that_cannot_sign_fails_without_sending(db, tmp_path):
+def test_a_secret_that_cannot_sign_is_refused_at_submit_and_at_send(db, tmp_path, secret):
+    from quantfarm.errors import ValidationFailed
+    from storage.models import Job
+
+    with pytest.raises(ValidationFailed) as err:
+        parse_spec({"model": {"source": "local", "path": "/m"}, "method": "rtn", "webhooks": [{"url": "http://x.test/", "secret": "whsec_"}]})
+    assert err.value.fields == {"webhooks.0.secret": "the webhook secret is empty"}
     with Receiver(None) as rx:
-        _, (did,) = ended_job(db, [{"url": rx.url, "secret": "whsec_"}])
+        job_id, (did,) = ended_job(db, [{"url": rx.url, "secret": secret}])
+        with db.session() as s:  # a row written before the submit check existed
+            s.get(Job, job_id).secrets = {"webhooks.0.secret": "whsec_"}
         out = WebhookSender(db, make_settings(tmp_path)).deliver(did)
     assert (out.status, out.sent, out.retry, out.error) == ("failed", False, False, "cannot sign: the webhook secret is empty")
     assert rx.received == []
