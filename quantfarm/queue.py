@@ -71,5 +71,5 @@ class Dispatcher:
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         return True

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(url: str, **kwargs) -> Engine:
     """Create an engine with the settings each backend needs for many processes."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL lets the API read while a worker writes
@@ -24,7 +24,8 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # hide_parameters: a job row's bound values hold secrets; keep them out of error messages and logs.
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **kwargs)
 
 
 def after_commit(s: Session, fn) -> None:

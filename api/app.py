@@ -1,0 +1,111 @@
+"""The Flask app factory and the embedded HTTP server."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from quantfarm.settings import Settings
+from quantfarm.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+# Each module exposes ``bp``; adding the web pages is one line here ("api.web").
+BLUEPRINT_MODULES = (
+    "api.jobs",
+    "api.artifacts",
+    "api.uploads",
+    "api.webhooks",
+    "api.service",
+    "api.openapi",
+    "api.web",
+)
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    # Largest calibration file POST /v1/uploads accepts.
+    "MAX_UPLOAD_BYTES": 64 * 1024 * 1024,
+    # Largest JSON body (calibration texts can be long); uploads set their own limit.
+    "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,
+    "JOBS_PAGE_MAX": 200,
+}
+
+
+@dataclass
+class Services:
+    """What the views need, built once per app so tests can inject their own."""
+
+    settings: Settings
+    db: Any  # storage.db.Database
+    dispatcher: Any  # quantfarm.queue.Dispatcher or a stand-in with the same methods
+    store: BlobStore
+
+
+def services() -> Services:
+    """Return the current app's services."""
+    return current_app.extensions["quantfarm"]
+
+
+def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, store=None) -> Flask:
+    """Build the API app; missing services are built from ``settings``."""
+    from api import errors, service
+
+    settings = settings or Settings()
+    if db is None:
+        from storage.db import Database
+
+        db = Database(settings.resolved_database_url)
+    if dispatcher is None:
+        from quantfarm.queue import Dispatcher
+
+        dispatcher = Dispatcher(settings)
+    if store is None:
+        from storage.artifacts import make_store
+
+        store = make_store(settings)
+
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULT_CONFIG)
+    app.json.sort_keys = False
+    app.config["MAX_UPLOAD_BYTES"] = settings.max_upload_bytes
+    db.notify_webhook = dispatcher.deliver_webhook  # a cancel here ends a job: send its webhooks after commit
+    app.extensions["quantfarm"] = Services(settings=settings, db=db, dispatcher=dispatcher, store=store)
+    errors.register(app)
+    service.register_request_metrics(app)
+    for name in BLUEPRINT_MODULES:
+        app.register_blueprint(importlib.import_module(name).bp)
+    return app
+
+
+def build_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
+    """Bind a threaded werkzeug server for ``app`` (port 0 picks a free port)."""
+    return make_server(host, port, app, threaded=True)
+
+
+def serve(settings: Settings, app: Flask | None = None) -> int:
+    """Serve the API on settings.host:settings.port until Ctrl-C or SIGTERM; return 0."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = app or create_app(settings)
+    server = build_server(app, settings.host, settings.port)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    log.info("Quantfarm API listening on http://%s:%s", settings.host, server.server_port)
+    try:
+        server.serve_forever()  # werkzeug's returns on KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    log.info("API server stopped")
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    # serve_forever blocks the main thread; unwinding it is the clean way out.
+    raise KeyboardInterrupt

@@ -1,0 +1,132 @@
+"""The one place errors become ``{"error", "message", "details"}`` responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from quantfarm.errors import InvalidJSON, QuantfarmError, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {
+    400: ("bad_request", "The request could not be understood."),
+    401: ("unauthorized", "Authentication is required."),
+    403: ("forbidden", "You are not allowed to do this."),
+    404: ("not_found", "Nothing is served at this URL; see /docs for the API."),
+    405: ("method_not_allowed", "This URL does not accept that HTTP method."),
+    406: ("not_acceptable", "The server cannot produce a response in the requested format."),
+    409: ("conflict", "The request conflicts with the current state of the resource."),
+    411: ("length_required", "Send a Content-Length header with the body."),
+    413: ("payload_too_large", "The request body is too large."),
+    414: ("uri_too_long", "The URL is too long."),
+    415: ("unsupported_media_type", "The request body has an unsupported content type."),
+    429: ("too_many_requests", "Too many requests; slow down and try again."),
+    500: ("internal_error", "The server hit an unexpected error; it has been logged."),
+    501: ("not_implemented", "This is not implemented."),
+    503: ("service_unavailable", "The service is unavailable; try again shortly."),
+}
+
+
+class PayloadTooLarge(QuantfarmError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
+    resp = jsonify({"error": code, "message": message, "details": details or {}})
+    resp.status_code = status
+    return resp
+
+
+def _quantfarm_error(exc: QuantfarmError) -> Response:
+    status = exc.http_status if 400 <= exc.http_status < 600 else 500
+    if status >= 500:
+        log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
+    return error_response(status, exc.code, exc.message, exc.details)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code, message = HTTP_CODES.get(status, (_snake(exc.name), exc.description or exc.name))
+    details: dict[str, Any] = {}
+    if status == 405 and exc.valid_methods:
+        details["allowed"] = sorted(exc.valid_methods)
+    if status == 413:
+        limit = request.max_content_length
+        message = f"The request body is larger than the {limit} bytes this endpoint accepts." if limit else message
+        details["limit_bytes"] = limit
+    resp = error_response(status, code, message, details)
+    if status == 405 and exc.valid_methods:
+        resp.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+    return resp
+
+
+def _unexpected(exc: Exception) -> Response:
+    _hide_sql_parameters(exc)
+    log.exception("Unhandled error on %s %s", request.method, request.path)
+    code, message = HTTP_CODES[500]
+    return error_response(500, code, message)
+
+
+def _hide_sql_parameters(exc: BaseException | None) -> None:
+    # SQLAlchemy prints bound parameters in its messages; a job row's parameters hold secrets.
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if hasattr(exc, "hide_parameters") and hasattr(exc, "statement"):
+            exc.hide_parameters = True
+        exc = exc.__cause__ or exc.__context__
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "error"
+
+
+def register(app: Flask) -> None:
+    """Install the error handlers on ``app``."""
+    app.register_error_handler(QuantfarmError, _quantfarm_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+
+
+def json_body() -> dict[str, Any]:
+    """Return the request body as a JSON object.
+
+    Raises InvalidJSON (400) for an empty or malformed body, ValidationFailed (422)
+    for JSON that is not an object.
+    """
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise InvalidJSON("The request body is empty; send a JSON object.")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidJSON("The request body is not UTF-8 text; send a UTF-8 JSON object.") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(
+            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
+            details={"line": exc.lineno, "column": exc.colno},
+        ) from None
+    if not isinstance(data, dict):
+        raise ValidationFailed({"body": "must be a JSON object"}, "The request body must be a JSON object.")
+    return data
+
+
+def query_int(name: str, default: int, lo: int, hi: int) -> int:
+    """Return an integer query parameter in [lo, hi] or raise ValidationFailed naming it."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValidationFailed({name: f"must be an integer from {lo} to {hi}"})
+    return value

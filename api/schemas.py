@@ -1,0 +1,150 @@
+"""Response models of the API, used to generate the OpenAPI document (and checked by the tests)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+StageName = Literal["fetching", "calibrating", "exporting", "evaluating", "uploading"]
+
+
+class Out(BaseModel):
+    # Forbid extras so a field added to a view without documenting it fails the tests.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Out):
+    error: str = Field(description="snake_case error code, stable across releases")
+    message: str = Field(description="One sentence a person can act on")
+    details: dict[str, Any] = Field(description="For 422: {'fields': {'dotted.field': 'why'}}")
+
+
+class Progress(Out):
+    layers_done: int
+    layers_total: int
+    fraction: float
+    eta_seconds: float | None
+
+
+class JobErrorOut(Out):
+    code: str
+    message: str | None
+
+
+class ArtifactOut(Out):
+    id: str
+    job_id: str
+    kind: str = Field(description="model")
+    format: str = Field(description="gptq | awq | bnb")
+    files: int = Field(description="Number of files")
+    size_bytes: int
+    sha256: str = Field(description="Digest over the artifact's file list")
+    location: str | None = Field(description="Where the files are in the farm's store, if stored there")
+    hub_url: str | None
+    hub_commit: str | None
+    created_at: datetime | None
+
+
+class JobOut(Out):
+    id: str
+    status: JobStatusName
+    stage: StageName | None
+    method: str
+    model: str = Field(description="Readable model reference: hub:org/name@rev, s3://..., local:/path, upload:id")
+    progress: Progress | None
+    attempt: int
+    cancel_requested: bool
+    spec: dict[str, Any] = Field(description="The submitted job spec with secrets removed")
+    error: JobErrorOut | None
+    metrics: dict[str, Any]
+    artifacts: list[ArtifactOut]
+    labels: dict[str, str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime | None
+
+
+class JobPage(Out):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
+
+
+class EventOut(Out):
+    id: int
+    at: datetime
+    kind: Literal["status", "stage", "progress", "log"]
+    from_status: str | None
+    to_status: str | None
+    stage: str | None
+    message: str | None
+    data: dict[str, Any]
+
+
+class EventList(Out):
+    items: list[EventOut]
+
+
+class ArtifactList(Out):
+    items: list[ArtifactOut]
+
+
+class FileOut(Out):
+    path: str
+    size: int
+    sha256: str
+    url: str = Field(description="Download URL, relative to the API root")
+
+
+class FileList(Out):
+    artifact_id: str
+    items: list[FileOut]
+
+
+class UploadOut(Out):
+    id: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class DeliveryAttemptOut(Out):
+    at: datetime | None
+    status_code: int | None
+    latency_ms: float | None
+    error: str | None
+    next_attempt_at: datetime | None
+
+
+class DeliveryOut(Out):
+    id: str
+    job_id: str
+    url: str
+    event_type: str
+    status: Literal["pending", "delivered", "failed", "disabled"]
+    attempts: int
+    last_status_code: int | None
+    next_attempt_at: datetime | None
+    created_at: datetime | None
+    delivered_at: datetime | None
+    log: list[DeliveryAttemptOut]
+
+
+class DeliveryList(Out):
+    items: list[DeliveryOut]
+
+
+class Health(Out):
+    status: Literal["ok", "unavailable"]
+    db: Literal["ok", "down"]
+    broker: Literal["ok", "down"]
+    details: dict[str, str] = Field(default_factory=dict, description="Why each part is down")
+
+
+RESPONSE_MODELS: tuple[type[Out], ...] = (
+    ErrorBody, JobOut, JobPage, EventList, ArtifactList, ArtifactOut, FileList, UploadOut, DeliveryList, DeliveryOut, Health,
+)

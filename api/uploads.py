@@ -1,0 +1,125 @@
+"""Calibration uploads: a text file stored under ``uploads/{id}/`` with a ``meta.json``."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from flask import Blueprint, current_app, request
+from werkzeug.utils import secure_filename
+
+from api.app import services
+from api.errors import PayloadTooLarge
+from quantfarm.errors import NotFound, ValidationFailed
+from quantfarm.store import BlobStore
+from storage.models import new_id, utcnow
+from storage.views import iso
+
+log = logging.getLogger(__name__)
+bp = Blueprint("uploads", __name__)
+
+_UPLOAD_ID = re.compile(r"^upl_[0-9a-z]{26}$")
+META = "meta.json"
+CHUNK = 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
+
+
+def upload_prefix(upload_id: str) -> str:
+    return f"uploads/{upload_id}"
+
+
+def upload_exists(store: BlobStore, upload_id: str) -> bool:
+    """Return whether a finished upload with this id exists (its meta.json is written last)."""
+    return bool(_UPLOAD_ID.match(upload_id)) and store.exists(f"{upload_prefix(upload_id)}/{META}")
+
+
+def _receive(src: BinaryIO, limit: int, field: str) -> tuple[Path, int, str]:
+    """Copy ``src`` to a temporary file, checking size and UTF-8; return (path, size, sha256).
+
+    Raises PayloadTooLarge past ``limit`` bytes, ValidationFailed for empty or non-UTF-8 data.
+    """
+    digest, size = hashlib.sha256(), 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fd, name = tempfile.mkstemp(prefix="qf-upload-")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for block in iter(lambda: src.read(CHUNK), b""):
+                size += len(block)
+                if size > limit:
+                    raise _too_large(limit)
+                decoder.decode(block)
+                digest.update(block)
+                out.write(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        path.unlink(missing_ok=True)
+        raise ValidationFailed({field: "must be UTF-8 text"}, "A calibration file must be UTF-8 text.") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if size == 0:
+        path.unlink(missing_ok=True)
+        raise ValidationFailed({field: "is empty"}, "The calibration file is empty.")
+    return path, size, digest.hexdigest()
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The file is larger than the {limit} bytes an upload may hold.", details={"limit_bytes": limit})
+
+
+def _clean_filename(raw: str | None, field: str) -> str:
+    if not raw:
+        raise ValidationFailed({field: "field required"}, "Name the file: a multipart 'file' part, or ?filename= with a raw body.")
+    name = secure_filename(raw)
+    if not name:
+        raise ValidationFailed({field: "must contain letters or digits"})
+    if name == META:
+        raise ValidationFailed({field: f"{META} is reserved; rename the file"})
+    return name[:200]
+
+
+@bp.post("/v1/uploads")
+def create_upload():
+    limit = int(current_app.config["MAX_UPLOAD_BYTES"])
+    request.max_content_length = limit + MULTIPART_OVERHEAD
+    if (request.content_length or 0) > limit + MULTIPART_OVERHEAD:
+        raise _too_large(limit)
+    if request.mimetype == "multipart/form-data":
+        part = request.files.get("file")
+        if part is None:
+            raise ValidationFailed({"file": "field required"}, "Send the file as a multipart part named 'file'.")
+        filename = _clean_filename(part.filename, "file")
+        src, field = part.stream, "file"
+    else:
+        filename = _clean_filename(request.args.get("filename"), "filename")
+        src, field = request.stream, "body"
+    path, size, sha = _receive(src, limit, field)
+    upload_id = new_id("upl")
+    meta = {"id": upload_id, "filename": filename, "size_bytes": size, "sha256": sha, "created_at": iso(utcnow())}
+    store = services().store
+    try:
+        store.put_file(f"{upload_prefix(upload_id)}/{filename}", path)
+        store.put_bytes(f"{upload_prefix(upload_id)}/{META}", json.dumps(meta).encode())
+    finally:
+        path.unlink(missing_ok=True)
+    log.info("Stored upload %s (%s, %d bytes)", upload_id, filename, size)
+    return meta, 201, {"Location": f"/v1/uploads/{upload_id}"}
+
+
+@bp.get("/v1/uploads/<upload_id>")
+def get_upload(upload_id: str):
+    missing = NotFound(f"No upload with id {upload_id!r}.", details={"resource": "upload", "id": upload_id})
+    if not _UPLOAD_ID.match(upload_id):
+        raise missing
+    try:
+        return json.loads(services().store.get_bytes(f"{upload_prefix(upload_id)}/{META}"))
+    except KeyError:
+        raise missing from None

@@ -1,0 +1,51 @@
+"""Webhook delivery log: list a job's deliveries with every attempt, and replay one."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from api.app import services
+from quantfarm.errors import NotFound
+from storage import jobs as job_store
+from storage.models import WebhookDelivery, utcnow
+from storage.views import delivery_view
+
+log = logging.getLogger(__name__)
+bp = Blueprint("webhooks", __name__)
+
+
+@bp.get("/v1/jobs/<job_id>/webhooks")
+def job_webhooks(job_id: str):
+    with services().db.session() as s:
+        job_store.get_job(s, job_id)
+        rows = s.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.job_id == job_id)
+            .options(selectinload(WebhookDelivery.attempt_log))
+            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        )
+        return {"items": [delivery_view(d) for d in rows]}
+
+
+@bp.post("/v1/webhook-deliveries/<delivery_id>/replay")
+def replay_delivery(delivery_id: str):
+    svc = services()
+    with svc.db.session() as s:
+        d = s.get(WebhookDelivery, delivery_id)
+        if d is None:
+            raise NotFound(f"No webhook delivery with id {delivery_id!r}.", details={"resource": "webhook_delivery", "id": delivery_id})
+        # The attempt log is kept; the delivery simply becomes due again.
+        d.status = "pending"
+        d.next_attempt_at = utcnow()
+        s.flush()
+        view = delivery_view(d)
+    try:
+        svc.dispatcher.deliver_webhook(delivery_id)
+    except Exception as exc:  # the delivery is pending in the DB; the webhook sweep sends it
+        log.warning("Could not enqueue webhook delivery %s (%s); it stays pending.", delivery_id, type(exc).__name__)
+    log.info("Replay of webhook delivery %s requested", delivery_id)
+    return view, 202

@@ -1,0 +1,273 @@
+"""The real ``quantfarm`` command, run as a subprocess against the API served over HTTP.
+
+The API runs in a werkzeug server thread of this test process, on SQLite, with a
+recording stand-in for the broker (tests/api/conftest.py: RecordingDispatcher; the
+broker is exercised for real in tests/api/test_dispatch_redis.py and tests/e2e).
+There is no worker here: the tests move jobs through their states with the same
+storage.jobs functions a worker calls (claim, set_stage, set_progress, transition).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import select as sql_select
+
+from api.app import build_server
+from storage import jobs as job_store
+from storage.artifacts import LocalStore
+from storage.db import Database
+from storage.models import Artifact, Job
+from tests.api.conftest import MINIMAL, RecordingDispatcher, make_app
+
+QUANTFARM = Path(sys.executable).parent / "quantfarm"
+
+
+@dataclass
+class Live:
+    url: str
+    db: Database
+    store: LocalStore
+    app: object
+    env: dict
+
+
+@pytest.fixture
+def live(sqlite_url, tmp_path):
+    db = Database(sqlite_url)
+    store = LocalStore(tmp_path / "store")
+    app = make_app(db, store, RecordingDispatcher(db), tmp_path)
+    server = build_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTFARM_")}
+    env.update(QUANTFARM_URL=url, QUANTFARM_HOME=str(tmp_path / "home"), COLUMNS="200")
+    yield Live(url, db, store, app, env)
+    server.shutdown()
+    server.server_close()
+    db.dispose()
+
+
+def cli(live: Live, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(QUANTFARM), *args], env=env or live.env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def start_cli(live: Live, *args: str, **kwargs) -> subprocess.Popen:
+    opts = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kwargs}
+    return subprocess.Popen([str(QUANTFARM), *args], env=live.env, **opts)
+
+
+def the_job(live: Live, timeout: float = 60) -> str:
+    """Wait for the CLI to have created a job and return its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with live.db.session() as s:
+            ids = list(s.scalars(sql_select(Job.id)))
+        if ids:
+            assert len(ids) == 1
+            return ids[0]
+        time.sleep(0.05)
+    raise AssertionError("the CLI never created a job")
+
+
+def watched(live: Live, job_id: str, timeout: float = 60) -> None:
+    """Wait until the CLI has polled the job at least once (it is inside its watch loop)."""
+    counter = live.app.extensions["quantfarm_requests"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(route == "/v1/jobs/<job_id>" and method == "GET" and n for (route, method, _), n in counter.snapshot()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the CLI never polled the job")
+
+
+def work(live: Live, job_id: str, outcome: job_store.JobStatus, **changes) -> None:
+    """Do to the job what a worker would: claim, report stages and progress, finish."""
+    db, owner = live.db, "test-worker"
+    with db.session() as s:
+        assert job_store.claim(s, job_id, owner, 60) is not None
+    with db.session() as s:
+        job_store.set_stage(s, job_id, owner, job_store.Stage.CALIBRATING)
+    for done in (1, 2):
+        with db.session() as s:
+            job_store.set_progress(s, job_id, owner, done=done, total=2, eta=2.0 - done)
+    with db.session() as s:
+        job_store.transition(s, job_store.get_job(s, job_id), outcome, owner=owner, **changes)
+
+
+def api_submit(live: Live, **overrides) -> dict:
+    resp = requests.post(f"{live.url}/v1/jobs", json={**MINIMAL, **overrides}, timeout=10)
+    assert resp.status_code == 201
+    return resp.json()
+
+
+def test_submit_wait_exits_0_when_the_job_succeeds(live):
+    proc = start_cli(live, "submit", "/models/tiny", "--method", "rtn", "--bits", "4", "--wait", "--poll-interval", "0.05")
+    job_id = the_job(live)
+    watched(live, job_id)
+    work(live, job_id, job_store.JobStatus.SUCCEEDED)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[0] == job_id
+    assert f"succeeded: {job_id}" in err
+
+
+def test_submit_wait_fails_with_the_error_code(live):
+    proc = start_cli(live, "submit", "/models/empty", "--method", "gptq", "--wait", "--poll-interval", "0.05")
+    job_id = the_job(live)
+    watched(live, job_id)
+    work(live, job_id, job_store.JobStatus.FAILED, error_code="not_a_model", error_message="/models/empty holds no model weights.")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert out.strip() == job_id
+    assert "error: not_a_model: /models/empty holds no model weights." in err
+
+
+def test_ctrl_c_without_a_terminal_stops_watching_and_leaves_the_job(live):
+    proc = start_cli(live, "submit", "/models/tiny", "--method", "rtn", "--wait", "--poll-interval", "0.05")
+    job_id = the_job(live)
+    watched(live, job_id)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"Stopped watching {job_id}; the job keeps going" in err
+    assert requests.get(f"{live.url}/v1/jobs/{job_id}", timeout=10).json()["status"] == "queued"
+
+
+def _read_until(fd: int, text: bytes, timeout: float = 60) -> bytes:
+    seen, deadline = b"", time.monotonic() + timeout
+    while text not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            seen += os.read(fd, 4096)
+    assert text in seen, seen[-2000:]
+    return seen
+
+
+def test_ctrl_c_on_a_terminal_asks_and_can_cancel_the_job(live):
+    """stdin and stderr on a pseudo-terminal, as when a person runs the command."""
+    master, slave = pty.openpty()
+    proc = start_cli(live, "submit", "/models/tiny", "--method", "rtn", "--wait", "--poll-interval", "0.05", stdin=slave, stderr=slave)
+    os.close(slave)
+    try:
+        job_id = the_job(live)
+        watched(live, job_id)
+        proc.send_signal(signal.SIGINT)
+        _read_until(master, b"only stop watching?")
+        os.write(master, b"cancel\n")
+        out, _ = proc.communicate(timeout=60)
+        rest = _read_until(master, b"cancelled")
+    finally:
+        os.close(master)
+    assert proc.returncode == 3
+    assert out.strip() == job_id
+    assert f"cancelled: {job_id}".encode() in re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", rest)
+    assert requests.get(f"{live.url}/v1/jobs/{job_id}", timeout=10).json()["status"] == "cancelled"
+
+
+def test_submit_sends_every_option(live, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x * 2\n")
+    res = cli(live, "submit", "org/llama@v2", "--method", "gptq", "--bits", "8", "--group-size", "64", "--no-sym", "--desc-act",
+              "--option", "damp_percent=0.05", "--calib", str(calib), "--samples", "16", "--seq-len", "64", "--evaluate",
+              "--hub-repo", "team/llama-gptq", "--webhook", "https://hooks.example/q", "--label", "team=nlp", "--priority", "2")
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    spec = requests.get(f"{live.url}/v1/jobs/{job_id}", timeout=10).json()["spec"]
+    upload_id = spec["calibration"]["upload_id"]
+    assert f"uploaded {calib} as {upload_id}" in res.stderr
+    assert live.store.get_bytes(f"uploads/{upload_id}/calib.txt") == calib.read_bytes()
+    assert spec["model"] == {"source": "hub", "repo_id": "org/llama", "revision": "v2"}
+    assert spec["options"] == {"bits": 8, "group_size": 64, "sym": False, "desc_act": True, "static_groups": False,
+                               "damp_percent": 0.05, "true_sequential": True}
+    assert (spec["calibration"]["num_samples"], spec["calibration"]["seq_len"]) == (16, 64)
+    assert spec["evaluate"] is True and spec["priority"] == 2 and spec["labels"] == {"team": "nlp"}
+    assert spec["destination"]["hub"]["repo_id"] == "team/llama-gptq"
+    assert spec["webhooks"] == [{"url": "https://hooks.example/q"}]
+
+
+def test_submit_validation_error_names_the_field(live):
+    res = cli(live, "submit", "/models/tiny", "--method", "gptq", "--bits", "5")
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        "error: validation_error: The request has invalid fields: options.bits.",
+        "  options.bits: Input should be 2, 3, 4 or 8",
+    ]
+    assert res.stdout == ""
+    with live.db.session() as s:
+        assert list(s.scalars(sql_select(Job.id))) == []
+
+
+def test_status_json_parses_and_summary_shows_the_error(live):
+    job_id = api_submit(live)["id"]
+    work(live, job_id, job_store.JobStatus.FAILED, error_code="unsupported_architecture", error_message="BertModel [/encoder] is not a decoder.")
+    res = cli(live, "status", job_id, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == requests.get(f"{live.url}/v1/jobs/{job_id}", timeout=10).json()
+    summary = cli(live, "status", job_id)
+    assert summary.returncode == 0
+    assert "failed" in summary.stdout and "unsupported_architecture: BertModel [/encoder] is not a decoder." in summary.stdout
+    assert "layer 2/2 (100%)" in summary.stdout
+
+
+def test_status_summary_of_a_finished_job(live):
+    job_id = api_submit(live)["id"]
+    work(live, job_id, job_store.JobStatus.SUCCEEDED, metrics={"perplexity_before": 9.1, "layer_loss": [0.1, 0.2]})
+    with live.db.session() as s:
+        s.add(Artifact(id="art_cli", job_id=job_id, kind="model", format="gptq", location="file:///store/jobs/x/artifact",
+                       files=[], file_count=7, size_bytes=70_000, sha256="0" * 64))
+    res = cli(live, "status", job_id)
+    assert res.returncode == 0, res.stderr
+    assert "perplexity_before  9.1" in res.stdout and "layer_loss" not in res.stdout
+    assert "art_cli  gptq  7 files  70.0 kB  file:///store/jobs/x/artifact" in res.stdout
+
+
+def test_jobs_lists_a_table(live):
+    ids = [api_submit(live)["id"] for _ in range(3)]
+    requests.post(f"{live.url}/v1/jobs/{ids[0]}/cancel", timeout=10)
+    res = cli(live, "jobs")
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if "job_" in line]
+    assert [next(w for w in line.split() if w.startswith("job_")) for line in rows] == ids[::-1]
+    assert "cancelled" in rows[-1] and "local:/models/tiny-llama" in rows[0]
+    only = cli(live, "jobs", "--status", "cancelled", "--json")
+    assert [j["id"] for j in json.loads(only.stdout)["items"]] == [ids[0]]
+
+
+def test_cancel_and_retry(live):
+    job_id = api_submit(live)["id"]
+    res = cli(live, "cancel", job_id)
+    assert (res.returncode, res.stdout.strip()) == (0, f"{job_id} cancelled")
+    again = cli(live, "cancel", job_id)
+    assert again.returncode == 1
+    assert again.stderr.startswith(f"error: invalid_state: Job {job_id} is cancelled")
+    retry = cli(live, "retry", job_id)
+    assert (retry.returncode, retry.stdout.strip()) == (0, f"{job_id} queued again (attempt 2)")
+    missing = cli(live, "status", "job_nope")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: not_found: No job with id 'job_nope'")
+
+
+def test_connection_refused_names_the_url(live):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    res = cli(live, "--url", url, "jobs")
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"error: connection_failed: could not reach the Quantfarm API at {url}")
+    env = {**live.env, "QUANTFARM_URL": url}
+    assert f"at {url}" in cli(live, "status", "job_x", env=env).stderr
