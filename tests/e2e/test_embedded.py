@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.support.models import add_bert, make_tiny_model
+from tests.support.models import add_bert
 from tests.support.stack import EmbeddedStack
 
 pytestmark = pytest.mark.slow
@@ -30,13 +30,6 @@ def stack(tmp_path_factory):
     assert code == 0, s.log.read_text()[-3000:]
     for child in ("api", "worker", "service"):
         assert s.pid(child) is None  # the supervisor removed its pid files after stopping them
-
-
-@pytest.fixture(scope="module")
-def deep_llama(tokenizer_dir):
-    from tests.conftest import CACHE
-
-    return make_tiny_model(CACHE / "deep-llama-10", "llama", tokenizer_dir=tokenizer_dir, layers=10)
 
 
 def file_hashes(job: dict, stack: EmbeddedStack) -> dict[str, str]:

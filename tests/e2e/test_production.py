@@ -27,6 +27,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def prod(pg_url, tmp_path):
+    yield from _prod(pg_url, tmp_path, {})
+
+
+def _prod(pg_url, tmp_path, extra_env):
     db_index = 13
     broker = REDIS_URL.rsplit("/", 1)[0] + f"/{db_index}"
     redis.Redis.from_url(broker).flushdb()
@@ -39,18 +43,19 @@ def prod(pg_url, tmp_path):
         "QUANTFARM_LEASE_SECONDS": "4",
         "QUANTFARM_HEARTBEAT_SECONDS": "1",
         "QUANTFARM_TORCH_THREADS": "1",
+        **extra_env,
     }
-    settings = Settings(
-        home=tmp_path / "home", database_url=pg_url, broker_url=broker, artifact_dir=tmp_path / "store",
-        queue=env["QUANTFARM_QUEUE"], lease_seconds=4,
-    )
+    settings = Settings(**{k[len("QUANTFARM_"):].lower(): v for k, v in env.items()})
     db = Database(pg_url)
     _truncate(db)
     workers: list[subprocess.Popen] = []
 
-    def start_worker() -> subprocess.Popen:
+    def start_worker(scratch: str | None = None) -> subprocess.Popen:
         log = open(tmp_path / f"worker{len(workers)}.log", "wb")
-        p = subprocess.Popen([sys.executable, "-m", "workers"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        wenv = {**os.environ, **env}
+        if scratch:
+            wenv["QUANTFARM_SCRATCH_DIR"] = str(tmp_path / f"scratch-{scratch}")
+        p = subprocess.Popen([sys.executable, "-m", "workers"], env=wenv, stdout=log, stderr=subprocess.STDOUT)
         workers.append(p)
         return p
 
@@ -66,6 +71,28 @@ def prod(pg_url, tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
     db.dispose()
+
+
+@pytest.fixture
+def prod_s3(pg_url, tmp_path):
+    """Like ``prod`` but the store is S3 (moto_server) and each worker gets its own scratch dir."""
+    import boto3
+
+    from tests.support.s3server import MotoServer
+
+    with MotoServer() as moto:
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t").create_bucket(Bucket="farm")
+        s3env = {"QUANTFARM_STORE": "s3", "QUANTFARM_S3_ENDPOINT_URL": moto.url, "QUANTFARM_S3_BUCKET": "farm",
+                 "QUANTFARM_S3_ACCESS_KEY_ID": "t", "QUANTFARM_S3_SECRET_ACCESS_KEY": "t"}
+        gen = _prod(pg_url, tmp_path, s3env)
+        settings, db, client, start_worker, tmp = next(gen)
+
+        def bucket_keys(prefix):
+            c = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t")
+            return {o["Key"] for o in c.list_objects_v2(Bucket="farm", Prefix=prefix).get("Contents", [])}
+
+        yield settings, db, client, start_worker, tmp, bucket_keys
+        next(gen, None)
 
 
 def wait(client, job_id, until=("succeeded", "failed", "cancelled"), timeout=180, logs: Path | None = None):
@@ -97,25 +124,30 @@ def test_job_runs_through_redis_and_postgres(prod, tiny_llama):
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "succeeded"
 
 
-def test_killed_worker_is_swept_and_another_worker_finishes(prod, tokenizer_dir):
-    from tests.conftest import CACHE
-    from tests.support.models import make_tiny_model
+def test_killed_worker_resumes_on_another_worker_from_s3_checkpoints(prod_s3, deep_llama):
+    """Worker A is killed mid-job; worker B, a different process with an empty scratch dir,
+    resumes from the checkpoints in S3 (moto_server) and writes byte-identical files."""
     from workers.sweeper import Sweeper
 
-    settings, db, client, start_worker, tmp = prod
-    model = make_tiny_model(CACHE / "deep-llama-10", "llama", tokenizer_dir=tokenizer_dir, layers=10)
-    first = start_worker()
-    body = {"model": {"source": "local", "path": str(model)}, "method": "gptq", "calibration": {"num_samples": 8, "seq_len": 64}}
+    settings, db, client, start_worker, tmp, bucket_keys = prod_s3
+    body = {"model": {"source": "local", "path": str(deep_llama)}, "method": "gptq",
+            "options": {"group_size": 32}, "calibration": {"num_samples": 8, "seq_len": 64}}
+    first = start_worker(scratch="a")
+    reference = wait(client, client.post("/v1/jobs", json=body).get_json()["id"], logs=tmp)
+    assert reference["status"] == "succeeded"
+
     job_id = client.post("/v1/jobs", json=body).get_json()["id"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").get_json()
-        if job["progress"] and job["progress"]["layers_done"] >= 2:
+        if job["progress"] and job["progress"]["layers_done"] >= 3:
             break
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    start_worker()
+    assert f"jobs/{job_id}/checkpoints/manifest.json" in bucket_keys(f"jobs/{job_id}/checkpoints/")
+    start_worker(scratch="b")
+    assert not (tmp / "scratch-b").exists() or not any((tmp / "scratch-b").iterdir())
     sweeper = Sweeper(settings, db, Dispatcher(settings))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the lease (4 s) must expire before the sweeper requeues
@@ -125,3 +157,10 @@ def test_killed_worker_is_swept_and_another_worker_finishes(prod, tokenizer_dir)
     job = wait(client, job_id, logs=tmp)
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 2 and len(job["artifacts"]) == 1
+    files = lambda j: {f["path"]: f["sha256"] for f in client.get(f"/v1/artifacts/{j['artifacts'][0]['id']}/files").get_json()["items"]}
+    assert files(job) == files(reference)
+    events = client.get(f"/v1/jobs/{job_id}/events").get_json()["items"]
+    owners = [e["data"]["owner"] for e in events if e["to_status"] == "running"]
+    assert len(owners) == 2 and owners[0] != owners[1]
+    replayed = [e["data"]["layers_done"] for e in events if e["kind"] == "progress" and e["data"].get("resumed")]
+    assert replayed[:3] == [1, 2, 3]
