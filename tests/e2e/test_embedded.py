@@ -158,3 +158,27 @@ def test_bad_models_fail_with_a_clear_error_and_the_worker_survives(stack, tmp_p
     assert stack.pid("worker") == worker  # no crash, no restart
     ok = stack.wait(stack.submit({"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"}))
     assert ok["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "method,options,fmt",
+    [("awq", {"group_size": 64}, "awq"), ("bnb-4bit", {"quant_type": "nf4"}, "bitsandbytes"), ("bnb-8bit", {}, "bitsandbytes")],
+)
+def test_each_method_runs_through_the_api(stack, tiny_llama, tmp_path, method, options, fmt):
+    from transformers import AutoModelForCausalLM
+
+    body = {"model": {"source": "local", "path": str(tiny_llama)}, "method": method, "options": options,
+            "calibration": CAL, "evaluate": True, "evaluation": {"max_windows": 2}}
+    job = stack.wait(stack.submit(body))
+    assert job["status"] == "succeeded", job["error"]
+    (art,) = job["artifacts"]
+    assert art["format"] == fmt
+    m = job["metrics"]
+    assert m["perplexity_before"] > 0 and m["perplexity_after"] > 0 and m["size_bytes_after"] < m["size_bytes_before"]
+    out = stack.download_artifact(job, tmp_path / method)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == fmt
+    if fmt == "bitsandbytes":  # reloads with no quantization_config argument
+        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.arange(16).view(1, 16)).logits).all()

@@ -33,6 +33,9 @@ class Arch:
     groups: tuple[LinearGroup, ...]  # in execution order
     head: str = "lm_head"
     embed: str = "model.embed_tokens"
+    # AWQ leaves these linears unclipped: their outputs go through a softmax, where
+    # clipping hurts more than the per-linear output error it minimises shows.
+    awq_no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import sysconfig
 import zlib
@@ -16,9 +17,10 @@ from quantfarm.errors import CalibrationError
 _HOLDOUT_MOD = 10
 
 
-def _stdlib_files() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts]
+    files = tuple(p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts)
     if not files:
         raise CalibrationError(f"No Python sources found under {root} for builtin:code.")
     return files

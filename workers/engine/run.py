@@ -11,10 +11,12 @@ import torch
 
 from quantfarm.store import BlobStore, walk_files
 from workers.engine.calibration import evaluation_ids
+from workers.engine.bnb import quantize_bnb
 from workers.engine.card import model_card
 from workers.engine.checkpoint import Checkpoints
 from workers.engine.evaluate import perplexity_pair
 from workers.engine.export import export
+from workers.engine.methods import METHODS
 from workers.engine.pipeline import LayerReport, QuantizeRequest, fingerprint_parts, load_tokenizer, prepare, run_layers
 
 
@@ -49,6 +51,8 @@ def quantize(
     CalibrationError, CheckpointMismatch, ...) and whatever ``on_layer`` raises
     (JobCancelled) after the layer's checkpoint is safely written.
     """
+    if not METHODS[req.method].layerwise:  # bitsandbytes quantizes while transformers loads
+        return quantize_bnb(req, out_dir, device=device, on_stage=on_stage, max_shard_bytes=max_shard_bytes)
     stage = on_stage or (lambda _s: None)
     t0 = time.monotonic()
     stage("calibrating")

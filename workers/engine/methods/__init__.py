@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from quantfarm.errors import BadRequest
+from workers.engine.methods.awq import AWQMethod
 from workers.engine.methods.base import LayerContext, LayerOutput, Method
+from workers.engine.methods.bnb import BnB4Method, BnB8Method
 from workers.engine.methods.gptq import GPTQMethod
 from workers.engine.methods.rtn import RTNMethod
 
 METHODS: dict[str, type[Method]] = {
+    AWQMethod.name: AWQMethod,
+    BnB4Method.name: BnB4Method,
+    BnB8Method.name: BnB8Method,
     GPTQMethod.name: GPTQMethod,
     RTNMethod.name: RTNMethod,
 }

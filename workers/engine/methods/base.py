@@ -48,6 +48,7 @@ class Method(ABC):
     format: ClassVar[str]
     requires_calibration: ClassVar[bool] = True
     required_packages: ClassVar[tuple[str, ...]] = ()
+    layerwise: ClassVar[bool] = True  # False: quantizes the whole model at load time (bitsandbytes)
 
     def __init__(self, options):
         self.options = options

@@ -29,6 +29,9 @@ class GPTQFormat(Method):
         for name in arch.linears:
             t = {k: tensors[f"{name}.{k}"] for k in _KEYS}
             set_weight(layer, name, dequantize_gptq(t, self.options.bits))
+            bias = layer.get_submodule(name).bias
+            if bias is not None:  # GPTQ kernels hold the bias in fp16
+                bias.data = bias.data.half().to(bias.dtype)
 
     def quantization_config(self) -> dict:
         o = self.options
