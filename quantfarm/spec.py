@@ -219,7 +219,7 @@ class Webhook(Strict):
 
 class Evaluation(Strict):
     texts: list[str] | None = Field(None, min_length=1, description="Held-out text; default: built-in held-out code")
-    max_windows: int = Field(16, ge=1, le=1024)
+    max_windows: int = Field(64, ge=1, le=1024, description="Held-out windows of seq_len tokens; small counts are noisy")
 
 
 # --- the job ---------------------------------------------------------------------

@@ -35,6 +35,18 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes() + str((tuple(t.shape), str(t.dtype))).encode()).hexdigest()
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"method": {"options": {"bits": 4}}}`` -> ``{"method.options.bits": 4}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 class Checkpoints:
     """Read and write one job's layer checkpoints."""
 
@@ -56,8 +68,8 @@ class Checkpoints:
         if m is None:
             return set()
         if m.get("fingerprint") != self.digest:
-            old = m.get("parts", {})
-            changed = sorted(k for k in set(old) | set(self.parts) if old.get(k) != self.parts.get(k))
+            old, new = _flatten(m.get("parts", {})), _flatten(self.parts)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise CheckpointMismatch(
                 "This job's checkpoints were made from different inputs (changed: "
                 f"{', '.join(changed) or 'unknown'}); they cannot be resumed. Submit a new job.",

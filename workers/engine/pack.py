@@ -25,20 +25,23 @@ def pack_bits(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     n = v.shape[-1]
     if (n * bits) % 32:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole 32-bit words")
-    v = v.reshape(*v.shape[:-1], n // 32, 32)  # 32 values fill exactly `bits` words
+    pad = -n % 32  # e.g. 8 four-bit values: pad to a 32-value run, keep its first word
+    v = torch.nn.functional.pad(v, (0, pad)).reshape(*v.shape[:-1], (n + pad) // 32, 32)  # 32 values fill `bits` words
     words = torch.zeros(*v.shape[:-1], bits, dtype=torch.int64, device=v.device)
     for j in range(32):
         k, off = divmod(bits * j, 32)
         words[..., k] |= v[..., j] << off
         if off + bits > 32:  # spills into the next word
             words[..., k + 1] |= v[..., j] >> (32 - off)
-    words = _to_int32(words.reshape(*v.shape[:-2], (n // 32) * bits))
+    words = _to_int32(words.reshape(*v.shape[:-2], (n + pad) // 32 * bits)[..., : n * bits // 32])
     return words.movedim(-1, dim).contiguous()
 
 
 def unpack_bits(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: int32 words along ``dim`` back to int32 values."""
     w = words.movedim(dim, -1).to(torch.int64) & _MASK32
+    n = w.shape[-1] * 32 // bits
+    w = torch.nn.functional.pad(w, (0, -w.shape[-1] % bits))
     nw = w.shape[-1]
     w = w.reshape(*w.shape[:-1], nw // bits, bits)
     out = torch.zeros(*w.shape[:-1], 32, dtype=torch.int64, device=w.device)
@@ -49,7 +52,7 @@ def unpack_bits(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         if off + bits > 32:
             val = val | (w[..., k + 1] << (32 - off))
         out[..., j] = val & maxq
-    out = out.reshape(*w.shape[:-2], (nw // bits) * 32).to(torch.int32)
+    out = out.reshape(*w.shape[:-2], (nw // bits) * 32)[..., :n].to(torch.int32)
     return out.movedim(-1, dim).contiguous()
 
 

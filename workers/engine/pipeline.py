@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -116,7 +115,6 @@ def run_layers(
             ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3)})
             stats.computed.append(i)
         del tensors
-        gc.collect()
         _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start)
     stats.seconds = time.monotonic() - t_start
     return stats

@@ -38,7 +38,7 @@ class QuantResult:
 def find_params(W: torch.Tensor, bits: int, sym: bool, *, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Return per-row ``scale`` (fp16-exact) and integer ``zero`` for a block of columns."""
     maxq = 2**bits - 1
-    W = W.float()
+    W = W.double() if W.dtype == torch.float64 else W.float()  # a float64 solve stays float64
     xmin = W.amin(dim=1).clamp(max=0)
     xmax = W.amax(dim=1).clamp(min=0)
     if sym:
@@ -47,7 +47,7 @@ def find_params(W: torch.Tensor, bits: int, sym: bool, *, min_zero: int = 0) -> 
     both_zero = (xmin == 0) & (xmax == 0)
     xmin = torch.where(both_zero, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
-    scale = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE).half().float()
+    scale = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE).half().to(W.dtype)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
@@ -177,9 +177,9 @@ def gptq_quantize(
             col_group[col] = g
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = quantize_codes(w.float(), scale, zero.float(), maxq)
+            q = quantize_codes(w, scale.to(dtype), zero.to(dtype), maxq)
             codes[:, col] = q.to(torch.int32)
-            wq = (scale * (q - zero.float())).to(dtype)
+            wq = scale.to(dtype) * (q - zero.to(dtype))
             losses += (w - wq) ** 2 / d**2 / 2
             err = (w - wq) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

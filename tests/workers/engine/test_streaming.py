@@ -1,0 +1,142 @@
+"""The engine reads and holds one decoder layer at a time.
+
+Two instruments, neither a timing: every tensor read from the safetensors shards is
+recorded with the engine's phase at that moment (by wrapping ``ShardReader``), and
+at every module call the number of decoder-layer parameters that are materialized
+(not on ``meta``) is counted (by forward pre-hooks on the streamed skeleton).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.workers.engine.helpers import run_job
+from workers.engine.model import StreamedModel
+from workers.engine.shards import ShardReader
+
+LAYERS = 4
+
+
+@pytest.fixture
+def source(tiny_model):
+    return tiny_model("llama", layers=LAYERS, shard="300KB")
+
+
+class Recorder:
+    """Tensor reads by phase; peaks of materialized parameters at module calls and layer loads."""
+
+    def __init__(self):
+        self.phase = "prepare"
+        self.reads: list[tuple[str, tuple[str, ...]]] = []
+        self.models: list[StreamedModel] = []
+        self.peak_layers = 0  # decoder layers holding real weights at once
+        self.peak_layer_params = 0
+        self.outside_when_layer_live: set[str] = set()  # non-layer modules live while a layer is
+
+    def record(self, names) -> None:
+        self.reads.append((self.phase, tuple(names)))
+
+    def watch(self, model: StreamedModel) -> None:
+        self.models.append(model)
+        for module in model.model.modules():
+            module.register_forward_pre_hook(lambda *_: self.measure(model))
+
+    def measure(self, model: StreamedModel) -> None:
+        live = [sum(p.numel() for p in layer.parameters() if p.device.type != "meta") for layer in model.layers]
+        n_live = sum(1 for n in live if n)
+        self.peak_layers = max(self.peak_layers, n_live)
+        self.peak_layer_params = max(self.peak_layer_params, sum(live))
+        if n_live:
+            layer_names = {f"{model.arch.layers}.{i}" for i in range(model.num_layers)}
+            for name, p in model.model.named_parameters():
+                if p.device.type != "meta" and not any(name.startswith(n + ".") for n in layer_names):
+                    self.outside_when_layer_live.add(name)
+
+    def names_in(self, phase: str) -> list[str]:
+        return [n for ph, names in self.reads if ph == phase for n in names]
+
+
+@pytest.fixture
+def recorder(monkeypatch) -> Recorder:
+    rec = Recorder()
+    get, load_prefix, init = ShardReader.get, ShardReader.load_prefix, StreamedModel.__init__
+    capture, load_layer = StreamedModel.capture_inputs, StreamedModel.load_layer
+
+    def traced_get(self, name):
+        rec.record([name])
+        return get(self, name)
+
+    def traced_load_prefix(self, prefix, *, strip=True):
+        out = load_prefix(self, prefix, strip=strip)
+        rec.record([prefix + k if strip else k for k in out])
+        return out
+
+    def traced_init(self, *a, **kw):
+        init(self, *a, **kw)
+        rec.watch(self)
+
+    def traced_capture(self, batches):
+        rec.phase = "capture"
+        return capture(self, batches)
+
+    def traced_load_layer(self, i, overrides=None):
+        rec.phase = f"layer {i}"
+        layer = load_layer(self, i, overrides)
+        rec.measure(self)
+        return layer
+
+    monkeypatch.setattr(ShardReader, "get", traced_get)
+    monkeypatch.setattr(ShardReader, "load_prefix", traced_load_prefix)
+    monkeypatch.setattr(StreamedModel, "__init__", traced_init)
+    monkeypatch.setattr(StreamedModel, "capture_inputs", traced_capture)
+    monkeypatch.setattr(StreamedModel, "load_layer", traced_load_layer)
+    return rec
+
+
+def _on_stage(rec: Recorder):
+    def on_stage(stage: str) -> None:
+        rec.phase = stage
+    return on_stage
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+
+def test_each_layer_reads_only_its_own_tensors(source, recorder, tmp_path):
+    from storage.artifacts import LocalStore
+    from tests.workers.engine.helpers import CPU, request
+    from workers.engine.run import quantize
+
+    reader = ShardReader(source)
+    quantize(request(source, "gptq", bits=4, group_size=32), LocalStore(tmp_path / "ckpt"), tmp_path / "out",
+             device=CPU, on_stage=_on_stage(recorder))
+
+    assert recorder.names_in("calibrating") == []  # opening the model reads no tensor
+    assert recorder.names_in("capture") == ["model.embed_tokens.weight"]
+    for i in range(LAYERS):
+        got = recorder.names_in(f"layer {i}")
+        assert sorted(got) == reader.names(f"model.layers.{i}."), f"layer {i} read {got}"
+    # Export streams tensor by tensor; no single read spans more than one layer.
+    for phase, names in recorder.reads:
+        assert len({_layer_of(n) for n in names if _layer_of(n) is not None}) <= 1, (phase, names)
+    exported = recorder.names_in("exporting")
+    assert "model.embed_tokens.weight" in exported and "lm_head.weight" in exported
+    assert not any(n.endswith("_proj.weight") for n in exported)  # quantized linears come from checkpoints
+
+
+@pytest.mark.parametrize("method,evaluate", [("gptq", True), ("rtn", False)])
+def test_one_layer_materialized_at_a_time(source, recorder, tmp_path, method, evaluate):
+    res, _ = run_job(source, tmp_path, method, evaluate=evaluate, bits=4, group_size=32)
+    assert res.layers_total == LAYERS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        one_layer = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).model.layers[0].parameters())
+    assert recorder.peak_layers == 1
+    assert recorder.peak_layer_params == one_layer
+    assert recorder.outside_when_layer_live == set()  # embeddings and head are back on meta
+    # Whatever ran, every module ended back on meta: nothing piles up across layers.
+    for model in recorder.models:
+        assert all(p.device.type == "meta" for p in model.model.parameters())
