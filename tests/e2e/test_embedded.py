@@ -182,3 +182,19 @@ def test_each_method_runs_through_the_api(stack, tiny_llama, tmp_path, method, o
         model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
         with torch.no_grad():
             assert torch.isfinite(model(torch.arange(16).view(1, 16)).logits).all()
+
+
+def test_uploaded_calibration_file_is_used(stack, tiny_llama):
+    from workers.engine.calibration import builtin_code_texts
+
+    text = "\n".join(builtin_code_texts(holdout=True, max_chars=60_000))
+    up = stack.post("/v1/uploads", files={"file": ("calib.txt", text.encode(), "text/plain")})
+    assert up.status_code == 201, up.text
+    body = {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq",
+            "calibration": {"upload_id": up.json()["id"], "num_samples": 4, "seq_len": 64}}
+    job = stack.wait(stack.submit(body))
+    assert job["status"] == "succeeded", job["error"]
+    assert job["spec"]["calibration"]["upload_id"] == up.json()["id"]
+    # a different calibration set gives different weights than builtin:code
+    other = stack.wait(stack.submit({**body, "calibration": {"num_samples": 4, "seq_len": 64}}))
+    assert file_hashes(job, stack)["model.safetensors"] != file_hashes(other, stack)["model.safetensors"]
