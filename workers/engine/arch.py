@@ -22,6 +22,7 @@ class LinearGroup:
     names: tuple[str, ...]
     prev: str | None = None
     inspect: str | None = None
+    closes: str | None = None  # the sub-module whose output is this (single) linear's output
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ class Arch:
 
 _LLAMA_GROUPS = (
     LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "self_attn"),
-    LinearGroup(("self_attn.o_proj",), "self_attn.v_proj", "self_attn.o_proj"),
+    LinearGroup(("self_attn.o_proj",), "self_attn.v_proj", "self_attn.o_proj", closes="self_attn"),
     LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "mlp"),
-    LinearGroup(("mlp.down_proj",), "mlp.up_proj", "mlp.down_proj"),
+    LinearGroup(("mlp.down_proj",), "mlp.up_proj", "mlp.down_proj", closes="mlp"),
 )
 
 
@@ -72,7 +73,7 @@ ARCHITECTURES: dict[str, Arch] = {
         post=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
         groups=(
             LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm", "self_attn"),
-            LinearGroup(("self_attn.out_proj",), "self_attn.v_proj", "self_attn.out_proj"),
+            LinearGroup(("self_attn.out_proj",), "self_attn.v_proj", "self_attn.out_proj", closes="self_attn"),
             LinearGroup(("fc1",), "final_layer_norm", "fc1"),
             LinearGroup(("fc2",), "fc1", "fc2"),
         ),

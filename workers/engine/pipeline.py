@@ -108,7 +108,7 @@ def run_layers(
         # replayed one compute with identical weights from here on.
         method.apply(model.arch, layer, tensors)
         if needs_inputs and i + 1 < total:
-            inputs = model.forward_layer(layer, inputs)
+            inputs = out.next_inputs if (not resumed and out.next_inputs is not None) else model.forward_layer(layer, inputs)
         model.release(layer)
         seconds = time.monotonic() - t0
         if not resumed:

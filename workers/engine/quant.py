@@ -6,7 +6,6 @@ Weights are ``[rows, cols]`` = ``[out_features, in_features]``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -83,15 +82,25 @@ def rtn_quantize(W: torch.Tensor, *, bits: int, group_size: int, sym: bool, min_
 
 def accumulate_hessian(H: torch.Tensor | None, nsamples: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Fold a batch of inputs ``X [..., cols]`` into ``H = 2/n * sum(x xᵀ)``; return (H, n)."""
-    X = X.reshape(-1, X.shape[-1]).float()
+    X = X.reshape(-1, X.shape[-1])
+    X = X if X.dtype in (torch.float32, torch.float64) else X.float()
     n = X.shape[0]
     if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
     total = nsamples + n
-    H.mul_(nsamples / total)
-    X = X * math.sqrt(2.0 / total)
-    H.addmm_(X.t(), X)
+    H.addmm_(X.t(), X, beta=nsamples / total, alpha=2.0 / total)  # no scaled copy of X
     return H, total
+
+
+class HessianSum:
+    """A running ``H = 2/n * sum(x xᵀ)`` over every input row seen so far."""
+
+    def __init__(self) -> None:
+        self.H: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, X: torch.Tensor) -> None:
+        self.H, self.n = accumulate_hessian(self.H, self.n, X)
 
 
 def prepare_hinv(H: torch.Tensor, damp_percent: float, desc_act: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -134,6 +143,7 @@ def gptq_quantize(
 
     ``Hinv``/``perm``/``dead`` come from ``prepare_hinv``. Rows are independent,
     so modules sharing an input can be solved in one call on their stacked rows.
+    The sweep works on ``Wᵀ`` so that each column it visits is contiguous.
     """
     dtype = Hinv.dtype
     W = W.to(dtype).clone()
@@ -145,52 +155,45 @@ def gptq_quantize(
     W[:, dead] = 0
     n_groups = cols // gs
 
-    static: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if static_groups or group_size == -1:
-        static = [find_params(W[:, g * gs:(g + 1) * gs], bits, sym, min_zero=min_zero) for g in range(n_groups)]
-    if perm is not None:
-        W = W[:, perm]
-
-    codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
     scales = torch.zeros(n_groups, rows, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(n_groups, rows, dtype=torch.int32, device=W.device)
-    col_group = torch.zeros(cols, dtype=torch.int32, device=W.device)  # group of each permuted column
-    losses = torch.zeros(rows, dtype=dtype, device=W.device)
+    static = static_groups or group_size == -1
+    if static:
+        for g in range(n_groups):
+            scales[g], zeros[g] = find_params(W[:, g * gs:(g + 1) * gs], bits, sym, min_zero=min_zero)
+    order = perm.tolist() if perm is not None else None
+    WT = (W[:, perm] if perm is not None else W).t().contiguous()  # row j = column j of the (permuted) W
+    del W
+    codes = torch.zeros(cols, rows, dtype=dtype, device=WT.device)
+    col_group = [0] * cols  # group of each permuted column
+    losses = torch.zeros(rows, dtype=dtype, device=WT.device)
     scale = zero = None
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if static:
-                orig = int(perm[col]) if perm is not None else col
-                g = orig // gs
-                scale, zero = static[g]
-            else:
-                g = col // gs
-                if col % gs == 0:  # a group starts: its parameters see the error-updated weights
-                    scale, zero = find_params(W1[:, i:i + gs], bits, sym, min_zero=min_zero)
-                    scales[g], zeros[g] = scale, zero
+            g = (order[col] if order is not None else col) // gs if static else col // gs
+            if static or col % gs == 0:  # a group starts: its parameters see the error-updated weights
+                if not static:
+                    scales[g], zeros[g] = find_params(W1[i:i + gs].t(), bits, sym, min_zero=min_zero)
+                scale, zero = scales[g].to(dtype), zeros[g].to(dtype)
             col_group[col] = g
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = quantize_codes(w, scale.to(dtype), zero.to(dtype), maxq)
-            codes[:, col] = q.to(torch.int32)
-            wq = scale.to(dtype) * (q - zero.to(dtype))
-            losses += (w - wq) ** 2 / d**2 / 2
-            err = (w - wq) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            w = W1[i]
+            q = codes[col]  # written in place: fewer tensors per column, the loop is op-bound
+            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
+            err = Err1[i]
+            torch.sub(w, q.sub(zero).mul_(scale), out=err).div_(Hinv1[i, i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        losses += Err1.square().sum(0) / 2  # (w - wq)² / d² / 2, summed over the block's columns
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
-    if static:
-        for g, (s, z) in enumerate(static):
-            scales[g], zeros[g] = s, z
+    col_group_t = torch.tensor(col_group, dtype=torch.int32, device=codes.device)
     if perm is not None:
         inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        col_group = col_group[inv]
-    return QuantResult(codes, scales, zeros, col_group, float(losses.sum()), losses.float())
+        codes = codes[inv]
+        col_group_t = col_group_t[inv]
+    return QuantResult(codes.t().to(torch.int32).contiguous(), scales, zeros, col_group_t, float(losses.sum()), losses.float())

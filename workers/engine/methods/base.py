@@ -33,6 +33,9 @@ class LayerOutput:
 
     tensors: dict[str, torch.Tensor]
     losses: dict[str, float] = field(default_factory=dict)
+    # The layer's outputs with the quantized weights, when the method computed them on the way
+    # (they must equal a plain forward after ``apply``); None: the loop runs that forward.
+    next_inputs: list | None = None
 
 
 class Method(ABC):

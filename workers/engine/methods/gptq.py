@@ -8,9 +8,9 @@ from torch import nn
 from workers.engine import ENGINE_VERSION
 from workers.engine.arch import Arch, LinearGroup
 from workers.engine.methods.base import LayerContext, LayerOutput, Method, set_weight
-from workers.engine.model import StreamedModel
+from workers.engine.walk import LayerWalk, replace_first
 from workers.engine.pack import dequantize_gptq, pack_gptq
-from workers.engine.quant import QuantResult, accumulate_hessian, gptq_quantize, prepare_hinv
+from workers.engine.quant import HessianSum, QuantResult, gptq_quantize, prepare_hinv
 
 _KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -28,10 +28,7 @@ class GPTQFormat(Method):
     def apply(self, arch: Arch, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         for name in arch.linears:
             t = {k: tensors[f"{name}.{k}"] for k in _KEYS}
-            set_weight(layer, name, dequantize_gptq(t, self.options.bits))
-            bias = layer.get_submodule(name).bias
-            if bias is not None:  # GPTQ kernels hold the bias in fp16
-                bias.data = bias.data.half().to(bias.dtype)
+            set_quantized(layer, name, dequantize_gptq(t, self.options.bits))
 
     def quantization_config(self) -> dict:
         o = self.options
@@ -43,6 +40,14 @@ class GPTQFormat(Method):
             "checkpoint_format": "gptq",
             "meta": {"quantizer": [f"quantfarm:{ENGINE_VERSION}"], "method": self.name},
         }
+
+
+def set_quantized(layer: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Make a linear compute as a GPTQ kernel does: dequantized weight, bias held in fp16."""
+    set_weight(layer, name, weight)
+    bias = layer.get_submodule(name).bias
+    if bias is not None:
+        bias.data = bias.data.half().to(bias.dtype)
 
 
 def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
@@ -62,22 +67,6 @@ def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
 class GPTQMethod(GPTQFormat):
     name = "gptq"
 
-    def _hessians(self, model: StreamedModel, layer: nn.Module, inputs, groups: list[LinearGroup]) -> dict[str, tuple[torch.Tensor, int]]:
-        """One forward pass; one Hessian per group of linears that share an input."""
-        acc: dict[str, list] = {g.names[0]: [None, 0] for g in groups}
-        handles = []
-        for key in acc:
-            def hook(_m, args, _out, key=key):
-                acc[key][0], acc[key][1] = accumulate_hessian(acc[key][0], acc[key][1], args[0])
-
-            handles.append(layer.get_submodule(key).register_forward_hook(hook))
-        try:
-            model.forward_layer(layer, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        return {k: (v[0], v[1]) for k, v in acc.items()}
-
     def solve_group(self, layer: nn.Module, group: LinearGroup, H: torch.Tensor) -> list[tuple[str, QuantResult]]:
         """Quantize every linear of a group against their shared Hessian in one solve."""
         o = self.options
@@ -92,17 +81,44 @@ class GPTQMethod(GPTQFormat):
         return list(zip(group.names, parts))
 
     def quantize_layer(self, ctx: LayerContext) -> LayerOutput:
-        groups = list(ctx.arch.groups)
-        stages = [[g] for g in groups] if self.options.true_sequential else [groups]
+        if self.options.true_sequential:
+            return self._sequential(ctx)
+        # One pass with the source weights feeds every group's Hessian.
+        acc = {g.names[0]: HessianSum() for g in ctx.arch.groups}
+        hooks = [ctx.layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, h=h: h.add(a[0])) for n, h in acc.items()]
+        try:
+            ctx.model.forward_layer(ctx.layer, ctx.inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         out = LayerOutput({})
-        for stage in stages:
-            hessians = self._hessians(ctx.model, ctx.layer, ctx.inputs, stage)
-            for group in stage:
-                H, _n = hessians[group.names[0]]
-                for name, res in self.solve_group(ctx.layer, group, H):
-                    self._store(out, name, res)
-                    if self.options.true_sequential:  # later groups see this group's quantized outputs
-                        set_weight(ctx.layer, name, res.dequantize())
+        for group in ctx.arch.groups:
+            for name, res in self.solve_group(ctx.layer, group, acc[group.names[0]].H):
+                self._store(out, name, res)
+        return out
+
+    @torch.no_grad()
+    def _sequential(self, ctx: LayerContext) -> LayerOutput:
+        """Group by group: each sees the quantized outputs of the groups before it."""
+        out = LayerOutput({})
+        walk = LayerWalk(ctx.layer, ctx.inputs)
+        for group in ctx.arch.groups:
+            first, h = group.names[0], HessianSum()
+            stored: list[torch.Tensor] = []
+
+            def on_input(x, h=h, stored=stored, keep=group.closes is not None):
+                h.add(x)
+                if keep:  # the sub-module's output is computed from it once the linear is quantized
+                    stored.append(x)
+
+            returned = walk.watch(first, on_input, until_output_of=group.closes)
+            for name, res in self.solve_group(ctx.layer, group, h.H):
+                self._store(out, name, res)
+                set_quantized(ctx.layer, name, res.dequantize())
+            if group.closes is not None:
+                linear = ctx.layer.get_submodule(first)
+                walk.memo[group.closes] = [replace_first(r, linear(x)) for r, x in zip(returned, stored)]
+        out.next_inputs = walk.finish()
         return out
 
     def quantization_config(self) -> dict:

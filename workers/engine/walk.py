@@ -1,0 +1,103 @@
+"""Passes over one decoder layer that stop early and reuse outputs already known.
+
+With ``true_sequential`` GPTQ needs, for each group of linears in turn, the
+inputs that group sees once the groups before it are quantized. Running the
+whole layer for every group costs one full forward per group. A ``LayerWalk``
+instead stops each batch as soon as the watched linear has its input, and once
+a linear that ends a sub-module (``o_proj`` ends ``self_attn``, ``down_proj``
+ends ``mlp``) is quantized, it serves that sub-module's output from the stored
+input instead of recomputing it. The quantization passes then cost about one
+forward in all, and the final pass (the next layer's inputs) only adds norms
+and residuals.
+
+Every value is produced by the same modules, on the same tensors, as a plain
+forward with the quantized weights, so the next layer's inputs are bit for bit
+what a replayed checkpoint computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from workers.engine.model import Batch
+
+
+class _Stop(Exception):
+    """Ends one batch's pass once the walk has what it came for."""
+
+
+def replace_first(output: Any, value: torch.Tensor) -> Any:
+    """Return ``output`` (a tensor, or a tuple led by one) with ``value`` in front."""
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+class LayerWalk:
+    """Early-stopping, memoizing passes of one layer over its calibration batches."""
+
+    def __init__(self, layer: nn.Module, inputs: list[Batch]):
+        self.layer = layer
+        self.inputs = inputs
+        self.memo: dict[str, list[Any]] = {}  # sub-module name -> its output, per batch
+        self.batch = 0
+
+    @contextlib.contextmanager
+    def _memoized(self) -> Iterator[None]:
+        saved = {}
+        for name, outputs in self.memo.items():
+            module = self.layer.get_submodule(name)
+            saved[name] = module.forward
+            module.forward = lambda *_a, _outs=outputs, **_k: _outs[self.batch]
+        try:
+            yield
+        finally:
+            for name, fwd in saved.items():
+                self.layer.get_submodule(name).forward = fwd
+
+    @torch.no_grad()
+    def watch(self, linear: str, on_input: Callable[[torch.Tensor], None], *, until_output_of: str | None = None) -> list[Any]:
+        """Feed ``linear``'s input of every batch to ``on_input``.
+
+        Each batch stops right after that, or, with ``until_output_of``, once that
+        sub-module returned; its outputs are returned per batch.
+        """
+        outputs: list[Any] = []
+
+        def pre(_m, args):
+            on_input(args[0])
+            if until_output_of is None:
+                raise _Stop
+
+        def post(_m, _args, out):
+            outputs.append(out)
+            raise _Stop
+
+        handles = [self.layer.get_submodule(linear).register_forward_pre_hook(pre)]
+        if until_output_of is not None:
+            handles.append(self.layer.get_submodule(until_output_of).register_forward_hook(post))
+        try:
+            with self._memoized():
+                for self.batch, (hidden, kwargs) in enumerate(self.inputs):
+                    try:
+                        self.layer(hidden, **kwargs)
+                    except _Stop:
+                        continue
+                    raise RuntimeError(f"{linear} never ran in this layer's forward")
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    @torch.no_grad()
+    def finish(self) -> list[Batch]:
+        """Run every batch to the end (memoized sub-modules are not recomputed)."""
+        outs = []
+        with self._memoized():
+            for self.batch, (hidden, kwargs) in enumerate(self.inputs):
+                o = self.layer(hidden, **kwargs)
+                outs.append((o[0] if isinstance(o, tuple) else o, kwargs))
+        self.memo.clear()
+        return outs
