@@ -9,7 +9,7 @@ import torch
 from workers.engine.checkpoint import Checkpoints
 from workers.engine.methods import Method
 from workers.engine.model import StreamedModel
-from workers.engine.pipeline import batches_of
+from workers.engine.pipeline import batches_of, release_heap
 
 
 @torch.no_grad()
@@ -24,6 +24,7 @@ def perplexity_pair(model: StreamedModel, method: Method, ckpt: Checkpoints, ids
         method.apply(model.arch, layer, ckpt.load(i))
         after = model.forward_layer(layer, after)
         model.release(layer)
+        release_heap()
     nll_b, n = model.head_nll(before, token_batches)
     nll_a, _ = model.head_nll(after, token_batches)
     return math.exp(nll_b / n), math.exp(nll_a / n)

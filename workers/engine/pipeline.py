@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -98,18 +100,25 @@ def run_layers(
             _report(on_layer, i, total, 0.0, ckpt, True, stats, t_start)
             continue
         layer = model.load_layer(i)
+        wants_next = needs_inputs and i + 1 < total
+        nxt = None
         if resumed:
             tensors = ckpt.load(i)
             stats.replayed.append(i)
+            if wants_next and method.next_from_source:  # the source layer's outputs, before apply
+                nxt = model.forward_layer(layer, inputs)
         else:
             out = method.quantize_layer(LayerContext(model, i, layer, inputs))
-            tensors = out.tensors
+            tensors, nxt = out.tensors, out.next_inputs
+            if wants_next and method.next_from_source and nxt is None:
+                raise RuntimeError(f"{method.name} must return the source layer's outputs as next_inputs")
         # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
         # replayed one compute with identical weights from here on.
         method.apply(model.arch, layer, tensors)
-        if needs_inputs and i + 1 < total:
-            inputs = out.next_inputs if (not resumed and out.next_inputs is not None) else model.forward_layer(layer, inputs)
+        if wants_next:
+            inputs = nxt if nxt is not None else model.forward_layer(layer, inputs)
         model.release(layer)
+        release_heap()
         seconds = time.monotonic() - t0
         if not resumed:
             ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3)})
@@ -118,6 +127,26 @@ def run_layers(
         _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start)
     stats.seconds = time.monotonic() - t_start
     return stats
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_heap() -> None:
+    """Hand a released layer's freed buffers back to the OS.
+
+    glibc keeps freed memory in its heap, so without this the resident size
+    creeps up with every layer and peak memory grows with depth.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:

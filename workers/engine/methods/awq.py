@@ -138,8 +138,11 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def gather_inputs(ctx: LayerContext) -> dict[str, GroupInputs]:
-    """Run the float layer once, recording each group's input and its inspected module's calls."""
+def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
+    """Run the float layer once, recording each group's input and its inspected module's calls.
+
+    Also returns the float layer's outputs: the next layer's inputs.
+    """
     layer, groups = ctx.layer, ctx.arch.groups
     rec = {g.names[0]: GroupInputs() for g in groups}
     handles = []
@@ -149,11 +152,11 @@ def gather_inputs(ctx: LayerContext) -> dict[str, GroupInputs]:
         inspect = layer.get_submodule(g.inspect or g.names[0])
         handles.append(inspect.register_forward_pre_hook(lambda _m, a, k, r=r: r.calls.append((a, k)), with_kwargs=True))
     try:
-        ctx.model.forward_layer(layer, ctx.inputs)
+        outputs = ctx.model.forward_layer(layer, ctx.inputs)
     finally:
         for h in handles:
             h.remove()
-    return rec
+    return rec, outputs
 
 
 def foldable(layer: nn.Module, group: LinearGroup) -> bool:
@@ -186,6 +189,7 @@ class AWQMethod(Method):
 
     name = "awq"
     format = "awq"
+    next_from_source = True
 
     def _fake(self, W: torch.Tensor) -> torch.Tensor:
         return fake_quantize(W, group_size=self.options.group_size, zero_point=self.options.zero_point)
@@ -217,7 +221,7 @@ class AWQMethod(Method):
     def quantize_layer(self, ctx: LayerContext) -> LayerOutput:
         """Search and fold scales, clip, round; return packed linears plus the norms and biases AWQ owns."""
         o, layer, arch = self.options, ctx.layer, ctx.arch
-        rec = gather_inputs(ctx)
+        rec, float_outputs = gather_inputs(ctx)
         # Every group's scales are searched on the float layer, then all are folded (AutoAWQ's order).
         scales = {g.names[0]: self.search_scale(layer, g, rec[g.names[0]]) for g in arch.groups if foldable(layer, g)}
         samples = {}
@@ -229,7 +233,7 @@ class AWQMethod(Method):
                 x = x / s.view(1, -1).to(x.dtype)
             samples[g.names[0]] = x
         del rec
-        out = LayerOutput({})
+        out = LayerOutput({}, next_inputs=float_outputs)
         for g in arch.groups:
             x = samples[g.names[0]]
             for name in g.names:

@@ -52,6 +52,9 @@ class Method(ABC):
     requires_calibration: ClassVar[bool] = True
     required_packages: ClassVar[tuple[str, ...]] = ()
     layerwise: ClassVar[bool] = True  # False: quantizes the whole model at load time (bitsandbytes)
+    # True: the next layer sees the source layer's outputs (AWQ searches on float activations,
+    # as llm-awq and AutoAWQ do); False: it sees the quantized layer's outputs (GPTQ).
+    next_from_source: ClassVar[bool] = False
 
     def __init__(self, options):
         self.options = options

@@ -1,0 +1,87 @@
+"""Quantize with our engine (``workers.engine.run.quantize``) on the shared calibration windows.
+
+Runs in our venv. The engine normally tokenizes its calibration spec itself;
+here it is handed the exact windows every peer gets (the .pt file), by
+replacing ``calibration_ids`` in the pipeline module for this process only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: quantfarm, workers, storage
+
+from bench.tools._child import (
+    T_START,
+    load_windows,
+    parser,
+    pin_threads,
+    versions,
+    warm_imports,
+    write_result,
+)
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--options", default="{}", help="method options as JSON")
+    ap.add_argument("--profile", help="write a cProfile of the quantize call here")
+    a = ap.parse_args()
+    threads = pin_threads()
+
+    import torch
+
+    from quantfarm.spec import METHOD_OPTIONS, Calibration
+    from storage.artifacts import LocalStore
+    from workers.engine import pipeline
+    from workers.engine.run import quantize
+
+    warm_imports()
+    t_imports = time.perf_counter() - T_START
+    windows = load_windows(a.calib)
+    n, seq_len = windows.shape
+
+    def fixed_windows(calibration, tokenizer, read_upload=None):
+        assert (calibration.num_samples, calibration.seq_len) == (n, seq_len)
+        return windows.clone()
+
+    pipeline.calibration_ids = fixed_windows
+    out = Path(a.out)
+    ckpt_dir = out.parent / (out.name + ".checkpoints")
+    for d in (out, ckpt_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    out.mkdir(parents=True)
+    req = pipeline.QuantizeRequest(
+        source_dir=Path(a.model), method=a.method, options=METHOD_OPTIONS[a.method](**json.loads(a.options)),
+        calibration=Calibration(num_samples=n, seq_len=seq_len), base_model="bench",
+    )
+    layers: list[float] = []
+    def on_layer(report) -> None:
+        layers.append(round(report.seconds, 3))
+    prof = None
+    if a.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    res = quantize(req, LocalStore(ckpt_dir), out, device=torch.device("cpu"), on_layer=on_layer)
+    t_quant = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(a.profile)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    write_result(
+        a.result, tool="ours", method=a.method, threads=threads, import_seconds=round(t_imports, 3),
+        quant_seconds=round(t_quant, 3), layer_seconds=layers, engine_metrics=res.metrics,
+        quantization_config=res.quantization_config, versions=versions("torch", "transformers"),
+    )
+
+
+if __name__ == "__main__":
+    main()
