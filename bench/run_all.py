@@ -147,9 +147,10 @@ def render(r: dict) -> str:
             "## Where our GPTQ time goes",
             "",
             (f"cProfile of one w4 `quantize()` on the GPTQ bench's model and windows ({p['quant_s']:.2f} s under the profiler), "
-            "cumulative seconds per engine stage. \"layer forwards, all\" contains the Hessian passes; with "
-            "`true_sequential` every layer runs one forward per group of linears (4 for Llama) plus one for the next "
-            "layer's inputs."),
+            "cumulative seconds per engine stage. With `true_sequential` the layer walk stops each batch as soon as "
+            "the group being solved has its inputs and serves finished sub-modules (self_attn after o_proj, mlp after "
+            "down_proj) from their stored inputs, so all the passes of one layer cost about one forward; the final "
+            "pass, which yields the next layer's inputs, only adds norms and residuals."),
             "",
             p["table"],
             "",
