@@ -9,9 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from api.app import services
-from quantfarm.errors import NotFound
 from storage import jobs as job_store
-from storage.models import WebhookDelivery, utcnow
+from storage import webhooks as webhook_store
+from storage.models import WebhookDelivery
 from storage.views import delivery_view
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,9 @@ def job_webhooks(job_id: str):
 def replay_delivery(delivery_id: str):
     svc = services()
     with svc.db.session() as s:
-        d = s.get(WebhookDelivery, delivery_id)
-        if d is None:
-            raise NotFound(f"No webhook delivery with id {delivery_id!r}.", details={"resource": "webhook_delivery", "id": delivery_id})
-        # The attempt log is kept; the delivery simply becomes due again.
-        d.status = "pending"
-        d.next_attempt_at = utcnow()
-        s.flush()
+        # A fresh attempt budget; the attempt log is kept and the same bytes go out
+        # under the same webhook-id. 404 for an unknown id, 409 while still pending.
+        d = webhook_store.replay(s, delivery_id)
         view = delivery_view(d)
     try:
         svc.dispatcher.deliver_webhook(delivery_id)

@@ -48,7 +48,8 @@ def test_replay_makes_the_delivery_due_and_enqueues_it(client, db, dispatcher):
     assert dispatcher.webhooks == [did]
     with db.session() as s:
         row = s.get(WebhookDelivery, did)
-        assert row.status == "pending" and row.attempts == 2
+        assert row.status == "pending" and row.attempts == 0  # a fresh attempt budget
+        assert len(row.attempt_log) == 2  # the log is kept
         assert before - timedelta(seconds=1) <= row.next_attempt_at <= utcnow()
 
 
@@ -59,5 +60,19 @@ def test_replay_with_the_broker_down_stays_pending(client, db, dispatcher):
     resp = client.post(f"/v1/webhook-deliveries/{did}/replay")
     assert resp.status_code == 202 and resp.get_json()["status"] == "pending"
     assert dispatcher.webhooks == []
+    with db.session() as s:
+        assert s.get(WebhookDelivery, did).status == "pending"
+
+
+def test_replay_of_a_pending_delivery_is_409_and_an_unknown_one_404(client, db, dispatcher):
+    job_id = client.post("/v1/jobs", json=FULL).get_json()["id"]
+    did = _failed_delivery(db, job_id)
+    assert client.post(f"/v1/webhook-deliveries/{did}/replay").status_code == 202
+    again = client.post(f"/v1/webhook-deliveries/{did}/replay")
+    assert again.status_code == 409 and again.get_json()["error"] == "invalid_state"
+    assert "still pending" in again.get_json()["message"]
+    assert dispatcher.webhooks == [did]  # the refused replay enqueued nothing
+    missing = client.post("/v1/webhook-deliveries/whd_nope/replay")
+    assert missing.status_code == 404 and missing.get_json()["error"] == "not_found"
     with db.session() as s:
         assert s.get(WebhookDelivery, did).status == "pending"
