@@ -9,6 +9,7 @@ counter, so two workers holding the same task never both send attempt N.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,8 @@ from storage.models import Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
 from storage.views import iso
 
 EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
+
+log = logging.getLogger(__name__)
 
 PENDING, DELIVERED, FAILED, DISABLED = "pending", "delivered", "failed", "disabled"
 
@@ -42,11 +45,33 @@ def build_payload(event_type: str, job_object: dict[str, Any], at: datetime) -> 
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
-def _refuse_leaks(body: str, secrets: dict[str, str]) -> None:
-    # The job object must already be secret-free; refuse loudly rather than mail a token out.
-    for key, value in secrets.items():
-        if value and str(value) in body:
-            raise ValueError(f"The webhook payload would contain the secret {key!r}; refusing to store it.")
+REDACTED = "[redacted]"
+
+
+def _scrub(value: Any, needles: list[str]) -> Any:
+    """Return ``value`` (a JSON-like tree) with every needle cut out of its strings and keys."""
+    if isinstance(value, str):
+        for n in needles:
+            value = value.replace(n, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {_scrub(k, needles): _scrub(v, needles) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, needles) for v in value]
+    return value
+
+
+def scrub_secrets(payload_job: dict[str, Any], secrets: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Cut any secret value out of the job object; return it and the names of the secrets found.
+
+    The job object should already be secret-free. A user can still paste a token into a
+    label; then the token is cut out rather than mailed to a receiver, and the job still
+    ends (refusing here would leave it stuck in ``running``).
+    """
+    found = sorted(k for k, v in secrets.items() if v and str(v) in json.dumps(payload_job, ensure_ascii=False))
+    if not found:
+        return payload_job, []
+    return _scrub(payload_job, sorted({str(secrets[k]) for k in found}, key=len, reverse=True)), found
 
 
 def create_deliveries(session: Session, job: Job, payload_job: dict[str, Any], secrets: dict[str, str] | None = None) -> list[str]:
@@ -55,16 +80,17 @@ def create_deliveries(session: Session, job: Job, payload_job: dict[str, Any], s
     Idempotent: hooks that already have a delivery for this event keep it (and
     its id is returned). ``secrets`` (default: the job's) are only used to make
     sure none of them leaks into the payload; they are never stored here.
-    Raises InvalidState if the job has not ended, ValueError if the payload
-    would carry a secret.
+    Raises InvalidState if the job has not ended.
     """
     hooks = (job.spec or {}).get("webhooks") or []
     if not hooks:
         return []
     event = event_type_for(job.status)
     now = utcnow()
+    payload_job, leaked = scrub_secrets(payload_job, (job.secrets or {}) if secrets is None else secrets)
+    if leaked:
+        log.warning("job %s: the webhook payload held the secret(s) %s; they were cut out", job.id, ", ".join(leaked))
     body = build_payload(event, payload_job, job.finished_at or now)
-    _refuse_leaks(body, (job.secrets or {}) if secrets is None else secrets)
     # The terminal transition is a compare-and-set, so only one process gets here per
     # event; checking first keeps the caller's transaction free of IntegrityErrors.
     existing = {
