@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -105,7 +106,11 @@ def json_body() -> dict[str, Any]:
     if not raw.strip():
         raise InvalidJSON("The request body is empty; send a JSON object.")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NotFinite as exc:
+        raise InvalidJSON(f"The request body holds the number {exc.args[0]}, which is not finite; send a finite number.") from None
+    except RecursionError:
+        raise InvalidJSON("The request body nests too deeply; send a plain JSON object.") from None
     except UnicodeDecodeError:
         raise InvalidJSON("The request body is not UTF-8 text; send a UTF-8 JSON object.") from None
     except json.JSONDecodeError as exc:
@@ -115,7 +120,43 @@ def json_body() -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise ValidationFailed({"body": "must be a JSON object"}, "The request body must be a JSON object.")
+    try:
+        where = _nul_at(data, "")
+    except RecursionError:
+        raise InvalidJSON("The request body nests too deeply; send a plain JSON object.") from None
+    if where is not None:  # no database text column takes a NUL, and no name or path needs one
+        raise ValidationFailed({where or "body": "must not contain NUL (\\u0000) characters"})
     return data
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
+
+
+def _nul_at(value: Any, path: str) -> str | None:
+    """Return the dotted path of the first string (or key) holding a NUL, else None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        sub = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return path or "body"
+        found = _nul_at(item, sub)
+        if found is not None:
+            return found
+    return None
 
 
 def query_int(name: str, default: int, lo: int, hi: int) -> int:

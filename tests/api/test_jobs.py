@@ -180,6 +180,13 @@ BAD_BODIES = [
     (json.dumps({**MINIMAL, "model": {"source": "local", "path": "relative/dir"}}), 422, "validation_error", {"model.path"}),
     (json.dumps({**MINIMAL, "calibration": {"upload_id": "upl_00000000000000000000000000"}}), 422, "validation_error",
      {"calibration.upload_id"}),
+    # Bodies that once reached past validation: a NUL that PostgreSQL's text columns refuse,
+    # numbers JSON cannot carry, and nesting deep enough to blow the parser's stack.
+    (json.dumps({**MINIMAL, "labels": {"team": "nl\x00p"}}), 422, "validation_error", {"labels.team": "must not contain NUL (\\u0000) characters"}),
+    (json.dumps({"model": {"source": "local", "path": "/models/a\x00b"}, "method": "rtn"}), 422, "validation_error", {"model.path"}),
+    ('{"model": {"source": "local", "path": "/m"}, "method": "bnb-8bit", "options": {"threshold": 1e999}}', 400, "invalid_json", None),
+    ('{"model": {"source": "local", "path": "/m"}, "method": "bnb-8bit", "options": {"threshold": NaN}}', 400, "invalid_json", None),
+    ('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "invalid_json", None),
 ]
 
 
