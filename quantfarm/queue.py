@@ -34,7 +34,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        "worker_max_tasks_per_child": 1 if not settings.embedded else None,
+        # No worker_max_tasks_per_child: job workers run the solo pool (the job runs in the
+        # worker process itself, which the pool setting would not recycle); the engine frees
+        # each layer and hands the heap back, so memory does not build up across jobs.
         "broker_transport_options": {},
     }
     if url.startswith("filesystem"):

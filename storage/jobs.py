@@ -234,7 +234,12 @@ def request_cancel(s: Session, job_id: str) -> Job:
         return transition(s, job, JobStatus.CANCELLED, message="Cancelled before it started", stage=None)
     if status == JobStatus.RUNNING:
         if not job.cancel_requested:
-            s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True, updated_at=utcnow()))
+            # Guarded on the status: a job that ends between the read and this write keeps its end.
+            res = s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                            .values(cancel_requested=True, updated_at=utcnow()).execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                s.refresh(job)
+                raise InvalidState(f"Job {job_id} is {job.status}; only queued or running jobs can be cancelled.", details={"status": job.status})
             add_event(s, job_id, "status", message="Cancel requested; the job stops at the next layer boundary", data={"cancel_requested": True})
             s.flush()
             s.refresh(job)

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from quantfarm.errors import JobCancelled, LeaseLost, ModelNotFound, QuantfarmError
+from quantfarm.errors import InvalidState, JobCancelled, LeaseLost, ModelNotFound, QuantfarmError
 from quantfarm.settings import Settings
 from quantfarm.spec import load_spec
 from quantfarm.store import BlobStore, PrefixedStore
@@ -139,7 +139,10 @@ class JobRunner:
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
                    "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
         self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, spec.destination.store)
-        self.store.delete_prefix(checkpoint_prefix(job.id))
+        try:
+            self.store.delete_prefix(checkpoint_prefix(job.id))
+        except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
+            log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
         return JobStatus.SUCCEEDED.value
 
     def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack) -> Path:
@@ -190,4 +193,7 @@ class JobRunner:
         except LeaseLost:
             log.warning("job %s: lease lost before it could be marked %s", job_id, status.value)
             return "lease_lost"
+        except InvalidState as exc:  # it ended already (say, succeeded before a late error): keep that
+            log.warning("job %s: not marked %s: %s", job_id, status.value, exc.message)
+            return "already_ended"
         return status.value
