@@ -193,7 +193,8 @@ def field_errors(fields: dict[str, str], form: MultiDict) -> dict[str, str]:
     kind = _text(form, "calibration.kind")
     known = set(default_values()) | {"model.repo_id", "model.token", "model.uri", "model.path", "calibration.texts",
                                      "calibration.hub", "destination.hub.repo_id", "destination.hub.branch",
-                                     "destination.hub.token", "webhooks.0.url", "webhooks.0.secret", "calibration", "destination"}
+                                     "destination.hub.token", "webhooks.0.url", "webhooks.0.secret", "calibration", "destination",
+                                     "model", "webhooks"}
     out: dict[str, str] = {}
     for key, msg in fields.items():
         name = key

@@ -15,7 +15,7 @@ import time
 
 from quantfarm.client import Client, CliError, build_spec
 
-EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_DETACHED = 0, 1, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_DETACHED = 0, 1, 2, 3, 130
 MAX_MISSES = 10  # polls in a row the API may miss (a restart) before --wait gives up
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATUS_STYLE = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         for field, why in sorted((exc.details.get("fields") or {}).items()):
             print(f"  {field}: {why}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if exc.code == "bad_argument" else EXIT_ERROR
     except ValidationError as exc:
         # Name the fields only: the values may be secrets.
         bad = "; ".join(f"QUANTFARM_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())

@@ -47,7 +47,13 @@ class Client:
             body = body if isinstance(body, dict) else {}
             raise CliError(body.get("error") or f"http_{resp.status_code}", body.get("message") or resp.reason or "request failed",
                            body.get("details"))
-        return resp.json() if resp.content else {}
+        if not resp.content:
+            return {}
+        try:
+            return resp.json()
+        except ValueError:  # a proxy's page, say: not the Quantfarm API
+            raise CliError("bad_response", f"{self.base}{path} answered {resp.status_code} with something that is not JSON "
+                           f"({resp.headers.get('content-type') or 'no content type'}); is QUANTFARM_URL the Quantfarm API?") from None
 
     def get(self, path: str, **params) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})

@@ -271,3 +271,70 @@ def test_connection_refused_names_the_url(live):
     assert res.stderr.startswith(f"error: connection_failed: could not reach the Quantfarm API at {url}")
     env = {**live.env, "QUANTFARM_URL": url}
     assert f"at {url}" in cli(live, "status", "job_x", env=env).stderr
+
+
+def test_a_malformed_option_is_a_usage_error_and_submits_nothing(live):
+    res = cli(live, "submit", "/models/tiny", "--method", "gptq", "--option", "damp_percent")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: bad_argument: --option takes key=value, got 'damp_percent'"
+    with live.db.session() as s:
+        assert list(s.scalars(sql_select(Job.id))) == []
+
+
+def test_an_address_that_is_not_the_api_is_named_not_a_traceback(live, tmp_path):
+    """A plain HTTP server answering 200 with an HTML page, as a wrong QUANTFARM_URL would."""
+    import http.server
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"<html>not the farm</html>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        res = cli(live, "--url", f"http://127.0.0.1:{server.server_port}", "jobs")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: bad_response: ") and "not JSON (text/html)" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_submit_wait_on_a_terminal_draws_stage_layers_and_eta(live):
+    """stderr on a pseudo-terminal, so rich draws its live bar as a person sees it."""
+    master, slave = pty.openpty()
+    proc = start_cli(live, "submit", "/models/tiny", "--method", "rtn", "--wait", "--poll-interval", "0.05", stderr=slave)
+    os.close(slave)
+    seen = b""
+    try:
+        job_id = the_job(live)
+        watched(live, job_id)
+        db, owner = live.db, "test-worker"
+        with db.session() as s:
+            assert job_store.claim(s, job_id, owner, 60) is not None
+        with db.session() as s:
+            job_store.set_stage(s, job_id, owner, job_store.Stage.CALIBRATING)
+        for done in (1, 2, 3):
+            with db.session() as s:
+                job_store.set_progress(s, job_id, owner, done=done, total=4, eta=90.0 * (4 - done))
+            seen += _read_until(master, f"layer {done}/4".encode())
+        with db.session() as s:
+            job_store.transition(s, job_store.get_job(s, job_id), job_store.JobStatus.SUCCEEDED, owner=owner)
+        proc.wait(timeout=60)
+        seen += _read_until(master, b"succeeded")
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    screen = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", seen).decode(errors="replace")
+    assert "calibrating (attempt 1)" in screen
+    assert "layer 1/4" in screen and "ETA 4m30s" in screen  # 3 layers left x 90 s
+    assert "layer 3/4" in screen and "ETA 1m30s" in screen

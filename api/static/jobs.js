@@ -6,7 +6,11 @@
   const active = () => rows().some((r) => !TERMINAL.includes(r.dataset.status));
 
   async function refresh() {
-    const params = new URLSearchParams(location.search);
+    // The query the server accepted (it drops a bad status or cursor), not the address bar's.
+    const table = document.querySelector("table.jobs");
+    const params = new URLSearchParams();
+    if (table.dataset.status) params.set("status", table.dataset.status);
+    if (table.dataset.cursor) params.set("cursor", table.dataset.cursor);
     params.set("limit", String(Math.min(rows().length + 20, 200)));
     try {
       const body = await fetchJSON("/v1/jobs?" + params.toString());
