@@ -28,7 +28,7 @@ services:
 	bash scripts/services.sh
 
 browser:
-	@command -v chromium >/dev/null || (echo "installing chromium for the browser tests" && \
+	@test -x /usr/bin/chromium || (echo "installing chromium for the browser tests" && \
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 bench: install

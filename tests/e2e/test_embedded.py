@@ -26,10 +26,21 @@ CAL = {"num_samples": 8, "seq_len": 64}
 def stack(tmp_path_factory):
     s = EmbeddedStack(tmp_path_factory.mktemp("stack") / "home").start()
     yield s
-    code = s.stop()
+    children = {name: s.pid(name) for name in ("api", "worker", "service")}
+    code = s.stop()  # one SIGTERM to `quantfarm run`
     assert code == 0, s.log.read_text()[-3000:]
-    for child in ("api", "worker", "service"):
-        assert s.pid(child) is None  # the supervisor removed its pid files after stopping them
+    for name, pid in children.items():
+        assert s.pid(name) is None  # the supervisor removed its pid files after stopping them
+        assert pid is None or not _alive(pid), f"{name} (pid {pid}) outlived the supervisor"
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def file_hashes(job: dict, stack: EmbeddedStack) -> dict[str, str]:

@@ -102,6 +102,7 @@ def test_s3_source_and_store_end_to_end(stack, moto, s3_model):
 
 
 def test_injected_5xx_are_retried_and_the_job_succeeds(stack, proxy, deep_llama):
+    faulted = proxy.faulted
     job_id = stack.submit({"model": {"source": "local", "path": str(deep_llama)}, "method": "gptq", "calibration": CAL})
     proxy.fail_next(2, status=503)  # within the 3 attempts each S3 call gets
     wait_progress(stack, job_id, 3)
@@ -109,6 +110,7 @@ def test_injected_5xx_are_retried_and_the_job_succeeds(stack, proxy, deep_llama)
     job = stack.wait(job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempt"] == 1
+    assert proxy.faulted - faulted == 4  # every injected fault was hit, and retried past
 
 
 def test_endpoint_down_fails_with_storage_unavailable_and_retry_resumes(stack, proxy, moto, deep_llama):
