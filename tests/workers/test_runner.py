@@ -159,3 +159,44 @@ def test_sweeper_requeues_expired_lease_and_fails_after_max_attempts(env, tiny_l
     job, _, _ = load(db, job_id)
     assert out["failed"] == [job_id] and job.status == "failed" and job.error_code == "worker_lost"
     assert JobStatus(job.status).terminal
+
+
+class _CannotDelete(LocalStore):
+    def delete_prefix(self, prefix: str) -> None:
+        raise OSError("the store refused the delete")
+
+
+def test_a_failed_checkpoint_cleanup_after_success_keeps_the_job_succeeded(env, tiny_llama, caplog):
+    settings, db, _ = env
+    store = _CannotDelete(settings.home / "store")
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "options": {"group_size": 32}})
+    assert JobRunner(settings, db, store).run(job_id) == "succeeded"
+    job, events, arts = load(db, job_id)
+    assert job.status == "succeeded" and job.error_code is None and len(arts) == 1
+    assert [e.to_status for e in events if e.kind == "status"] == ["queued", "running", "succeeded"]
+    assert store.list(checkpoint_prefix(job_id))  # left behind, and said so
+    assert "checkpoints could not be deleted (OSError" in caplog.text
+
+
+def test_cancel_of_a_job_that_ends_meanwhile_is_409_and_leaves_it_alone(db, monkeypatch):
+    from quantfarm.errors import InvalidState
+
+    job_id = submit(db, {"model": {"source": "local", "path": "/m"}, "method": "rtn"})
+    with db.session() as s:
+        assert jobs.claim(s, job_id, "w1", 30) is not None
+    real_get = jobs.get_job
+
+    def read_then_the_worker_finishes(s, jid, **kw):
+        job = real_get(s, jid, **kw)  # the cancel reads it running ...
+        with db.session() as other:  # ... and the worker's terminal move commits before its write
+            jobs.transition(other, real_get(other, jid), JobStatus.SUCCEEDED, owner="w1")
+        return job
+
+    monkeypatch.setattr(jobs, "get_job", read_then_the_worker_finishes)
+    with pytest.raises(InvalidState, match="is succeeded"):
+        with db.session() as s:
+            jobs.request_cancel(s, job_id)
+    monkeypatch.setattr(jobs, "get_job", real_get)
+    job, events, _ = load(db, job_id)
+    assert job.status == "succeeded" and not job.cancel_requested
+    assert not any((e.data or {}).get("cancel_requested") for e in events)
