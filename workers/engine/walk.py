@@ -30,6 +30,13 @@ class _Stop(Exception):
     """Ends one batch's pass once the walk has what it came for."""
 
 
+def _bare(output: Any) -> bool:
+    """Whether ``output`` is a tensor, or a tuple of one tensor followed only by Nones."""
+    if isinstance(output, torch.Tensor):
+        return True
+    return isinstance(output, tuple) and len(output) > 0 and isinstance(output[0], torch.Tensor) and all(o is None for o in output[1:])
+
+
 def replace_first(output: Any, value: torch.Tensor) -> Any:
     """Return ``output`` (a tensor, or a tuple led by one) with ``value`` in front."""
     return (value, *output[1:]) if isinstance(output, tuple) else value
@@ -62,17 +69,24 @@ class LayerWalk:
         """Feed ``linear``'s input of every batch to ``on_input``.
 
         Each batch stops right after that, or, with ``until_output_of``, once that
-        sub-module returned; its outputs are returned per batch.
+        sub-module returned; its outputs are returned per batch. When the first
+        batch shows that the sub-module returns only its tensor (or a tuple led
+        by it and otherwise None, as attention without weights does), the rest
+        stop at the linear's input as well and get that shape back: their float
+        output would be replaced by the quantized linear's anyway.
         """
         outputs: list[Any] = []
+        shape: list[Any] = []  # the first batch's output, once it is known to carry nothing else
 
         def pre(_m, args):
             on_input(args[0])
-            if until_output_of is None:
+            if until_output_of is None or shape:
                 raise _Stop
 
         def post(_m, _args, out):
             outputs.append(out)
+            if not shape and _bare(out):
+                shape.append(out)
             raise _Stop
 
         handles = [self.layer.get_submodule(linear).register_forward_pre_hook(pre)]
@@ -84,6 +98,8 @@ class LayerWalk:
                     try:
                         self.layer(hidden, **kwargs)
                     except _Stop:
+                        if len(outputs) <= self.batch and until_output_of is not None:
+                            outputs.append(shape[0])  # stopped at the linear: only the shape is needed
                         continue
                     raise RuntimeError(f"{linear} never ran in this layer's forward")
         finally:

@@ -230,13 +230,14 @@ def test_gptq_rejects_group_size_that_does_not_divide():
 # --- Hessian, RTN, find_params ----------------------------------------------------
 
 
-def test_accumulate_hessian_equals_two_over_n_xtx():
+@pytest.mark.parametrize("cols", [64, 768])  # 768: the block-wise, symmetric path
+def test_accumulate_hessian_equals_two_over_n_xtx(cols):
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(2, n, 64, generator=g) * 3 for n in (5, 17, 40)]  # [batch, seq, features]
+    batches = [torch.randn(2, n, cols, generator=g) * 3 for n in (5, 17, 40)]  # [batch, seq, features]
     H, n = None, 0
     for X in batches:
         H, n = accumulate_hessian(H, n, X)
-    X = torch.cat([b.reshape(-1, 64) for b in batches]).double()
+    X = torch.cat([b.reshape(-1, cols) for b in batches]).double()
     assert n == X.shape[0] == 124
     expected = 2.0 / n * X.t() @ X
     assert H.dtype == torch.float32

@@ -109,6 +109,16 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, *, group_size: int, zero_point
     return best_max
 
 
+def gram_error(delta: torch.Tensor, G: torch.Tensor) -> float:
+    """``sum_t ||delta x_t||²`` for inputs with Gram matrix ``G = sum_t x_t x_tᵀ``: ``tr(delta G deltaᵀ)``.
+
+    A linear's output error over the calibration tokens without running them: for
+    ``delta = W_q - W [rows, cols]`` it costs rows x cols² instead of tokens x rows x cols.
+    """
+    d = delta.float()
+    return float(((d @ G) * d).sum())
+
+
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
     rows, cols = W.shape
     Wg = W.reshape(rows, max_val.shape[1], -1)
@@ -124,10 +134,19 @@ class GroupInputs:
 
     x: list[torch.Tensor] = field(default_factory=list)  # input of the group's linears, per batch
     calls: list[tuple[tuple, dict]] = field(default_factory=list)  # (args, kwargs) of the inspected module
+    ref: list[torch.Tensor] = field(default_factory=list)  # the inspected module's float output, per call
 
     def x_mean(self) -> torch.Tensor:
         total = sum(t.reshape(-1, t.shape[-1]).float().abs().sum(0) for t in self.x)
         return total / sum(t.numel() // t.shape[-1] for t in self.x)
+
+    def gram(self) -> torch.Tensor:
+        """``sum_t x_t x_tᵀ`` over every input token, in float32."""
+        G = None
+        for t in self.x:
+            X = t.reshape(-1, t.shape[-1]).float()
+            G = X.t() @ X if G is None else G.addmm_(X.t(), X)
+        return G
 
     def sample(self, limit: int = CLIP_TOKENS) -> torch.Tensor:
         flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in self.x])
@@ -139,9 +158,11 @@ def _first(out):
 
 
 def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
-    """Run the float layer once, recording each group's input and its inspected module's calls.
+    """Run the float layer once, recording each group's input and its inspected module's calls and outputs.
 
-    Also returns the float layer's outputs: the next layer's inputs.
+    Groups whose inspected output is their own linear's (``linear_inspect``) keep
+    only the input: their search needs nothing else. Also returns the float
+    layer's outputs: the next layer's inputs.
     """
     layer, groups = ctx.layer, ctx.arch.groups
     rec = {g.names[0]: GroupInputs() for g in groups}
@@ -149,14 +170,22 @@ def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
     for g in groups:
         r = rec[g.names[0]]
         handles.append(layer.get_submodule(g.names[0]).register_forward_pre_hook(lambda _m, a, r=r: r.x.append(a[0])))
-        inspect = layer.get_submodule(g.inspect or g.names[0])
+        if linear_inspect(g):
+            continue
+        inspect = layer.get_submodule(g.inspect)
         handles.append(inspect.register_forward_pre_hook(lambda _m, a, k, r=r: r.calls.append((a, k)), with_kwargs=True))
+        handles.append(inspect.register_forward_hook(lambda _m, _a, out, r=r: r.ref.append(_first(out))))
     try:
         outputs = ctx.model.forward_layer(layer, ctx.inputs)
     finally:
         for h in handles:
             h.remove()
     return rec, outputs
+
+
+def linear_inspect(group: LinearGroup) -> bool:
+    """Whether the output AWQ measures for ``group`` is its single linear's own (o_proj, down_proj, fc1, fc2)."""
+    return len(group.names) == 1 and (group.inspect or group.names[0]) == group.names[0]
 
 
 def foldable(layer: nn.Module, group: LinearGroup) -> bool:
@@ -196,21 +225,39 @@ class AWQMethod(Method):
 
     @torch.no_grad()
     def search_scale(self, layer: nn.Module, group: LinearGroup, rec: GroupInputs) -> torch.Tensor:
-        """Grid-search α; return the scales whose quantized group reproduces the inspected output best."""
-        inspect = layer.get_submodule(group.inspect or group.names[0])
+        """Grid-search α; return the scales whose quantized group reproduces the inspected output best.
+
+        The error is the squared output error of the inspected module over every
+        calibration token, as AutoAWQ measures it. Where that module is the
+        group's own linear, the same sum comes from the inputs' Gram matrix
+        (``gram_error``) instead of a forward per α.
+        """
         linears = [layer.get_submodule(n) for n in group.names]
         originals = [lin.weight.data for lin in linears]
         w_mean = weight_magnitude(torch.cat(originals), self.options.group_size)
         x_mean = rec.x_mean().to(w_mean.device)
-        ref = [_first(inspect(*a, **k)) for a, k in rec.calls]
+        if linear_inspect(group):
+            G = rec.gram()
+
+            def error(quantized: list[torch.Tensor]) -> float:
+                return sum(gram_error(Wq - W, G) for Wq, W in zip(quantized, originals))
+        else:
+            inspect = layer.get_submodule(group.inspect)
+
+            def error(quantized: list[torch.Tensor]) -> float:
+                for lin, Wq in zip(linears, quantized):
+                    lin.weight.data = Wq
+                return sum(float((_first(inspect(*a, **k)).float() - r.float()).pow(2).sum()) for (a, k), r in zip(rec.calls, rec.ref))
+
         best, best_err = torch.ones_like(x_mean), float("inf")  # no scaling unless some α does better
         try:
             for i in range(N_GRID):
                 s = scales_for(x_mean, w_mean, i / N_GRID)
-                for lin, W in zip(linears, originals):
+                quantized = []
+                for W in originals:
                     sv = s.view(1, -1).to(W.dtype)
-                    lin.weight.data = self._fake(W * sv) / sv
-                err = sum(float((_first(inspect(*a, **k)).float() - r.float()).pow(2).sum()) for (a, k), r in zip(rec.calls, ref))
+                    quantized.append(self._fake(W * sv) / sv)
+                err = error(quantized)
                 if err < best_err:
                     best, best_err = s, err
         finally:
