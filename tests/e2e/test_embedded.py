@@ -88,6 +88,14 @@ def test_rtn_job_end_to_end_loads_in_transformers(stack, tiny_llama, tmp_path):
         got = model(ids).logits
     ref = engine_dequantized_logits(tiny_llama, out, ids)
     assert (got - ref).abs().max().item() < 1e-3
+    # And as a user types it, with no quantization_config: transformers reads ours from
+    # config.json and gptqmodel picks its default CPU kernel (compiled, low-precision scales).
+    plain = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert plain.config.quantization_config.bits == 4
+    with torch.no_grad():
+        user = plain(ids).logits.float()
+    assert (user - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    assert (user.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.95
 
 
 def test_kill_9_of_the_worker_resumes_to_identical_bytes(stack, deep_llama):
