@@ -199,6 +199,9 @@ def test_each_method_runs_through_the_api(stack, tiny_llama, tmp_path, method, o
     assert qc["quant_method"] == fmt
     if fmt == "bitsandbytes":  # reloads with no quantization_config argument
         model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        # get_memory_footprint before (the source) and after (the quantized model), through the API
+        assert 0 < m["memory_footprint_after"] < m["memory_footprint_before"]
+        assert m["memory_footprint_after"] == model.get_memory_footprint()
         with torch.no_grad():
             assert torch.isfinite(model(torch.arange(16).view(1, 16)).logits).all()
 

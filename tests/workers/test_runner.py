@@ -200,3 +200,28 @@ def test_cancel_of_a_job_that_ends_meanwhile_is_409_and_leaves_it_alone(db, monk
     job, events, _ = load(db, job_id)
     assert job.status == "succeeded" and not job.cancel_requested
     assert not any((e.data or {}).get("cancel_requested") for e in events)
+
+
+def test_an_unexpected_error_fails_the_job_with_internal_error_and_the_runner_goes_on(env, tiny_llama, monkeypatch, caplog):
+    """A bug in a stage must end the job `failed`, never leave it running until its lease runs out."""
+    import workers.engine.run as engine_run
+
+    settings, db, store = env
+    real = engine_run.quantize
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("division by zero in a method")
+
+    monkeypatch.setattr(engine_run, "quantize", broken)
+    bad = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    runner = JobRunner(settings, db, store)
+    assert runner.run(bad) == "failed"
+    job, events, arts = load(db, bad)
+    assert job.status == "failed" and job.error_code == "internal_error" and arts == []
+    assert "ZeroDivisionError: division by zero in a method" in job.error_message
+    assert job.lease_owner is None and job.finished_at is not None
+    assert "unexpected error" in caplog.text  # the traceback goes to the worker log
+
+    monkeypatch.setattr(engine_run, "quantize", real)
+    good = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "options": {"group_size": 32}})
+    assert runner.run(good) == "succeeded"  # the same runner takes the next job
