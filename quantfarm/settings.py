@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     s3_bucket: str = "quantfarm"
     s3_prefix: str = ""
     s3_endpoint_url: str | None = None
+    # Where clients reach the store, when that differs from where the farm does (an internal
+    # MinIO hostname, say): presigned download URLs are signed for this endpoint.
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None

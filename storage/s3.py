@@ -53,8 +53,10 @@ class S3Store(BlobStore):
         region: str = "us-east-1",
         attempts: int = 1,
         page_size: int = 1000,
+        presign_client=None,
     ):
         self.client = client
+        self.presign_client = presign_client or client  # signs download URLs for clients' endpoint
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint = endpoint or f"AWS S3 ({region})"
@@ -86,13 +88,15 @@ class S3Store(BlobStore):
             request_checksum_calculation="when_required" if settings.s3_endpoint_url else "when_supported",
             response_checksum_validation="when_required" if settings.s3_endpoint_url else "when_supported",
         )
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=secret,
-            config=config,
-        )
+        def make_client(endpoint_url):
+            return boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=secret, config=config,
+            )
+
+        client = make_client(settings.s3_endpoint_url)
+        public = settings.s3_public_endpoint_url
+        presign_client = make_client(public) if public and public != settings.s3_endpoint_url else None
         transfer = TransferConfig(
             multipart_threshold=settings.s3_multipart_threshold,
             multipart_chunksize=settings.s3_multipart_chunksize,
@@ -107,6 +111,7 @@ class S3Store(BlobStore):
             create_bucket=(bucket is None) if create_bucket is None else create_bucket,
             region=settings.s3_region,
             attempts=settings.s3_max_attempts,
+            presign_client=presign_client,
         )
 
     # --- keys and errors -----------------------------------------------------------------
@@ -283,6 +288,6 @@ class S3Store(BlobStore):
     def presigned_url(self, key: str, expires: int = 3600) -> str | None:
         """Return a time-limited GET URL for ``key`` (no request is made)."""
         with self._errors("presign", key):
-            return self.client.generate_presigned_url(
+            return self.presign_client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": self._k(key)}, ExpiresIn=int(expires)
             )

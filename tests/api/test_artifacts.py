@@ -142,3 +142,20 @@ def test_s3_downloads_stream_or_redirect_to_a_presigned_url(moto, sqlite_url, tm
         assert resp.data == FILES["model.safetensors"]
     db.dispose()
 
+
+
+def test_presigned_urls_use_the_public_endpoint_when_one_is_set(moto, sqlite_url, tmp_path):
+    """The farm reaches S3 at one address, clients at another (here: the same server as localhost)."""
+    public = moto.url.replace("127.0.0.1", "localhost")
+    settings = s3_settings_for(tmp_path, moto.url, presign_downloads=True, s3_public_endpoint_url=public)
+    store = make_store(settings)
+    db = Database(sqlite_url)
+    client = make_app(db, store, RecordingDispatcher(db), tmp_path, presign_downloads=True).test_client()
+    job_id = client.post("/v1/jobs", json={"model": {"source": "local", "path": "/m"}, "method": "rtn"}).get_json()["id"]
+    art_id = _put_artifact(db, store, job_id)  # written through the farm's own endpoint
+    resp = client.get(f"/v1/artifacts/{art_id}/files/model.safetensors")
+    assert resp.status_code == 302
+    location = resp.headers["Location"]
+    assert location.startswith(f"{public}/{settings.s3_bucket}/jobs/{job_id}/artifact/model.safetensors?")
+    assert requests.get(location, timeout=10).content == FILES["model.safetensors"]
+    db.dispose()
