@@ -54,7 +54,7 @@ def services() -> Services:
 
 def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, store=None) -> Flask:
     """Build the API app; missing services are built from ``settings``."""
-    from api import errors, service
+    from api import crosssite, errors, service
 
     settings = settings or Settings()
     if db is None:
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, st
     db.notify_webhook = dispatcher.deliver_webhook  # a cancel here ends a job: send its webhooks after commit
     app.extensions["quantfarm"] = Services(settings=settings, db=db, dispatcher=dispatcher, store=store)
     errors.register(app)
+    crosssite.register(app)
     service.register_request_metrics(app)
     for name in BLUEPRINT_MODULES:
         app.register_blueprint(importlib.import_module(name).bp)

@@ -70,6 +70,11 @@ class Unauthorized(QuantfarmError):
     http_status = 401
 
 
+class Forbidden(QuantfarmError):
+    code = "forbidden"
+    http_status = 403
+
+
 # --- job errors (worker) --------------------------------------------------
 
 
