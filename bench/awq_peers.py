@@ -52,6 +52,9 @@ def tools(model: Path, calib: Path, gs: int, batch: int, work: Path) -> dict[str
         "gptqmodel AWQ": Tool(OUR_PYTHON, TOOLS / "gptqmodel_quant.py",
                               [*common, "--method", "awq", "--options", json.dumps(gm), "--batch-size", str(batch), "--dtype", "bfloat16"],
                               work / "gptqmodel-awq", "awq"),
+        "ours, full α grid (reference)": Tool(OUR_PYTHON, TOOLS / "ours.py",
+                                              [*common, "--method", "awq", "--options", json.dumps({**ours, "alpha_search": "full"})],
+                                              work / "ours-full-grid", "awq", context=True),
         "ours RTN asym (reference)": Tool(OUR_PYTHON, TOOLS / "ours.py", [*common, "--method", "rtn", "--options", json.dumps(rtn)],
                                           work / "rtn", "gptq", context=True),
     }

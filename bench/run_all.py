@@ -163,7 +163,8 @@ def render(r: dict) -> str:
             "",
             (f"Same model, windows and threads. Config: w4, group {c['group_size']}, zero point, GEMM packing, fp32 compute "
             "(GPTQModel's AWQ packer accepts only fp16/bf16 models, so it runs in bf16, its own CPU default). "
-            f"Times are the median of {c['repeats']} interleaved runs."),
+            f"Times are the median of {c['repeats']} interleaved runs. \"ours\" is the default coarse-to-fine α search "
+            "(11 of AutoAWQ's 20 grid points); \"ours, full α grid\" scores all 20, as AutoAWQ does."),
             "",
             table(g),
             "",

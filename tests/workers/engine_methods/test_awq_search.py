@@ -8,13 +8,14 @@ score every α alike and pick the same scales.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from quantfarm.spec import AWQOptions
 from workers.engine.arch import LinearGroup
 from workers.engine.methods import method_for
-from workers.engine.methods.awq import N_GRID, GroupInputs, gram_error, linear_inspect, scales_for, weight_magnitude
+from workers.engine.methods.awq import COARSE_STEP, N_GRID, GroupInputs, gram_error, linear_inspect, scales_for, search_grid, weight_magnitude
 
 
 def _inputs(tokens=2048, cols=256, seed=0) -> list[torch.Tensor]:
@@ -42,7 +43,7 @@ def test_the_gram_search_picks_what_a_forward_per_alpha_picks():
     layer = nn.ModuleDict({"down": lin})
     group = LinearGroup(("down",), "up", "down")
     assert linear_inspect(group)
-    method = method_for("awq", AWQOptions(group_size=128))
+    method = method_for("awq", AWQOptions(group_size=128, alpha_search="full"))
     rec = GroupInputs(x=xs)
 
     got = method.search_scale(layer, group, rec)
@@ -65,3 +66,42 @@ def test_only_single_linears_inspected_by_themselves_take_the_gram_path():
     assert linear_inspect(LinearGroup(("fc1",), "final_layer_norm", "fc1"))
     assert not linear_inspect(LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "mlp"))
     assert not linear_inspect(LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "self_attn"))
+
+
+def _counting(values):
+    seen = []
+
+    def score(i):
+        seen.append(i)
+        return values[i]
+
+    return score, seen
+
+
+@pytest.mark.parametrize("m", range(N_GRID))
+def test_coarse_to_fine_finds_the_minimum_of_a_falling_then_rising_error(m):
+    values = [abs(i - m) + 0.1 * (i > m) for i in range(N_GRID)]  # unimodal, minimum at m
+    score, seen = _counting(values)
+    assert search_grid(score) == m
+    assert len(set(seen)) == len(seen) <= 11  # each point scored once, about half of them
+
+
+def test_coarse_to_fine_can_miss_a_jagged_minimum_and_full_cannot():
+    values = [1.0] * N_GRID
+    values[0], values[10] = 0.99, 0.5  # a lone dip between two coarse points, far from the coarse best
+    values[9] = values[11] = 1.2
+    assert search_grid(_counting(values)[0], step=COARSE_STEP) == 0
+    score, seen = _counting(values)
+    assert search_grid(score, step=1) == 10 and seen == list(range(N_GRID))
+
+
+def test_ties_go_to_the_lowest_alpha_as_the_full_loop_does():
+    values = [2.0, 1.0, 1.0, 3.0] + [5.0] * (N_GRID - 4)
+    assert search_grid(_counting(values)[0]) == 1
+    assert search_grid(_counting(values)[0], step=1) == 1
+
+
+def test_the_option_picks_the_search():
+    assert AWQOptions().alpha_search == "coarse-to-fine"
+    with pytest.raises(ValueError, match="alpha_search"):
+        AWQOptions(alpha_search="random")
