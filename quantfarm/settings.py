@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     s3_multipart_threshold: int = 64 * 1024 * 1024
     s3_multipart_chunksize: int = 16 * 1024 * 1024
     presign_downloads: bool = False
+    # How long a starting process waits for an unreachable store before it gives up.
+    store_startup_wait_seconds: float = 60.0
 
     # Workers
     scratch_dir: Path | None = None

@@ -72,8 +72,9 @@ class S3Store(BlobStore):
     ) -> "S3Store":
         """Build a store from the ``s3_*`` settings; ``bucket``/``prefix`` override theirs.
 
-        The farm's own bucket is created on first write if missing; a bucket
-        named explicitly (a model source) never is.
+        The farm's own bucket is created before the first request of any kind if
+        missing (and at start-up by ``prepare``); a bucket named explicitly (a
+        model source) never is.
         """
         secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
         config = Config(
@@ -133,6 +134,7 @@ class S3Store(BlobStore):
     @contextlib.contextmanager
     def _errors(self, op: str, key: str | None = None) -> Iterator[None]:
         """Translate botocore failures into KeyError / StorageUnavailable / JobError."""
+        self._ready()
         try:
             yield
         except ClientError as err:
@@ -162,6 +164,11 @@ class S3Store(BlobStore):
                             code="storage_error", details={"bucket": self.bucket})
         return JobError(f"Object storage refused {op} on bucket {self.bucket!r}: {code or status}.", code="storage_error")
 
+    def prepare(self) -> None:
+        """Create the farm's bucket now if this store may (a start-up check)."""
+        if self._ensure_bucket:
+            self._ready()
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""
         with self._errors("head_bucket/create_bucket"):
@@ -181,21 +188,24 @@ class S3Store(BlobStore):
                 if err.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def _before_write(self) -> None:
+    def _ready(self) -> None:
+        # A job's first store call is often a read: make the bucket before any request, once.
         if self._ensure_bucket:
-            self.ensure_bucket()
-            self._ensure_bucket = False
+            self._ensure_bucket = False  # ensure_bucket's own requests pass through _errors
+            try:
+                self.ensure_bucket()
+            except BaseException:
+                self._ensure_bucket = True
+                raise
 
     # --- BlobStore ----------------------------------------------------------------------------
 
     def put_file(self, key: str, path: Path) -> None:
         """Upload a file; files above the multipart threshold go up in parts."""
-        self._before_write()
         with self._errors("upload", key):
             self.client.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._before_write()
         with self._errors("put_object", key):
             self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 

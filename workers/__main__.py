@@ -13,6 +13,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     from quantfarm.settings import Settings
+    from storage.artifacts import StoreNotReady
     from workers.celery_app import configure
     from workers.context import init_context
 
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    init_context(settings)
+    try:
+        init_context(settings)  # makes the farm's bucket before any job can read from it
+    except StoreNotReady as exc:
+        logging.getLogger("quantfarm").error("%s", exc)
+        raise SystemExit(f"quantfarm {role}: {exc}") from None
     app = configure(settings)
     common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if role == "worker":
