@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     sweep_seconds: float = 10.0
     requeue_queued_after_seconds: float = 600.0
     max_attempts: int = Field(default=5, ge=1)
+    # How long a worker retries its database calls (with backoff) while the database is unreachable.
+    db_retry_seconds: float = 30.0
     max_shard_bytes: int = 2 * 1024**3
     model_cache_bytes: int = 50 * 1024**3
     queue: str = "quantfarm"  # long quantization jobs, one per worker

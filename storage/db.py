@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import logging
+import time
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# SQLSTATE classes that mean "the server or the connection is the problem, try again":
+# connection exceptions, operator intervention (shutdown, restart), too many connections,
+# and serialization failures / deadlocks (the transaction was rolled back as a whole).
+_TRANSIENT_SQLSTATES = ("08", "57P", "53300", "40001", "40P01")
+_TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Say whether ``err`` means the database is unreachable or busy (worth a retry, a 503 to clients)."""
+    if isinstance(err, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True
+    if not isinstance(err, sa_exc.DBAPIError):
+        return False
+    if err.connection_invalidated:
+        return True
+    orig = err.orig
+    state = getattr(orig, "sqlstate", None)
+    if state:
+        return state.startswith(_TRANSIENT_SQLSTATES)
+    name = getattr(orig, "sqlite_errorname", None)
+    if name is not None:
+        return name in _TRANSIENT_SQLITE
+    # psycopg's failures to connect (refused, reset, server gone) carry no SQLSTATE.
+    return isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError))
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -36,8 +67,10 @@ def after_commit(s: Session, fn) -> None:
 class Database:
     """An engine plus a session factory; one per process."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, retry_seconds: float = 0.0):
         self.url = url
+        # How long ``run`` keeps retrying while the database is unreachable (workers ride out a restart).
+        self.retry_seconds = retry_seconds
         # Called with a delivery id after a commit that created it (set by processes that can enqueue).
         self.notify_webhook = None
         self.engine = make_engine(url)
@@ -63,6 +96,25 @@ class Database:
             s.close()
         for fn in callbacks:
             fn()
+
+    def run(self, fn: Callable[[Session], T], *, what: str = "database call") -> T:
+        """Run ``fn(session)`` in a transaction, retried with backoff while the database is unreachable.
+
+        Retries stop after ``retry_seconds``; the last error is raised then. Only a
+        whole transaction is retried, so ``fn`` must do nothing outside the session.
+        """
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                with self.session() as s:
+                    return fn(s)
+            except Exception as err:
+                if not is_transient(err) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: database unreachable (%s); retrying in %.1fs", what, type(getattr(err, "orig", None) or err).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def ping(self) -> bool:
         from sqlalchemy import text

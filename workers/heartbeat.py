@@ -29,8 +29,8 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Renew now; raise LeaseLost if another worker owns the job."""
-        with self.db.session() as s:
-            self.cancel_requested = jobs.heartbeat(s, self.job_id, self.owner, self.lease_seconds) or self.cancel_requested
+        cancel = self.db.run(lambda s: jobs.heartbeat(s, self.job_id, self.owner, self.lease_seconds), what=f"job {self.job_id} heartbeat")
+        self.cancel_requested = cancel or self.cancel_requested
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

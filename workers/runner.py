@@ -55,8 +55,7 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Claim and run ``job_id``; return the status it ended in (or 'skipped')."""
-        with self.db.session() as s:
-            job = jobs.claim(s, job_id, self.owner, self.settings.lease_seconds)
+        job = self.db.run(lambda s: jobs.claim(s, job_id, self.owner, self.settings.lease_seconds), what=f"job {job_id} claim")
         if job is None:
             log.info("job %s: not claimable (already taken or not queued); skipping", job_id)
             return "skipped"
@@ -101,11 +100,10 @@ class JobRunner:
             if hb.lost:
                 raise LeaseLost(f"Job {job.id} lease lost")
             hb.beat()  # renew and pick up cancel requests at every layer boundary
-            with self.db.session() as s:
-                jobs.set_progress(
-                    s, job.id, self.owner, done=report.index + 1, total=report.total, eta=report.eta_seconds,
-                    data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
-                )
+            self.db.run(lambda s: jobs.set_progress(
+                s, job.id, self.owner, done=report.index + 1, total=report.total, eta=report.eta_seconds,
+                data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
+            ), what=f"job {job.id} progress")
             if hb.cancel_requested:
                 raise JobCancelled(f"Job {job.id} cancelled")
 
@@ -165,14 +163,14 @@ class JobRunner:
     # --- DB writes -------------------------------------------------------------------
 
     def _stage(self, job_id: str, stage: Stage) -> None:
-        with self.db.session() as s:
-            jobs.set_stage(s, job_id, self.owner, stage)
+        self.db.run(lambda s: jobs.set_stage(s, job_id, self.owner, stage), what=f"job {job_id} stage")
 
     def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, stored: bool) -> None:
         import hashlib
 
         digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
-        with self.db.session() as s:
+
+        def write(s) -> None:
             job = jobs.get_job(s, job_id)
             s.add(Artifact(
                 id=new_id("art"), job_id=job_id, kind="model", format=qconfig.get("quant_method", "unknown"),
@@ -182,14 +180,15 @@ class JobRunner:
             ))
             jobs.transition(s, job, JobStatus.SUCCEEDED, owner=self.owner, message="Quantized and stored", metrics=metrics, stage=None)
 
+        self.db.run(write, what=f"job {job_id} success")
+
     def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:
+        changes = {"stage": None}
+        if error_code:
+            changes.update(error_code=error_code, error_message=error_message)
         try:
-            with self.db.session() as s:
-                job = jobs.get_job(s, job_id)
-                changes = {"stage": None}
-                if error_code:
-                    changes.update(error_code=error_code, error_message=error_message)
-                jobs.transition(s, job, status, owner=self.owner, message=message or error_message, **changes)
+            self.db.run(lambda s: jobs.transition(s, jobs.get_job(s, job_id), status, owner=self.owner,
+                                                  message=message or error_message, **changes), what=f"job {job_id} end")
         except LeaseLost:
             log.warning("job %s: lease lost before it could be marked %s", job_id, status.value)
             return "lease_lost"
