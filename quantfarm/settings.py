@@ -69,7 +69,8 @@ class Settings(BaseSettings):
 
     # Webhooks
     webhook_allow_private: bool = False
-    webhook_timeout: float = 10.0
+    webhook_timeout: float = 15.0  # total deadline of one attempt (connect, send, answer), like Standard Webhooks senders
+    webhook_threads: int = Field(default=16, ge=1)  # attempts in flight at once per service process
     webhook_max_attempts: int = 8
     webhook_backoff_base: float = 2.0
     webhook_backoff_max: float = 3600.0

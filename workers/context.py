@@ -29,6 +29,12 @@ class WorkerContext:
         return JobRunner(self.settings, self.db, self.store)
 
     @functools.cached_property
+    def deliveries(self):
+        from workers.deliveries import DeliveryPool
+
+        return DeliveryPool(self.settings, self.db, self.dispatcher)
+
+    @functools.cached_property
     def sweeper(self):
         from workers.sweeper import Sweeper
 
@@ -45,6 +51,10 @@ def init_context(settings: Settings) -> WorkerContext:
     dispatcher = Dispatcher(settings)
     db.notify_webhook = dispatcher.deliver_webhook
     _context = WorkerContext(settings, db, make_store(settings), dispatcher)
+    return _context
+
+
+def context_if_built() -> WorkerContext | None:
     return _context
 
 
