@@ -91,7 +91,7 @@ def create_job():
 
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str):
-    with services().db.session() as s:
+    with services().db.read() as s:
         return job_view(job_store.get_job(s, job_id))
 
 
@@ -110,7 +110,7 @@ def list_jobs():
         bad.update(exc.fields)
     if bad:
         raise ValidationFailed(bad)
-    with services().db.session() as s:
+    with services().db.read() as s:
         rows, nxt = job_store.list_jobs(s, status=status, limit=limit, cursor=cursor)
         arts = _artifacts_by_job(s, [j.id for j in rows])
         items = [job_view(j, artifacts=arts[j.id]) for j in rows]

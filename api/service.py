@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import Counter
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("service", __name__)
 
 QUANTILES = (0.5, 0.9, 0.99)
+HEALTH_TTL_SECONDS = 1.0
+HEALTH_RETRY_AFTER_SECONDS = 2
 
 
 class RequestCounter:
@@ -48,10 +51,25 @@ def register_request_metrics(app: Flask) -> None:
         return resp
 
 
-@bp.get("/healthz")
-def healthz():
-    svc = services()
-    body = {"status": "ok", "db": "ok", "broker": "ok"}
+class HealthMemo:
+    """The last health check's answer, reused for ``ttl`` seconds: load balancers poll constantly."""
+
+    def __init__(self, ttl: float = HEALTH_TTL_SECONDS):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = -math.inf
+        self._answer: tuple[dict, int] | None = None
+
+    def get(self, check) -> tuple[dict, int]:
+        with self._lock:  # one check at a time; the others wait and reuse its answer
+            now = time.monotonic()
+            if self._answer is None or now - self._at >= self.ttl:
+                self._answer, self._at = check(), now
+            return self._answer
+
+
+def _check(svc) -> tuple[dict, int]:
+    body: dict = {"status": "ok", "db": "ok", "broker": "ok"}
     details = {}
     for part, check in (("db", svc.db.ping), ("broker", svc.dispatcher.ping)):
         try:
@@ -64,7 +82,16 @@ def healthz():
         body["status"] = "unavailable"
         body["details"] = details
         return body, 503
-    return body
+    return body, 200
+
+
+@bp.get("/healthz")
+def healthz():
+    svc = services()
+    memo = current_app.extensions.setdefault("quantfarm_health", HealthMemo())
+    body, status = memo.get(lambda: _check(svc))
+    headers = {"Retry-After": str(HEALTH_RETRY_AFTER_SECONDS)} if status == 503 else {}
+    return body, status, headers
 
 
 def _esc(value: str) -> str:

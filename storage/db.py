@@ -56,7 +56,32 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     # hide_parameters: a job row's bound values hold secrets; keep them out of error messages and logs.
-    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **kwargs)
+    # connect_timeout: a database that does not answer must fail a request (a 503), not hang it.
+    engine = create_engine(url, hide_parameters=True, pool_size=10, max_overflow=10, connect_args={"connect_timeout": 5}, **kwargs)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float = 1.0) -> None:
+    """Ping a pooled connection at checkout only if it sat idle (pool_pre_ping pings every time: a round trip per request).
+
+    A connection used within the last second is live, or the server went down so
+    recently that the request fails like any other during an outage (a 503).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record):
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        last = record.info.get("checked_in")
+        if last is None or time.monotonic() - last < idle_seconds:
+            return  # a new connection, or one in steady use
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool retries the checkout with a fresh connection
+            raise sa_exc.DisconnectionError() from exc
 
 
 def after_commit(s: Session, fn) -> None:
@@ -75,6 +100,8 @@ class Database:
         self.notify_webhook = None
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        reader = self.engine if url.startswith("sqlite") else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.readers = sessionmaker(reader, expire_on_commit=False)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -96,6 +123,15 @@ class Database:
             s.close()
         for fn in callbacks:
             fn()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """Yield a session for reads only: autocommit, so no BEGIN/COMMIT round trips (each query sees committed rows)."""
+        s = self.readers()
+        try:
+            yield s
+        finally:
+            s.close()
 
     def run(self, fn: Callable[[Session], T], *, what: str = "database call") -> T:
         """Run ``fn(session)`` in a transaction, retried with backoff while the database is unreachable.
@@ -119,8 +155,8 @@ class Database:
     def ping(self) -> bool:
         from sqlalchemy import text
 
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        with self.read() as s:
+            s.execute(text("SELECT 1"))
         return True
 
     def dispose(self) -> None:
