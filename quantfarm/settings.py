@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="QUANTFARM_", env_file=None, extra="ignore")
 
+    # Logs: "text" for people, "json" (one object a line, with job_id and attempt) for log pipelines.
+    log_format: Literal["text", "json"] = "text"
+
     # Where embedded state lives (SQLite file, broker folders, artifacts, scratch).
     home: Path = Path(".quantfarm")
     database_url: str | None = None

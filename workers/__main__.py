@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
 
     role = (argv if argv is not None else sys.argv[1:] or ["worker"])[0]
     settings = Settings()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s %(message)s")
+    from quantfarm.logs import configure as configure_logging
+
+    configure_logging(role, settings.log_format)
     if settings.torch_threads:
         import torch
 

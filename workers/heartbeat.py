@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 
@@ -25,7 +26,8 @@ class Heartbeat:
         self.cancel_requested = False
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
+        ctx = contextvars.copy_context()  # its log lines name the job, like the runner's
+        self._thread = threading.Thread(target=ctx.run, args=(self._loop,), name=f"heartbeat-{job_id}", daemon=True)
 
     def beat(self) -> None:
         """Renew now; raise LeaseLost if another worker owns the job."""

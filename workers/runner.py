@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from quantfarm.errors import InvalidState, JobCancelled, LeaseLost, ModelNotFound, QuantfarmError
+from quantfarm.logs import job_context
 from quantfarm.settings import Settings
 from quantfarm.spec import load_spec
 from quantfarm.store import BlobStore, PrefixedStore
@@ -59,6 +60,11 @@ class JobRunner:
         if job is None:
             log.info("job %s: not claimable (already taken or not queued); skipping", job_id)
             return "skipped"
+        with job_context(job_id, job.attempt):  # every log line from here on names the job and attempt
+            return self._run_claimed(job)
+
+    def _run_claimed(self, job) -> str:
+        job_id = job.id
         log.info("job %s: claimed by %s (attempt %d)", job_id, self.owner, job.attempt)
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
         hb = Heartbeat(self.db, job_id, self.owner, self.settings.lease_seconds, self.settings.heartbeat_interval)

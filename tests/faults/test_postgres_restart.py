@@ -7,6 +7,7 @@ gunicorn as compose runs it, polled throughout.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -44,7 +45,7 @@ class Poller:
 
 def test_worker_and_api_ride_through_a_postgres_restart(own_pg, own_db, own_redis, deep_llama, tmp_path):
     with ComposeStack(tmp_path, database_url=own_db, broker_url=own_redis.url, s3_url="http://127.0.0.1:9",
-                      QUANTFARM_STORE="local", QUANTFARM_ARTIFACT_DIR=str(tmp_path / "store")) as stack:
+                      QUANTFARM_STORE="local", QUANTFARM_ARTIFACT_DIR=str(tmp_path / "store"), QUANTFARM_LOG_FORMAT="json") as stack:
         stack.start("api")
         stack.start("service")
         stack.start("worker-gpu0", name="worker")
@@ -64,7 +65,12 @@ def test_worker_and_api_ride_through_a_postgres_restart(own_pg, own_db, own_redi
         codes = {code for code, _ in poller.seen}
         assert codes <= {200, 503} and 503 in codes, poller.seen
         assert all(retry == "2" for code, retry in poller.seen if code == 503)
-        assert "database unreachable" in stack.log("worker").read_text()  # it really waited for the database
+        lines = [json.loads(line) for line in stack.log("worker").read_text().splitlines() if line.startswith("{")]
+        retries = [x for x in lines if "database unreachable" in x["message"]]
+        assert retries, "the worker never waited for the database"  # it really rode through an outage
+        about_job = [x for x in lines if job_id in x["message"]]
+        assert about_job and all((x.get("job_id"), x.get("attempt")) == (job_id, 1) for x in about_job + retries), about_job
+        assert all(x["role"] == "worker" and x["level"] in ("info", "warning", "error") for x in lines)
         events = stack.get(f"/v1/jobs/{job_id}/events").json()["items"]
         assert sum(1 for e in events if e["to_status"] == "running") == 1
         progress = [e["data"] for e in events if e["kind"] == "progress"]
