@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     db_retry_seconds: float = 30.0
     max_shard_bytes: int = 2 * 1024**3
     model_cache_bytes: int = 50 * 1024**3
+    metrics_port: int | None = None  # a worker serves its Prometheus metrics here when set
     queue: str = "quantfarm"  # long quantization jobs, one per worker
     service_queue: str = "quantfarm-service"  # sweeps and webhook deliveries, never stuck behind a job
 

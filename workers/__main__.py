@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("quantfarm").error("%s", exc)
         raise SystemExit(f"quantfarm {role}: {exc}") from None
     app = configure(settings)
+    if settings.metrics_port:
+        from workers import metrics
+        from workers.engine.model import resolve_device
+
+        capacity = 1 if role == "worker" else 0  # jobs at once: the solo pool runs one
+        metrics.serve(settings.metrics_port, role, str(resolve_device(settings.device)), capacity)
     common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if role == "worker":
         app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])

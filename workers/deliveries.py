@@ -48,11 +48,16 @@ class DeliveryPool:
     def _deliver(self, delivery_id: str) -> None:
         from workers.webhooks import WebhookSender
 
+        from workers.metrics import WEBHOOK_ATTEMPTS
+
         try:
             outcome = WebhookSender(self.db, self.settings).deliver(delivery_id)
+            if outcome.sent:
+                WEBHOOK_ATTEMPTS.labels(outcome.status).inc()
             if outcome.retry:
                 self.dispatcher.deliver_webhook(delivery_id, countdown=outcome.retry_in)
         except Exception:  # the delivery stays pending in the database; the sweeper re-sends it
+            WEBHOOK_ATTEMPTS.labels("error").inc()
             log.exception("webhook delivery %s: attempt failed", delivery_id)
         finally:
             with self._lock:

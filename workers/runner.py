@@ -21,12 +21,14 @@ from quantfarm.errors import InvalidState, JobCancelled, LeaseLost, ModelNotFoun
 from quantfarm.logs import job_context
 from quantfarm.settings import Settings
 from quantfarm.spec import load_spec
-from quantfarm.store import BlobStore, PrefixedStore
+from quantfarm.store import BlobStore
 from storage import jobs
 from storage.db import Database
 from storage.jobs import JobStatus, Stage
 from storage.models import Artifact, new_id
+from workers import metrics as worker_metrics
 from workers.heartbeat import Heartbeat
+from workers.metrics import MeteredCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,13 @@ class JobRunner:
         job_id = job.id
         log.info("job %s: claimed by %s (attempt %d)", job_id, self.owner, job.attempt)
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
+        started = time.monotonic()
+        status = self._guarded(job, scratch)
+        worker_metrics.JOB_SECONDS.labels(job.method, status).observe(time.monotonic() - started)
+        return status
+
+    def _guarded(self, job, scratch: Path) -> str:
+        job_id = job.id
         hb = Heartbeat(self.db, job_id, self.owner, self.settings.lease_seconds, self.settings.heartbeat_interval)
         try:
             with hb, contextlib.ExitStack() as hold:
@@ -106,6 +115,8 @@ class JobRunner:
             if hb.lost:
                 raise LeaseLost(f"Job {job.id} lease lost")
             hb.beat()  # renew and pick up cancel requests at every layer boundary
+            if not report.resumed:
+                worker_metrics.LAYER_SECONDS.labels(spec.method).observe(report.seconds)
             self.db.run(lambda s: jobs.set_progress(
                 s, job.id, self.owner, done=report.index + 1, total=report.total, eta=report.eta_seconds,
                 data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
@@ -125,7 +136,7 @@ class JobRunner:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         result = quantize(
-            req, PrefixedStore(self.store, checkpoint_prefix(job.id)), out_dir,
+            req, MeteredCheckpoints(self.store, checkpoint_prefix(job.id)), out_dir,
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
             max_shard_bytes=self.settings.max_shard_bytes,
         )

@@ -48,6 +48,9 @@ def test_prometheus_scrapes_the_api_and_grafana_gets_the_dashboard():
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (target,) = prom["scrape_configs"][0]["static_configs"][0]["targets"]
     assert target == "api:8000" and "8000" in " ".join(services["api"]["command"])
+    workers = prom["scrape_configs"][1]["static_configs"][0]["targets"]
+    scraped = {t.split(":")[0] for t in workers}
+    assert scraped == {name for name, svc in services.items() if svc.get("environment", {}).get("QUANTFARM_METRICS_PORT") == "9100"}
     mounts = " ".join(str(v.get("source", v)) + ":" + str(v.get("target", "")) if isinstance(v, dict) else v for v in services["grafana"]["volumes"])
     assert "deploy/grafana/dashboards" in mounts and "/var/lib/grafana/dashboards" in mounts
     provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/quantfarm.yml").read_text())["providers"][0]
@@ -58,11 +61,16 @@ def test_prometheus_scrapes_the_api_and_grafana_gets_the_dashboard():
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
 
-def test_dashboard_reads_only_metrics_the_api_exports(lite):
+def test_dashboard_reads_only_metrics_the_farm_exports(lite):
+    """Names from the API's /metrics and the workers' own endpoint (workers/metrics.py), nothing else."""
+    from prometheus_client import generate_latest
+
+    from workers.metrics import REGISTRY
+
     client = lite.test_client()
     client.get("/healthz")
     client.get("/v1/jobs")
-    text = client.get("/metrics").get_data(as_text=True)
+    text = client.get("/metrics").get_data(as_text=True) + generate_latest(REGISTRY).decode()
     exported = {name for name, _ in _parse_metrics(text)}
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):  # families with no samples yet (no finished job)
         suffixes = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}.get(kind, ("",))
@@ -74,4 +82,4 @@ def test_dashboard_reads_only_metrics_the_api_exports(lite):
             used |= set(re.findall(r"\b(quantfarm_[a-z0-9_]+)", target["expr"]))
     assert used, "the dashboard queries nothing"
     missing = {name for name in used if name not in exported}
-    assert not missing, f"the dashboard queries metrics /metrics does not export: {sorted(missing)}"
+    assert not missing, f"the dashboard queries metrics nothing exports: {sorted(missing)}"

@@ -9,11 +9,14 @@ run to the end on what the processes do at start-up.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import boto3
 import pytest
+import requests
 
+from tests.api.test_service import _parse_metrics
 from tests.conftest import PG_ADMIN, _admin_exec
 from tests.support.compose import ComposeStack
 from tests.support.s3server import MotoServer
@@ -61,5 +64,19 @@ def test_first_job_on_a_fresh_stack_succeeds(fresh_database, tiny_llama, tmp_pat
         assert keys == {f"jobs/{job['id']}/artifact/{f['path']}" for f in files}
         paths = {f["path"] for f in files}
         assert "config.json" in paths and any(p.endswith(".safetensors") for p in paths), paths
+        ended = ("quantfarm_worker_job_seconds_count", (("method", "rtn"), ("status", "succeeded")))
+        deadline = time.monotonic() + 30
+        while True:  # the worker observes the attempt's run time once its last clean-up is done
+            worker = _parse_metrics(requests.get(f"http://127.0.0.1:{stack.metrics_ports['worker']}/metrics", timeout=10).text)
+            if ended in worker or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        layers = job["progress"]["layers_total"]
+        assert worker[("quantfarm_layer_seconds_count", (("method", "rtn"),))] == layers
+        assert worker[ended] == 1
+        assert worker[("quantfarm_workers", (("capacity", "1"), ("device", "cpu"), ("role", "worker")))] == 1
+        assert worker[("quantfarm_checkpoint_bytes_total", ())] > 0
+        service = _parse_metrics(requests.get(f"http://127.0.0.1:{stack.metrics_ports['service']}/metrics", timeout=10).text)
+        assert service[("quantfarm_workers", (("capacity", "0"), ("device", "cpu"), ("role", "service")))] == 1
         for name, proc in stack.procs.items():
             assert proc.poll() is None, f"{name} exited:\n{stack.logs()}"

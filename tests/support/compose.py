@@ -45,6 +45,7 @@ class ComposeStack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}
         base = dict(self.spec["api"]["environment"])
         base.update({
             "QUANTFARM_DATABASE_URL": database_url, "QUANTFARM_BROKER_URL": broker_url,
@@ -75,6 +76,9 @@ class ComposeStack:
         penv = {**self.env, **{k: str(v) for k, v in (spec.get("environment") or {}).items() if not k.startswith("QUANTFARM_")}}
         penv.pop("CUDA_VISIBLE_DEVICES", None)
         penv.update({"QUANTFARM_DEVICE": "cpu", "QUANTFARM_SCRATCH_DIR": str(self.workdir / f"scratch-{name}"), **env})
+        if "QUANTFARM_METRICS_PORT" in (spec.get("environment") or {}):  # each local process needs a port of its own
+            self.metrics_ports[name] = free_port()
+            penv["QUANTFARM_METRICS_PORT"] = str(self.metrics_ports[name])
         out = open(self.log(name), "ab")
         proc = subprocess.Popen(_argv(spec["command"], self.port), env=penv, cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
