@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, st
     if db is None:
         from storage.db import Database
 
-        db = Database(settings.resolved_database_url)
+        db = Database.from_settings(settings)
     if dispatcher is None:
         from quantfarm.queue import Dispatcher
 
