@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import test_keyring
 import requests
 from sqlalchemy import select as sql_select
 
@@ -48,7 +50,7 @@ class Live:
 
 @pytest.fixture
 def live(sqlite_url, tmp_path):
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     store = LocalStore(tmp_path / "store")
     app = make_app(db, store, RecordingDispatcher(db), tmp_path)
     server = build_server(app, "127.0.0.1", 0)
