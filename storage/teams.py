@@ -209,3 +209,21 @@ def credential_view(c: Credential) -> dict[str, Any]:
 
     return {"id": c.id, "team_id": c.team_id, "name": c.name, "kind": c.kind, "created_at": iso(c.created_at),
             "updated_at": iso(c.updated_at), "created_by": c.created_by}
+
+
+def rotate_secrets(db) -> int:
+    """Re-encrypt every job secret and credential under the newest key; return how many rows changed.
+
+    Run after putting a new key in front of QUANTFARM_SECRET_KEY; then the old key can go.
+    """
+    from storage.models import Job
+
+    n = 0
+    with db.session() as s:
+        for model, column in ((Job, Job.secrets), (Credential, Credential.secret)):
+            for row_id, value in s.execute(select(model.id, column)).all():
+                if value:
+                    # Reading decrypted it with whichever key fits; writing seals it with the newest.
+                    s.execute(update(model).where(model.id == row_id).values({column.key: dict(value)}))
+                    n += 1
+    return n
