@@ -227,3 +227,32 @@ def rotate_secrets(db) -> int:
                     s.execute(update(model).where(model.id == row_id).values({column.key: dict(value)}))
                     n += 1
     return n
+
+
+def job_credentials(s: Session, job) -> dict[str, Any]:
+    """Return the secrets a job's ``credentials_ref`` fields name, keyed like its own secrets.
+
+    Only the job's own team's credentials are looked up; a credential deleted since submit
+    fails the job with a clear error instead of falling back to anything else.
+    """
+    spec = job.spec or {}
+    wanted = {
+        "model": (spec.get("model") or {}).get("credentials_ref"),
+        "destination.hub": ((spec.get("destination") or {}).get("hub") or {}).get("credentials_ref"),
+        "calibration": (spec.get("calibration") or {}).get("credentials_ref"),
+    }
+    out: dict[str, Any] = {}
+    for where, name in wanted.items():
+        if not name:
+            continue
+        row = s.scalars(select(Credential).where(Credential.team_id == job.team_id, Credential.name == name)).one_or_none()
+        if row is None:
+            from quantfarm.errors import JobError
+
+            raise JobError(f"The team credential {name!r} named by {where}.credentials_ref no longer exists; add it again "
+                           "with POST /v1/credentials and retry the job.", code="credential_missing")
+        if row.kind == "hub":
+            out[f"{where}.token"] = row.secret["token"]
+        else:
+            out[f"{where}.s3"] = dict(row.secret)
+    return out

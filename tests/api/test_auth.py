@@ -207,3 +207,21 @@ def test_pages_redirect_to_sign_in_and_sessions_work(db, store, tmp_path):
     client.post("/signout")
     assert client.get("/jobs").status_code == 302
     assert client.get("/v1/me").status_code == 401
+
+
+def test_webhook_urls_are_masked_everywhere_but_the_send(db, store, tmp_path):
+    from storage import webhooks as webhook_store
+    from storage.models import WebhookDelivery, utcnow
+
+    client = _app(db, store, tmp_path).test_client()
+    url = "https://ci.example/hooks/quantfarm?token=ci_SECRET_five"
+    other = "https://other.example/hook"
+    job = client.post("/v1/jobs", json={**MINIMAL, "webhooks": [{"url": url}, {"url": other}]}).get_json()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202  # ends it: both deliveries are made
+    shown = client.get(f"/v1/jobs/{job['id']}/webhooks").get_json()["items"]
+    assert {d["url"] for d in shown} == {"https://ci.example/***", "https://other.example/***"}
+    with db.session() as s:
+        rows = list(s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job["id"]).order_by(WebhookDelivery.hook_index)))
+        assert all("ci_SECRET_five" not in r.payload and "ci_SECRET_five" not in r.url for r in rows)  # not even the other receiver's body
+        claim = webhook_store.claim_attempt(s, rows[0], utcnow())
+    assert claim.url == url  # only the send itself uses the real URL
