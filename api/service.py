@@ -9,7 +9,7 @@ import time
 
 from flask import Blueprint, Flask, Response, current_app
 
-from api.app import services
+from api.context import services
 
 log = logging.getLogger(__name__)
 bp = Blueprint("service", __name__)

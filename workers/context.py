@@ -47,7 +47,7 @@ _context: WorkerContext | None = None
 def init_context(settings: Settings) -> WorkerContext:
     """Build the process's context once (a worker, beat or the embedded sweeper)."""
     global _context
-    db = Database(settings.resolved_database_url, retry_seconds=settings.db_retry_seconds)
+    db = Database.from_settings(settings, retry_seconds=settings.db_retry_seconds)
     dispatcher = Dispatcher(settings)
     db.notify_webhook = dispatcher.deliver_webhook
     _context = WorkerContext(settings, db, make_store(settings), dispatcher)
