@@ -8,7 +8,8 @@ database with ``--jobs`` jobs) and a Redis of its own. Each endpoint is loaded b
 ``wrk -t2 -c<connections>`` for its maximum rate and p99 at saturation, then held at
 half that rate by a small open-loop client (wrk cannot hold a rate; latency counts
 from each request's scheduled send time, so a stall is not hidden). ``--token`` (or
-``QUANTFARM_BENCH_TOKEN``) is sent as ``Authorization: Bearer`` to every farm call.
+``QUANTFARM_BENCH_TOKEN``; default: an admin key the bench makes, since auth is
+on as in compose) is sent as ``Authorization: Bearer`` to every farm call.
 Results go into their own section of bench/RESULTS.md.
 """
 
@@ -136,24 +137,31 @@ class Servers:
         self.db_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.dbname}"
         self.redis = RedisServer().start()
         self.farm_port, self.ceiling_port = free_port(), free_port()
-        self.env = {**os.environ, "QUANTFARM_DATABASE_URL": self.db_url, "QUANTFARM_BROKER_URL": self.redis.url,
-                    "QUANTFARM_STORE": "local", "QUANTFARM_HOME": str(work / "home"), "QUANTFARM_ARTIFACT_DIR": str(work / "store")}
-        self.job_id = self._seed(jobs)
+        from quantfarm.secrets import new_key
 
-    def _seed(self, n: int) -> str:
+        self.env = {**os.environ, "QUANTFARM_DATABASE_URL": self.db_url, "QUANTFARM_BROKER_URL": self.redis.url,
+                    "QUANTFARM_STORE": "local", "QUANTFARM_HOME": str(work / "home"), "QUANTFARM_ARTIFACT_DIR": str(work / "store"),
+                    "QUANTFARM_AUTH": "on", "QUANTFARM_SECRET_KEY": new_key(), "QUANTFARM_TRUSTED_HOSTS": "127.0.0.1,localhost",
+                    "QUANTFARM_TEAM_MAX_QUEUED": "100000000"}  # the bench queues far more jobs than a team's quota
+        self.job_id, self.token = self._seed(jobs)
+
+    def _seed(self, n: int) -> tuple[str, str]:
+        """Migrate, make an admin key (auth is on, as in compose) and ``n`` jobs of its team; return a job id and the key."""
+        from quantfarm.cli_access import create_key_locally
+        from quantfarm.settings import Settings
         from quantfarm.spec import parse_spec, public_spec, spec_secrets
         from storage import jobs
         from storage.db import Database
-        from storage.migrate import upgrade
 
-        upgrade(self.db_url)
-        db = Database(self.db_url)
+        settings = Settings(database_url=self.db_url, secret_key=self.env["QUANTFARM_SECRET_KEY"])
+        key = create_key_locally(settings, team="bench", role="admin", name="bench")  # migrates first
+        db = Database.from_settings(settings)
         spec = parse_spec(POST_BODY)
         with db.session() as s:
-            ids = [jobs.create_job(s, method="rtn", model_ref="local:/models/bench-tiny", spec=public_spec(spec), secrets=spec_secrets(spec)).id
-                   for _ in range(n)]
+            ids = [jobs.create_job(s, method="rtn", model_ref="local:/models/bench-tiny", spec=public_spec(spec), secrets=spec_secrets(spec),
+                                   team_id=key["team_id"]).id for _ in range(n)]
         db.dispose()
-        return ids[n // 2]
+        return ids[n // 2], key["key"]
 
     def start(self) -> None:
         for app, port in (("api.wsgi:app", self.farm_port), ("bench.api_ceiling:app", self.ceiling_port)):
@@ -186,7 +194,7 @@ def endpoints(srv: Servers) -> list[tuple[str, str, int, str, str, bytes | None]
 
 
 def measure(srv: Servers, a, work: Path) -> list[dict]:
-    token = a.token or os.environ.get("QUANTFARM_BENCH_TOKEN")
+    token = a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token
     rows = []
     for key, label, port, method, path, body in endpoints(srv):
         headers = {"Authorization": f"Bearer {token}"} if token and key != "ceiling" else {}
@@ -221,7 +229,7 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
         BEGIN, "## API load: gunicorn on PostgreSQL vs a trivial Flask ceiling", "",
         f"- Command: `{cmd}`", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
         f"- Both servers: the compose file's gunicorn command (2 workers x 8 threads); the farm on PostgreSQL with {a.jobs} jobs "
-        f"and a Redis of its own. Saturation: `wrk -t2 -c{a.connections} -d{a.duration}s`, one endpoint at a time in this one run. "
+        f"and a Redis of its own, auth on (every farm call carries an admin API key). Saturation: `wrk -t2 -c{a.connections} -d{a.duration}s`, one endpoint at a time in this one run. "
         "Held: an open-loop client at half the measured maximum, latency from each request's scheduled send time.", "",
         md_table(headers, table), "", END,
     ])

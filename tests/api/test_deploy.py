@@ -21,7 +21,7 @@ def _config() -> dict:
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
     out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True,
-                         cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+                         cwd=ROOT, env={"PATH": "/usr/bin:/bin", "QUANTFARM_SECRET_KEY": "a-long-enough-secret-key"})
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)
 

@@ -32,12 +32,13 @@ def test_counts_are_summed_over_two_gunicorn_workers(pg_url, tmp_path):
         stack.start("api")
         stack.wait_healthy()
         assert not (prom / "counter_999999.db").exists()
+        auth = {"Authorization": f"Bearer {stack.first_admin_key()}", "Connection": "close"}
         missing = f"job_{uuid.uuid4().hex[:26]}"
         codes: list[int] = []
 
         def hit(n: int) -> None:
             for _ in range(n):
-                codes.append(requests.get(f"{stack.url}/v1/jobs/{missing}", headers={"Connection": "close"}, timeout=30).status_code)
+                codes.append(requests.get(f"{stack.url}/v1/jobs/{missing}", headers=auth, timeout=30).status_code)
 
         def per_worker() -> dict[str, float]:
             """This route's 404 count in each worker's own file."""

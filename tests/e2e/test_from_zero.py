@@ -51,8 +51,8 @@ def test_first_job_on_a_fresh_stack_succeeds(fresh_database, tiny_llama, tmp_pat
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["quantfarm"]  # made at start-up
         assert stack.get("/healthz").json() == {"status": "ok", "db": "ok", "broker": "ok"}
 
-        # TODO(auth): once every /v1 route needs an API key, make the first admin key here the way an
-        # operator does (a CLI command against the fresh database) and send it as a Bearer token.
+        stack.first_admin_key()  # as the compose file's header says: `quantfarm keys create --local ...`
+        assert stack.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
         r = stack.post("/v1/jobs", json={"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
         assert r.status_code == 201, r.text
         job = stack.wait_job(r.json()["id"])

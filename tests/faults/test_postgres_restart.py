@@ -50,6 +50,7 @@ def test_worker_and_api_ride_through_a_postgres_restart(own_pg, own_db, own_redi
         stack.start("service")
         stack.start("worker-gpu0", name="worker")
         stack.wait_healthy()
+        stack.first_admin_key()
         job_id = stack.post("/v1/jobs", json={"model": {"source": "local", "path": str(deep_llama)}, **GPTQ}).json()["id"]
         stack.wait_job(job_id, until=("running",), timeout=120)
         deadline = time.monotonic() + 120

@@ -20,6 +20,7 @@ from quantfarm.settings import Settings
 from storage import jobs
 from storage.db import Database
 from storage.models import Job, WebhookAttempt
+from tests.conftest import test_keyring
 from tests.support.compose import ComposeStack
 from tests.support.receiver import Receiver, Reply
 from tests.workers.test_webhooks import ended_job
@@ -31,7 +32,7 @@ DELIVERIES = 12
 
 def test_trickling_receivers_do_not_stop_sweeps(own_db, own_redis, tmp_path):
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    db = Database(own_db)
+    db = Database(own_db, keyring=test_keyring())
     with Receiver(secret, [Reply(200, trickle=1.0, body=b"x" * 50)] * DELIVERIES) as rx, ComposeStack(
         tmp_path, database_url=own_db, broker_url=own_redis.url, s3_url="http://127.0.0.1:9",
         QUANTFARM_STORE="local", QUANTFARM_WEBHOOK_TIMEOUT="2", QUANTFARM_WEBHOOK_ALLOW_PRIVATE="true",

@@ -10,6 +10,7 @@ its children on ``close``, also when a test fails.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import requests
 import yaml
 
+from tests.conftest import TEST_SECRET_KEY
 from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,20 @@ BIN = Path(sys.executable).parent
 
 def compose_file() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Resolve compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}`` against ``env``, as compose does."""
+
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"compose needs {name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, value)
 
 
 def _argv(command: list[str], port: int) -> list[str]:
@@ -46,7 +62,9 @@ class ComposeStack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
-        base = dict(self.spec["api"]["environment"])
+        given = {"QUANTFARM_SECRET_KEY": TEST_SECRET_KEY, "QUANTFARM_TRUSTED_HOSTS": "127.0.0.1,localhost", **env}
+        base = {k: interpolate(str(v), given) for k, v in self.spec["api"]["environment"].items()}
+        self.token: str | None = None  # the first admin key, once made
         base.update({
             "QUANTFARM_DATABASE_URL": database_url, "QUANTFARM_BROKER_URL": broker_url,
             "QUANTFARM_S3_ENDPOINT_URL": s3_url, "QUANTFARM_S3_PUBLIC_ENDPOINT_URL": s3_url,
@@ -63,6 +81,19 @@ class ComposeStack:
     def logs(self) -> str:
         return "\n".join(f"--- {p.stem}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.workdir.glob("*.log")))
 
+    def first_admin_key(self) -> str:
+        """Make the farm's first admin key the way the compose file's header tells an operator to; use it from now on."""
+        out = subprocess.run([str(BIN / "quantfarm"), "keys", "create", "--local", "--team", "ops", "--role", "admin", "--name", "first-admin"],
+                             env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        self.token = out.stdout.split()[0]
+        return self.token
+
+    def _auth(self, kw: dict) -> dict:
+        if self.token:
+            kw["headers"] = {"Authorization": f"Bearer {self.token}", **kw.get("headers", {})}
+        return kw
+
     def run_once(self, service: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a one-shot service (``migrate``) to completion."""
         with open(self.log(service), "wb") as out:
@@ -73,7 +104,7 @@ class ComposeStack:
         """Start a long-running service; ``name`` tells several of one service apart."""
         name = name or service
         spec = self.spec[service]
-        penv = {**self.env, **{k: str(v) for k, v in (spec.get("environment") or {}).items() if not k.startswith("QUANTFARM_")}}
+        penv = {**self.env, **{k: interpolate(str(v), self.env) for k, v in (spec.get("environment") or {}).items() if not k.startswith("QUANTFARM_")}}
         penv.pop("CUDA_VISIBLE_DEVICES", None)
         penv.update({"QUANTFARM_DEVICE": "cpu", "QUANTFARM_SCRATCH_DIR": str(self.workdir / f"scratch-{name}"), **env})
         if "QUANTFARM_METRICS_PORT" in (spec.get("environment") or {}):  # each local process needs a port of its own
@@ -123,10 +154,10 @@ class ComposeStack:
     # --- HTTP ------------------------------------------------------------------------
 
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kw)
+        return requests.get(self.url + path, timeout=30, **self._auth(kw))
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=30, **kw)
+        return requests.post(self.url + path, timeout=30, **self._auth(kw))
 
     def wait_job(self, job_id: str, timeout: float = 180, until=("succeeded", "failed", "cancelled"), on_poll=None) -> dict:
         deadline = time.monotonic() + timeout
