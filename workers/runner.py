@@ -9,6 +9,7 @@ unexpected exception (failed with ``internal_error``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -39,6 +40,19 @@ def artifact_prefix(job_id: str) -> str:
 
 def checkpoint_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints"
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Say whether ``exc`` (or what caused it) is a full disk, as OSError or as a library's message."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def default_owner() -> str:
@@ -89,6 +103,10 @@ class JobRunner:
             log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
             return self._end(job_id, JobStatus.FAILED, error_code=exc.code, error_message=exc.message)
         except Exception as exc:  # the job must never be left silently running
+            if disk_full(exc):  # its checkpoints are in the store, whole: a retry resumes from them on any worker
+                log.warning("job %s: scratch disk %s is full", job_id, self.settings.resolved_scratch_dir)
+                return self._end(job_id, JobStatus.FAILED, error_code="scratch_full", error_message=(
+                    "The worker's scratch disk is full; retry the job: it resumes from its checkpoints on any worker."))
             log.exception("job %s: unexpected error", job_id)
             return self._end(
                 job_id, JobStatus.FAILED, error_code="internal_error",
