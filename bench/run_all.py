@@ -32,13 +32,14 @@ SECTIONS = ("hessian", "gptq", "gptq3", "profile", "awq", "memory")
 
 
 def keep_own_sections(text: str) -> str:
-    """Carry over the sections other benches write themselves (bench/api_load.py) into the new RESULTS.md."""
-    from bench.api_load import BEGIN, END
+    """Carry over the sections other benches write themselves (bench/api_load.py, bench/soak.py) into the new RESULTS.md."""
+    from bench import api_load, soak
 
     path = BENCH / "RESULTS.md"
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old and BEGIN not in text:
-        text = text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):old.index(END) + len(END)] + "\n"
+    for begin, end in ((api_load.BEGIN, api_load.END), (soak.BEGIN, soak.END)):
+        if begin in old and end in old and begin not in text:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
     return text
 
 
