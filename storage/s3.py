@@ -38,6 +38,27 @@ def _status(err: ClientError) -> int:
     return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+class _RetryLog:
+    """Log every failed S3 attempt botocore is about to retry (a needs-retry handler; it decides nothing)."""
+
+    def __init__(self, endpoint: str | None, max_attempts: int):
+        self.endpoint, self.max_attempts = endpoint or "AWS S3", max_attempts
+
+    def __call__(self, attempts: int, operation=None, caught_exception=None, response=None, **_):
+        status = None
+        if response is not None:
+            status = int(response[0].status_code)
+        if caught_exception is None and (status is None or status < 500) and status not in (429, 408):
+            return None
+        what = type(caught_exception).__name__ if caught_exception is not None else f"HTTP {status}"
+        name = getattr(operation, "name", "request")
+        if attempts < self.max_attempts:
+            log.warning("S3 %s at %s failed (%s), attempt %d of %d; retrying", name, self.endpoint, what, attempts, self.max_attempts)
+        else:
+            log.warning("S3 %s at %s failed (%s), attempt %d of %d; giving up", name, self.endpoint, what, attempts, self.max_attempts)
+        return None
+
+
 class S3Store(BlobStore):
     """A bucket (and optional key prefix) on an S3-compatible endpoint."""
 
@@ -96,6 +117,7 @@ class S3Store(BlobStore):
             )
 
         client = make_client(settings.s3_endpoint_url)
+        client.meta.events.register("needs-retry.s3", _RetryLog(settings.s3_endpoint_url, settings.s3_max_attempts))
         public = settings.s3_public_endpoint_url
         presign_client = make_client(public) if public and public != settings.s3_endpoint_url else None
         transfer = TransferConfig(

@@ -149,6 +149,24 @@ def test_injected_5xx_are_retried_and_succeed(faulty_s3_settings, s3_proxy, tmp_
     assert sha256_file(tmp_path / "back.bin") == sha256_file(src) and s3_proxy.faulted == 4
 
 
+def test_every_retry_is_logged(faulty_s3_settings, s3_proxy, caplog):
+    import logging
+
+    store = S3Store.from_settings(faulty_s3_settings)
+    store.put_bytes("k", b"v")
+    s3_proxy.fail_next(2, 503)
+    with caplog.at_level(logging.WARNING, logger="storage.s3"):
+        assert store.get_bytes("k") == b"v"
+    lines = [r.getMessage() for r in caplog.records if r.name == "storage.s3"]
+    assert lines == [f"S3 GetObject at {s3_proxy.url} failed (HTTP 503), attempt {n} of 3; retrying" for n in (1, 2)]
+    s3_proxy.stop()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="storage.s3"), pytest.raises(StorageUnavailable):
+        store.get_bytes("k")
+    lines = [r.getMessage() for r in caplog.records if r.name == "storage.s3"]
+    assert lines[-1] == f"S3 GetObject at {s3_proxy.url} failed (EndpointConnectionError), attempt 3 of 3; giving up" and len(lines) == 3
+
+
 def test_stalled_response_times_out_and_is_retried(faulty_s3_settings, s3_proxy):
     store = S3Store.from_settings(faulty_s3_settings)
     store.put_bytes("k", b"v")
