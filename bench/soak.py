@@ -52,14 +52,27 @@ class Killer(threading.Thread):
         self.rng = random.Random(seed)
         self.kills = 0
         self.stop = threading.Event()
+        self.lock = threading.Lock()
 
     def run(self) -> None:
         while not self.stop.wait(self.every * self.rng.uniform(0.5, 1.5)):
             name = self.rng.choice(self.names)
-            self.stack.kill(name, signal.SIGKILL)
-            self.kills += 1
-            time.sleep(1.0)
-            self.stack.start("worker-gpu0", name=name)
+            with self.lock:
+                if self.stop.is_set():
+                    return
+                self.stack.kill(name, signal.SIGKILL)
+                self.kills += 1
+            if self.stop.wait(1.0):
+                return
+            with self.lock:
+                if not self.stop.is_set():
+                    self.stack.start("worker-gpu0", name=name)
+
+    def halt(self) -> None:
+        """Stop killing; a worker killed last stays down (the stack closes next)."""
+        with self.lock:
+            self.stop.set()
+        self.join(30)
 
 
 def soak(a, work: Path) -> dict:
@@ -88,14 +101,15 @@ def soak(a, work: Path) -> dict:
             ids = [stack.post("/v1/jobs", json=body).json()["id"] for _ in range(a.jobs)]
             killer = Killer(stack, ["worker-a", "worker-b"], a.kill_every, a.seed)
             killer.start()
-            deadline = time.monotonic() + a.timeout
-            while time.monotonic() < deadline:
-                jobs = [stack.get(f"/v1/jobs/{i}").json() for i in ids]
-                if all(j["status"] in TERMINAL for j in jobs):
-                    break
-                time.sleep(1.0)
-            killer.stop.set()
-            killer.join(30)
+            try:
+                deadline = time.monotonic() + a.timeout
+                while time.monotonic() < deadline:
+                    jobs = [stack.get(f"/v1/jobs/{i}").json() for i in ids]
+                    if all(j["status"] in TERMINAL for j in jobs):
+                        break
+                    time.sleep(1.0)
+            finally:
+                killer.halt()
             return tally(stack, jobs, ref_files, killer.kills, time.monotonic() - started)
     finally:
         _admin_exec(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
@@ -110,6 +124,8 @@ def tally(stack, jobs: list[dict], ref_files: dict, kills: int, seconds: float) 
             out["lost"] += 1
             continue
         out["succeeded" if job["status"] == "succeeded" else "failed"] += 1
+        if job["status"] != "succeeded":
+            out.setdefault("errors", []).append(f"{job['id']} attempt {job['attempt']}: {job['status']} {job.get('error')}")
         out["duplicate_artifacts"] += max(0, len(job["artifacts"]) - 1)
         if job["status"] == "succeeded" and files_of(stack, job) == ref_files:
             out["identical"] += 1
@@ -144,7 +160,8 @@ def render(r: dict, a, started: str, load: str) -> str:
         f"- {a.jobs} GPTQ jobs (10-layer tiny Llama, group 32) on two workers started with the compose file's command, "
         "PostgreSQL, a Redis of its own, 4 s leases, the service's sweeper every second; a random worker SIGKILLed about every "
         f"{a.kill_every:g} s and started again a second later.", "",
-        md_table(["", "measured", "goal", ""], rows), "", END,
+        md_table(["", "measured", "goal", ""], rows), "",
+        *([f"- Not succeeded: {e}" for e in r.get("errors", [])] + [""] if r.get("errors") else []), END,
     ])
 
 
@@ -161,7 +178,7 @@ def write_section(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=20)
-    ap.add_argument("--kill-every", type=float, default=4.0)
+    ap.add_argument("--kill-every", type=float, default=4.0, help="seconds between kills, on average (a worker takes ~10 s to start on a busy 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-write", action="store_true")
