@@ -131,7 +131,8 @@ def tally(stack, jobs: list[dict], ref_files: dict, kills: int, seconds: float) 
             out["identical"] += 1
         events = stack.get(f"/v1/jobs/{job['id']}/events").json()["items"]
         progress = [e["data"] for e in events if e["kind"] == "progress"]
-        out["layers_total"] += (job.get("progress") or {}).get("layers_total") or 0
+        if job["status"] == "succeeded":  # work a failed job did counts as extra work, its layers as not needed
+            out["layers_total"] += (job.get("progress") or {}).get("layers_total") or 0
         out["layers_computed"] += sum(1 for p in progress if not p.get("resumed"))
         out["layers_resumed"] += sum(1 for p in progress if p.get("resumed"))
     out["layers_recomputed"] = out["layers_computed"] - out["layers_total"]
@@ -148,7 +149,7 @@ def render(r: dict, a, started: str, load: str) -> str:
          ok(r["identical"] == r["jobs"])],
         ["workers killed (SIGKILL)", r["kills"], "", ""],
         ["attempts (1 per job if never interrupted)", r["attempts"], "", ""],
-        ["layers computed / needed", f"{r['layers_computed']} / {r['layers_total']}", "", ""],
+        ["layers computed (all jobs) / needed (succeeded jobs)", f"{r['layers_computed']} / {r['layers_total']}", "", ""],
         ["extra work: layers recomputed", r["layers_recomputed"], "", ""],
         ["layers replayed from checkpoints", r["layers_resumed"], "", ""],
         ["wall time s (after the reference job)", r["seconds"], "", ""],
