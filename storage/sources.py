@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from quantfarm.errors import JobError, ModelNotFound, NotAModel, StorageUnavailable
+from quantfarm.errors import JobError, ModelNotFound, NotAModel, StorageUnavailable, ValidationFailed
+from quantfarm.paths import UnsafePath, is_inside, safe_join, safe_relpath
 from quantfarm.settings import Settings
 from quantfarm.spec import HubSource, LocalSource, ModelSource, S3Source
 from quantfarm.store import walk_files
@@ -65,10 +66,7 @@ def fetch(source: Any, secrets: dict[str, str], settings: Settings, scratch: Pat
 
         source = TypeAdapter(ModelSource).validate_python(source)
     if isinstance(source, LocalSource):
-        path = Path(source.path)
-        if not path.is_dir():
-            raise ModelNotFound(f"Model path {path}: no such directory on this worker.")
-        return FetchedModel(path, "local")
+        return FetchedModel(_local_folder(source.path, settings), "local")
     cache = ModelCache(model_cache_dir(settings), settings.model_cache_bytes) if settings.model_cache_bytes > 0 else None
     if isinstance(source, S3Source):
         return _fetch_s3(source, settings, cache, scratch, hold)
@@ -89,6 +87,42 @@ def _place(cache: "ModelCache | None", key: str, fill: Callable[[Path], None], s
     return cache.get(key, fill, hold)
 
 
+# --- local ---------------------------------------------------------------------------------
+
+
+def check_local_path(path: str, roots: list[Path]) -> Path:
+    """Return ``path`` with symlinks resolved if it lies under one of ``roots``; raise ValidationFailed otherwise."""
+    if not roots:
+        raise ValidationFailed({"model.path": "local model sources are off on this farm: an operator must list the "
+                                              "folders jobs may read in QUANTFARM_LOCAL_ROOTS"})
+    try:
+        real = Path(os.path.realpath(path)) if path.startswith("/") else None
+    except (OSError, ValueError):  # a NUL in the path
+        real = None
+    if real is None or not any(is_inside(real, root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ValidationFailed({"model.path": f"must be a folder under one of the local roots ({allowed})"})
+    return real
+
+
+def _local_folder(path: str, settings: Settings) -> Path:
+    """Check a ``local`` source again on the worker: under a root, a real folder, no links leaving it."""
+    try:
+        real = check_local_path(path, settings.local_roots)
+    except ValidationFailed as exc:
+        raise ModelNotFound(f"Model path {path} is refused on this worker: {exc.fields['model.path']}.") from None
+    if not real.is_dir():
+        raise ModelNotFound(f"Model path {path}: no such directory on this worker.")
+    for entry in os.scandir(real):  # the engine reads the folder's top level only
+        if entry.is_symlink() and not is_inside(entry.path, real):
+            raise ModelNotFound(f"Model path {path}: {entry.name} is a symlink to a file outside the model folder; "
+                                "copy the file into the folder instead.", details={"file": entry.name})
+        if not (entry.is_file() or entry.is_dir()):  # a device, FIFO, socket or dangling link
+            raise ModelNotFound(f"Model path {path}: {entry.name} is not a regular file or folder; remove it.",
+                                details={"file": entry.name})
+    return real
+
+
 # --- S3 -----------------------------------------------------------------------------------
 
 
@@ -105,11 +139,11 @@ def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) 
         digest = hashlib.sha256(
             "\n".join(f"{o['key']}\0{o['size']}\0{o['etag']}" for o in objects).encode()
         ).hexdigest()[:16]
-        strip = len(prefix) + 1 if prefix else 0
+        names = _object_names(source.uri, objects, len(prefix) + 1 if prefix else 0)
 
         def fill(tmp: Path) -> None:
-            for o in objects:
-                store.get_file(o["key"], tmp / o["key"][strip:])
+            for key, name in names:
+                store.get_file(key, safe_join(tmp, name))
 
         key = _safe(f"s3--{bucket}--{prefix}") + f"--{digest}"
         return FetchedModel(_place(cache, key, fill, scratch, hold), "s3", digest)
@@ -117,6 +151,23 @@ def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) 
         if exc.code == "storage_error":  # no such bucket, access denied: the model cannot be read
             raise ModelNotFound(f"Cannot read the model at {source.uri}: {exc.message}") from exc
         raise
+
+
+def _object_names(uri: str, objects: list[dict], strip: int) -> list[tuple[str, str]]:
+    """Pair each object key with its path below the model folder; refuse keys that would leave it."""
+    out = []
+    for o in objects:
+        if o["key"].endswith("/") and o["size"] == 0:  # a console's "folder" marker, not a file
+            continue
+        try:
+            out.append((o["key"], safe_relpath(o["key"][strip:])))
+        except UnsafePath as exc:
+            raise ModelNotFound(
+                f"Refusing the model at {uri}: object key {o['key']!r} is not a safe relative file name "
+                f"({exc.why}); rename it in the bucket.",
+                details={"key": o["key"]},
+            ) from None
+    return out
 
 
 # --- the Hub ----------------------------------------------------------------------------------

@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from quantfarm.errors import ModelNotFound, NotAModel, StorageUnavailable
+from quantfarm.errors import ModelNotFound, NotAModel, StorageUnavailable, ValidationFailed
+from quantfarm.settings import Settings
 from quantfarm.store import sha256_file, walk_files
 from storage.s3 import S3Store
-from storage.sources import ModelCache, fetch, fetch_model, model_cache_dir
+from storage.sources import ModelCache, check_local_path, fetch, fetch_model, model_cache_dir
 from tests.support.hubserver import HubServer
 from tests.support.s3server import free_port, s3_settings_for
 
@@ -32,11 +34,55 @@ def tree(root: Path) -> dict[str, str]:
 
 def test_local_directory_is_read_in_place(tiny_llama, tmp_path, s3_settings):
     got = fetch_model({"source": "local", "path": str(tiny_llama)}, {}, s3_settings, tmp_path / "scratch")
-    assert got == tiny_llama and not (tmp_path / "scratch").exists()
+    assert got == tiny_llama.resolve() and not (tmp_path / "scratch").exists()
     for bad in (tmp_path / "missing", tiny_llama / "config.json"):
         with pytest.raises(ModelNotFound) as err:
             fetch_model({"source": "local", "path": str(bad)}, {}, s3_settings, tmp_path / "scratch")
         assert err.value.message == f"Model path {bad}: no such directory on this worker."
+
+
+def test_local_roots_are_checked_with_symlinks_resolved(tiny_llama, tmp_path):
+    """Submit-side check (the API calls it) and the worker's second check agree; a link out of a root is refused."""
+    root = tmp_path / "models"
+    (root / "a").mkdir(parents=True)
+    (root / "escape").symlink_to(tiny_llama)  # inside the root by name, outside once resolved
+    assert check_local_path(str(root / "a"), [root]) == (root / "a").resolve()
+    assert check_local_path(str(root / "a" / ".." / "a"), [root]) == (root / "a").resolve()
+    for bad in ("/etc", str(root / ".." / "elsewhere"), str(root / "escape"), "relative/dir", "/models/a\x00b"):
+        with pytest.raises(ValidationFailed) as err:
+            check_local_path(bad, [root])
+        assert err.value.fields == {"model.path": f"must be a folder under one of the local roots ({root})"}
+    with pytest.raises(ValidationFailed) as err:
+        check_local_path(str(root / "a"), [])
+    assert "QUANTFARM_LOCAL_ROOTS" in err.value.fields["model.path"]
+
+    settings = Settings(home=tmp_path / "home", local_roots=[root])
+    with pytest.raises(ModelNotFound) as err:
+        fetch_model({"source": "local", "path": str(root / "escape")}, {}, settings, tmp_path / "s")
+    assert err.value.message == (f"Model path {root / 'escape'} is refused on this worker: "
+                                 f"must be a folder under one of the local roots ({root}).")
+    with pytest.raises(ModelNotFound, match="QUANTFARM_LOCAL_ROOTS"):
+        fetch_model({"source": "local", "path": str(tiny_llama)}, {}, Settings(home=tmp_path / "home", local_roots=[]), tmp_path / "s")
+
+
+@pytest.mark.parametrize("plant", ["outside-link", "fifo", "dangling-link"])
+def test_local_folder_with_a_link_out_or_a_special_file_is_refused(plant, tiny_llama, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    (model / "merges.txt").unlink(missing_ok=True)
+    if plant == "outside-link":
+        (model / "merges.txt").symlink_to("/etc/passwd")
+    elif plant == "fifo":
+        os.mkfifo(model / "merges.txt")
+    else:
+        (model / "merges.txt").symlink_to(model / "gone")
+    (model / "inside.json").symlink_to(model / "config.json")  # a link that stays in the folder is fine
+    settings = Settings(home=tmp_path / "home", local_roots=[tmp_path])
+    with pytest.raises(ModelNotFound) as err:
+        fetch_model({"source": "local", "path": str(model)}, {}, settings, tmp_path / "s")
+    assert err.value.details == {"file": "merges.txt"}
+    (model / "merges.txt").unlink()
+    assert fetch_model({"source": "local", "path": str(model)}, {}, settings, tmp_path / "s") == model.resolve()
 
 
 # --- s3 ----------------------------------------------------------------------------------------
@@ -65,6 +111,29 @@ def test_s3_without_cache_downloads_into_scratch(tiny_llama, tmp_path, moto):
     got = fetch_model({"source": "s3", "uri": "s3://nocache-models/m"}, {}, settings, tmp_path / "scratch")
     assert got == tmp_path / "scratch" / "model" and tree(got) == tree(tiny_llama)
     assert not model_cache_dir(settings).exists()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_s3_keys_that_leave_the_model_folder_refuse_the_job_and_write_nothing(cache, tmp_path, moto):
+    """Keys like ``m/../../../../tmp/X/f`` or ``m//tmp/X/f`` once wrote wherever they pointed."""
+    settings = s3_settings_for(tmp_path, moto.url, model_cache_bytes=(1 << 30) if cache else 0)
+    escaped = tmp_path / "escaped"
+    evil = {
+        "dotdot": "m/" + "../" * 40 + str(escaped / "dotdot" / "f").lstrip("/"),
+        "empty": "m//" + str(escaped / "empty" / "f").lstrip("/"),
+    }
+    for name, key in evil.items():
+        bucket = S3Store.from_settings(settings, bucket=f"evil-{name}-{int(cache)}", create_bucket=True)
+        bucket.put_bytes("m/config.json", b"{}")
+        bucket.put_bytes(key, b"pwned")
+        assert key in bucket.list("m")  # the store really holds the key as written
+        with pytest.raises(ModelNotFound) as err:
+            fetch_model({"source": "s3", "uri": f"s3://evil-{name}-{int(cache)}/m"}, {}, settings, tmp_path / "scratch")
+        assert err.value.details == {"key": key} and repr(key) in err.value.message
+        assert err.value.message.startswith(f"Refusing the model at s3://evil-{name}-{int(cache)}/m: object key ")
+    assert not escaped.exists()
+    written = [p for p in walk_files(tmp_path) if p.name == "f"]
+    assert written == []
 
 
 def test_s3_missing_prefix_or_bucket_is_model_not_found(tmp_path, s3_settings):
