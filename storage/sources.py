@@ -179,6 +179,15 @@ def hub_endpoint(settings: Settings) -> str:
     return (settings.hf_endpoint or constants.ENDPOINT).rstrip("/")
 
 
+def hub_auth(token: str | None) -> str | bool:
+    """The ``token`` argument for huggingface_hub and datasets: the job's token, or False, never the worker's own.
+
+    ``None`` would make them fall back to the worker's ``HF_TOKEN`` or cached login, so a job that brings
+    no credential could read gated models or push wherever the farm's account may.
+    """
+    return token if token else False
+
+
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, revision: str, endpoint: str, has_token: bool) -> Iterator[None]:
     """Turn huggingface_hub failures into ModelNotFound / StorageUnavailable."""
@@ -209,13 +218,14 @@ def _fetch_hub(source: HubSource, token: str | None, settings: Settings, cache, 
     from huggingface_hub import HfApi, snapshot_download
 
     endpoint = hub_endpoint(settings)
+    auth = hub_auth(token)
     with _hub_errors(source.repo_id, source.revision, endpoint, token is not None):
-        sha = HfApi(endpoint=endpoint).model_info(source.repo_id, revision=source.revision, token=token).sha
+        sha = HfApi(endpoint=endpoint, token=auth).model_info(source.repo_id, revision=source.revision, token=auth).sha
 
     def fill(tmp: Path) -> None:
         with _hub_errors(source.repo_id, source.revision, endpoint, token is not None):
             snapshot_download(
-                source.repo_id, revision=sha, local_dir=tmp, token=token, endpoint=endpoint,
+                source.repo_id, revision=sha, local_dir=tmp, token=auth, endpoint=endpoint,
                 allow_patterns=MODEL_FILES, ignore_patterns=_HUB_IGNORE, max_workers=4,
             )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local-dir bookkeeping

@@ -180,6 +180,23 @@ def test_hub_model_is_fetched_with_only_what_a_model_needs(hub, tiny_llama, tmp_
     assert len(gets()) == n  # served from the worker's cache
 
 
+def test_a_job_without_a_token_never_sends_the_workers_own(hub, tiny_llama, tmp_path, monkeypatch):
+    """With HF_TOKEN in the worker's environment, a tokenless job sends no Authorization at all."""
+    ambient = "hf_FARMS_OWN_token_must_not_leak"
+    hub.add_token(ambient, write=True, read={"org/private-llama"})
+    hub.add_repo("org/private-llama", {p.relative_to(tiny_llama).as_posix(): p.read_bytes() for p in walk_files(tiny_llama)},
+                 private=True)
+    monkeypatch.setenv("HF_TOKEN", ambient)
+    settings = hub_settings(hub, tmp_path, model_cache_bytes=0)
+    fetch({"source": "hub", "repo_id": "org/tiny-llama"}, {}, settings, tmp_path / "a")
+    with pytest.raises(ModelNotFound, match="no token was given"):
+        fetch({"source": "hub", "repo_id": "org/private-llama"}, {}, settings, tmp_path / "b")
+    assert hub.requests and {tok for _, _, tok in hub.requests} == {None}
+    n = len(hub.requests)
+    fetch({"source": "hub", "repo_id": "org/private-llama"}, {"model.token": TOKEN}, settings, tmp_path / "c")
+    assert {tok for _, _, tok in hub.requests[n:]} == {TOKEN}  # the job's own token, and only it
+
+
 def test_hub_revision_is_honoured_and_keys_the_cache(hub, tmp_path):
     settings = hub_settings(hub, tmp_path)
     second = hub.repos["org/tiny-llama"].commit("main", "new config", {"config.json": b'{"v": 2}'}).sha
