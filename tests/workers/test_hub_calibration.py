@@ -1,4 +1,4 @@
-"""Hub calibration sets never use the worker's own Hub identity.
+"""Hub calibration sets: never the worker's own Hub identity, never a path on the worker's disk.
 
 The Hub is unreachable here: ``datasets`` talks to the stand-in of tests/support/hubserver.py,
 which records the Authorization header of every request (it has no dataset endpoints, so the
@@ -13,13 +13,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from quantfarm.errors import CalibrationError
 from tests.support.hubserver import HubServer
+from workers.engine.calibration import hub_texts
 
 AMBIENT = "hf_FARMS_OWN_token_must_not_leak"
 JOBS = "hf_the_jobs_own_token"
 
 LOAD = """
 import json, sys
+from quantfarm.errors import CalibrationError
+from workers.engine.calibration import hub_texts
 try:
     hub_texts("hub:org/calib::train", 1000, *sys.argv[1:])  # no token argument at all for a tokenless job
 except CalibrationError as exc:
@@ -45,3 +51,14 @@ def test_a_tokenless_hub_dataset_sends_no_authorization(tmp_path):
         n = len(hub.requests)
         load_in_worker(hub, tmp_path, JOBS)
         assert {tok for _, _, tok in hub.requests[n:]} == {JOBS}  # a job's own token is sent, and only it
+
+
+@pytest.mark.parametrize("name", ["/etc", "../x", "org/../x", "here"])
+def test_a_hub_dataset_that_names_a_path_is_never_read_from_disk(name, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "data.txt").write_text("a worker's file")
+    monkeypatch.chdir(tmp_path)  # datasets would read ./here before asking the Hub
+    with pytest.raises(CalibrationError) as err:
+        hub_texts(f"hub:{name}", 1000)
+    assert err.value.message == (f"Hub dataset {name!r} is not a Hub dataset id, or names a path on this worker; "
+                                 "calibration sets come from the Hub, never from a worker's disk.")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
+import re
 import sysconfig
 import zlib
 from pathlib import Path
@@ -12,6 +14,8 @@ from typing import Callable
 import torch
 
 from quantfarm.errors import CalibrationError
+
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # org/name, as spec checks
 
 # Held-out split of the built-in code set: files whose name hashes to 0 mod 10.
 _HOLDOUT_MOD = 10
@@ -52,6 +56,10 @@ def hub_texts(spec: str, max_chars: int, token: str | None = None) -> list[str]:
     """Load ``hub:<dataset>[:<config>][:<split>]`` through ``datasets``, with the job's token or none at all."""
     parts = spec.split(":")[1:]
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
+    if not _HUB_DATASET.match(name) or ".." in name or os.path.lexists(name) or os.path.lexists(f"{name}.py"):
+        # datasets reads a folder or script of that name from the working directory before asking the Hub.
+        raise CalibrationError(f"Hub dataset {name!r} is not a Hub dataset id, or names a path on this worker; "
+                               "calibration sets come from the Hub, never from a worker's disk.", details={"dataset": spec})
     try:
         import datasets
     except ImportError:
