@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -66,14 +67,30 @@ def fetch(source: Any, secrets: dict[str, str], settings: Settings, scratch: Pat
 
         source = TypeAdapter(ModelSource).validate_python(source)
     if isinstance(source, LocalSource):
-        return FetchedModel(_local_folder(source.path, settings), "local")
+        return _checked(FetchedModel(_local_folder(source.path, settings), "local"))
     cache = ModelCache(model_cache_dir(settings), settings.model_cache_bytes) if settings.model_cache_bytes > 0 else None
     if isinstance(source, S3Source):
-        return _fetch_s3(source, settings, cache, scratch, hold)
+        return _checked(_fetch_s3(source, settings, cache, scratch, hold))
     if isinstance(source, HubSource):
-        return _fetch_hub(source, secrets.get("model.token"), settings, cache, scratch, hold)
+        return _checked(_fetch_hub(source, secrets.get("model.token"), settings, cache, scratch, hold))
     raise ModelNotFound(f"Model source {getattr(source, 'source', source)!r} is not supported yet; use hub, s3 or local.",
                         code="unsupported_source")
+
+
+def _checked(model: FetchedModel) -> FetchedModel:
+    """Refuse a shard index naming files outside the folder: every loader joins those names to it."""
+    try:
+        weight_map = json.loads((model.path / "model.safetensors.index.json").read_text())["weight_map"]
+        names = list(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return model  # no index, or a malformed one the engine reports as not a model
+    for name in names:
+        try:
+            safe_join(model.path, name)
+        except (UnsafePath, TypeError):
+            raise NotAModel(f"model.safetensors.index.json names shard {name!r}, which is not a file inside the model folder.",
+                            details={"file": str(name)}) from None
+    return model
 
 
 def _place(cache: "ModelCache | None", key: str, fill: Callable[[Path], None], scratch: Path,

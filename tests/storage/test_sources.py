@@ -7,6 +7,7 @@ talks to the stand-in of tests/support/hubserver.py over HTTP instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -83,6 +84,27 @@ def test_local_folder_with_a_link_out_or_a_special_file_is_refused(plant, tiny_l
     assert err.value.details == {"file": "merges.txt"}
     (model / "merges.txt").unlink()
     assert fetch_model({"source": "local", "path": str(model)}, {}, settings, tmp_path / "s") == model.resolve()
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_shard_index_naming_another_models_files_is_not_a_model(kind, tiny_llama, tmp_path, s3_settings):
+    """Every loader (ours, transformers' for bitsandbytes) joins the index's names to the folder: ../ would read
+    another model on the worker's disk, another team's cached private one say, into this job's artifact."""
+    src = tmp_path / "m"
+    shutil.copytree(tiny_llama, src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    stolen = "../../other-team-model/model.safetensors"
+    index["weight_map"][first] = stolen
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    if kind == "local":
+        source = {"source": "local", "path": str(src)}
+    else:
+        S3Store.from_settings(s3_settings, bucket="index-models", create_bucket=True).upload_dir("m", src)
+        source = {"source": "s3", "uri": "s3://index-models/m"}
+    with pytest.raises(NotAModel) as err:
+        fetch_model(source, {}, s3_settings, tmp_path / "scratch")
+    assert err.value.message == f"model.safetensors.index.json names shard {stolen!r}, which is not a file inside the model folder."
 
 
 # --- s3 ----------------------------------------------------------------------------------------
