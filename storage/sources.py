@@ -130,7 +130,11 @@ def _local_folder(path: str, settings: Settings) -> Path:
         raise ModelNotFound(f"Model path {path} is refused on this worker: {exc.fields['model.path']}.") from None
     if not real.is_dir():
         raise ModelNotFound(f"Model path {path}: no such directory on this worker.")
-    for entry in os.scandir(real):  # the engine reads the folder's top level only
+    try:
+        entries = list(os.scandir(real))  # the engine reads the folder's top level only
+    except OSError as exc:
+        raise ModelNotFound(f"Model path {path} cannot be read on this worker ({exc.strerror}).") from None
+    for entry in entries:
         if entry.is_symlink() and not is_inside(entry.path, real):
             raise ModelNotFound(f"Model path {path}: {entry.name} is a symlink to a file outside the model folder; "
                                 "copy the file into the folder instead.", details={"file": entry.name})
