@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     url: str | None = None  # what the CLI talks to; defaults to http://host:port
+    api_key: SecretStr | None = None  # what the CLI sends as its Bearer key
     max_upload_bytes: int = 64 * 1024 * 1024  # largest calibration file POST /v1/uploads takes
 
     # Artifact store
