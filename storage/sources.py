@@ -70,7 +70,7 @@ def fetch(source: Any, secrets: dict[str, str], settings: Settings, scratch: Pat
         return _checked(FetchedModel(_local_folder(source.path, settings), "local"))
     cache = ModelCache(model_cache_dir(settings), settings.model_cache_bytes) if settings.model_cache_bytes > 0 else None
     if isinstance(source, S3Source):
-        return _checked(_fetch_s3(source, settings, cache, scratch, hold))
+        return _checked(_fetch_s3(source, secrets.get("model.s3"), settings, cache, scratch, hold))
     if isinstance(source, HubSource):
         return _checked(_fetch_hub(source, secrets.get("model.token"), settings, cache, scratch, hold))
     raise ModelNotFound(f"Model source {getattr(source, 'source', source)!r} is not supported yet; use hub, s3 or local.",
@@ -147,12 +147,27 @@ def _local_folder(path: str, settings: Settings) -> Path:
 # --- S3 -----------------------------------------------------------------------------------
 
 
-def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) -> FetchedModel:
+def source_store(settings: Settings, bucket: str, creds: dict[str, str] | None):
+    """The store a job's ``s3://`` source is read through: with the job's own keys, else unsigned.
+
+    Never the farm's keys: with them any caller could read whatever bucket the farm can (its own
+    artifact bucket, other teams' results included).
+    """
+    from pydantic import SecretStr
+
     from storage.s3 import S3Store
 
+    if not creds:
+        return S3Store.from_settings(settings, bucket=bucket, prefix="", create_bucket=False, anonymous=True)
+    own = settings.model_copy(update={"s3_access_key_id": creds["access_key_id"],
+                                      "s3_secret_access_key": SecretStr(creds["secret_access_key"])})
+    return S3Store.from_settings(own, bucket=bucket, prefix="", create_bucket=False)
+
+
+def _fetch_s3(source: S3Source, creds: dict[str, str] | None, settings: Settings, cache, scratch: Path, hold) -> FetchedModel:
     bucket, _, prefix = source.uri[len("s3://"):].partition("/")
     prefix = prefix.strip("/")
-    store = S3Store.from_settings(settings, bucket=bucket, prefix="", create_bucket=False)
+    store = source_store(settings, bucket, creds)
     try:
         objects = store.list_objects(prefix)
         if not objects:

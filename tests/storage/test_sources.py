@@ -24,6 +24,8 @@ from tests.support.hubserver import HubServer
 from tests.support.s3server import free_port, s3_settings_for
 
 TOKEN = "hf_READtoken_secret_777"
+# A job's own S3 credential (a team credential by reference); without one a bucket is read unsigned.
+KEYS = {"model.s3": {"access_key_id": "testing", "secret_access_key": "testing"}}
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -103,7 +105,7 @@ def test_a_shard_index_naming_another_models_files_is_not_a_model(kind, tiny_lla
         S3Store.from_settings(s3_settings, bucket="index-models", create_bucket=True).upload_dir("m", src)
         source = {"source": "s3", "uri": "s3://index-models/m"}
     with pytest.raises(NotAModel) as err:
-        fetch_model(source, {}, s3_settings, tmp_path / "scratch")
+        fetch_model(source, KEYS, s3_settings, tmp_path / "scratch")
     assert err.value.message == f"model.safetensors.index.json names shard {stolen!r}, which is not a file inside the model folder."
 
 
@@ -116,21 +118,21 @@ def test_s3_prefix_is_fetched_cached_and_refetched_when_it_changes(tiny_llama, t
     bucket.put_bytes("llama/v10/other.bin", b"not part of v1")
     source = {"source": "s3", "uri": "s3://team-models/llama/v1/"}
 
-    first = fetch(source, {}, s3_settings, tmp_path / "scratch")
+    first = fetch(source, KEYS, s3_settings, tmp_path / "scratch")
     assert tree(first.path) == tree(tiny_llama) and first.source == "s3"
     assert first.path.parent == model_cache_dir(s3_settings)
-    again = fetch(source, {}, s3_settings, tmp_path / "scratch2")
+    again = fetch(source, KEYS, s3_settings, tmp_path / "scratch2")
     assert again == first  # same listing, same cache entry, nothing downloaded twice
 
     bucket.put_bytes("llama/v1/config.json", b'{"changed": true}')
-    changed = fetch(source, {}, s3_settings, tmp_path / "scratch3")
+    changed = fetch(source, KEYS, s3_settings, tmp_path / "scratch3")
     assert changed.path != first.path and (changed.path / "config.json").read_bytes() == b'{"changed": true}'
 
 
 def test_s3_without_cache_downloads_into_scratch(tiny_llama, tmp_path, moto):
     settings = s3_settings_for(tmp_path, moto.url, model_cache_bytes=0)
     S3Store.from_settings(settings, bucket="nocache-models", create_bucket=True).upload_dir("m", tiny_llama)
-    got = fetch_model({"source": "s3", "uri": "s3://nocache-models/m"}, {}, settings, tmp_path / "scratch")
+    got = fetch_model({"source": "s3", "uri": "s3://nocache-models/m"}, KEYS, settings, tmp_path / "scratch")
     assert got == tmp_path / "scratch" / "model" and tree(got) == tree(tiny_llama)
     assert not model_cache_dir(settings).exists()
 
@@ -150,7 +152,7 @@ def test_s3_keys_that_leave_the_model_folder_refuse_the_job_and_write_nothing(ca
         bucket.put_bytes(key, b"pwned")
         assert key in bucket.list("m")  # the store really holds the key as written
         with pytest.raises(ModelNotFound) as err:
-            fetch_model({"source": "s3", "uri": f"s3://evil-{name}-{int(cache)}/m"}, {}, settings, tmp_path / "scratch")
+            fetch_model({"source": "s3", "uri": f"s3://evil-{name}-{int(cache)}/m"}, KEYS, settings, tmp_path / "scratch")
         assert err.value.details == {"key": key} and repr(key) in err.value.message
         assert err.value.message.startswith(f"Refusing the model at s3://evil-{name}-{int(cache)}/m: object key ")
     assert not escaped.exists()
@@ -158,18 +160,36 @@ def test_s3_keys_that_leave_the_model_folder_refuse_the_job_and_write_nothing(ca
     assert written == []
 
 
+def test_an_s3_source_is_read_with_the_jobs_keys_or_unsigned_never_the_farms(tiny_llama, tmp_path, s3_proxy, faulty_s3_settings):
+    """The proxy in front of moto_server records each request's Authorization header."""
+    settings = faulty_s3_settings.model_copy(update={"model_cache_bytes": 0})
+    public = S3Store.from_settings(settings, bucket="anon-models", create_bucket=True)
+    public.upload_dir("m", tiny_llama)
+    public.client.put_bucket_policy(Bucket="anon-models", Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+         "Resource": ["arn:aws:s3:::anon-models", "arn:aws:s3:::anon-models/*"]}]}))
+    s3_proxy.authorizations.clear()
+    got = fetch_model({"source": "s3", "uri": "s3://anon-models/m"}, {}, settings, tmp_path / "a")
+    assert tree(got) == tree(tiny_llama)
+    assert s3_proxy.authorizations and set(s3_proxy.authorizations) == {None}  # unsigned, not the farm's "testing" key
+    s3_proxy.authorizations.clear()
+    team = {"access_key_id": "TEAMKEY", "secret_access_key": "team-secret"}
+    fetch_model({"source": "s3", "uri": "s3://anon-models/m"}, {"model.s3": team}, settings, tmp_path / "b")
+    assert s3_proxy.authorizations and all("Credential=TEAMKEY/" in (a or "") for a in s3_proxy.authorizations)
+
+
 def test_s3_missing_prefix_or_bucket_is_model_not_found(tmp_path, s3_settings):
     S3Store.from_settings(s3_settings, bucket="empty-models", create_bucket=True).ensure_bucket()
     with pytest.raises(ModelNotFound, match=r"^No objects under s3://empty-models/nothing/; check the bucket and prefix\.$"):
-        fetch_model({"source": "s3", "uri": "s3://empty-models/nothing/"}, {}, s3_settings, tmp_path)
+        fetch_model({"source": "s3", "uri": "s3://empty-models/nothing/"}, KEYS, s3_settings, tmp_path)
     with pytest.raises(ModelNotFound, match="Cannot read the model at s3://no-such-bucket-xyz/m: Bucket 'no-such-bucket-xyz' does not exist"):
-        fetch_model({"source": "s3", "uri": "s3://no-such-bucket-xyz/m"}, {}, s3_settings, tmp_path)
+        fetch_model({"source": "s3", "uri": "s3://no-such-bucket-xyz/m"}, KEYS, s3_settings, tmp_path)
 
 
 def test_s3_endpoint_down_is_storage_unavailable(tmp_path):
     settings = s3_settings_for(tmp_path, f"http://127.0.0.1:{free_port()}", s3_max_attempts=2)
     with pytest.raises(StorageUnavailable, match="is unavailable"):
-        fetch_model({"source": "s3", "uri": "s3://team-models/llama/"}, {}, settings, tmp_path)
+        fetch_model({"source": "s3", "uri": "s3://team-models/llama/"}, KEYS, settings, tmp_path)
 
 
 # --- the Hub ------------------------------------------------------------------------------------
