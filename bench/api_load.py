@@ -142,7 +142,7 @@ class Servers:
         self.env = {**os.environ, "QUANTFARM_DATABASE_URL": self.db_url, "QUANTFARM_BROKER_URL": self.redis.url,
                     "QUANTFARM_STORE": "local", "QUANTFARM_HOME": str(work / "home"), "QUANTFARM_ARTIFACT_DIR": str(work / "store"),
                     "QUANTFARM_AUTH": "on", "QUANTFARM_SECRET_KEY": new_key(), "QUANTFARM_TRUSTED_HOSTS": "127.0.0.1,localhost",
-                    "QUANTFARM_TEAM_MAX_QUEUED": "100000000"}  # the bench queues far more jobs than a team's quota
+                    "QUANTFARM_TEAM_MAX_QUEUED": "100000000", "QUANTFARM_LOCAL_ROOTS": "/models"}  # the bench queues far more jobs than a team's quota
         self.job_id, self.token = self._seed(jobs)
 
     def _seed(self, n: int) -> tuple[str, str]:

@@ -86,7 +86,7 @@ def soak(a, work: Path) -> dict:
         with RedisServer() as redis_server, ComposeStack(
             work, database_url=PG_ADMIN.rsplit("/", 1)[0] + f"/{dbname}", broker_url=redis_server.url, s3_url="http://127.0.0.1:9",
             QUANTFARM_STORE="local", QUANTFARM_ARTIFACT_DIR=str(work / "store"), QUANTFARM_LEASE_SECONDS="4",
-            QUANTFARM_TEAM_MAX_QUEUED="1000",
+            QUANTFARM_TEAM_MAX_QUEUED="1000", QUANTFARM_LOCAL_ROOTS=str(model_dir().parent),
         ) as stack:
             assert stack.run_once("migrate").returncode == 0, stack.logs()
             for name, service in (("api", "api"), ("service", "service"), ("worker-a", "worker-gpu0"), ("worker-b", "worker-gpu0")):
