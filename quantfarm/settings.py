@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     lease_seconds: float = 60.0
     heartbeat_seconds: float | None = None  # default: a third of the lease
     sweep_seconds: float = 10.0
+    # Scheduler: a queued job waiting this long gets a wake-up from the sweeper (at most
+    # wakeup_batch per interval, never one per job); fair share looks back this far.
     requeue_queued_after_seconds: float = 600.0
+    wakeup_batch: int = Field(default=4, ge=1)
+    fair_share_window_seconds: float = Field(default=24 * 3600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_shard_bytes: int = 2 * 1024**3
     model_cache_bytes: int = 50 * 1024**3

@@ -23,52 +23,95 @@ from quantfarm.spec import load_spec
 from quantfarm.store import BlobStore, PrefixedStore
 from storage import jobs
 from storage.db import Database
-from storage.jobs import JobStatus, Stage
+from storage.jobs import JobStatus, Lease, Stage
+from storage.layout import artifact_prefix, checkpoint_prefix, upload_meta_key, upload_prefix
 from storage.models import Artifact, new_id
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
 
-def artifact_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/artifact"
-
-
-def checkpoint_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoints"
-
-
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class Preempted(Exception):
+    """The worker was asked to stop (SIGTERM): hand the job back without spending an attempt."""
+
+
+class FencedStore(PrefixedStore):
+    """Checkpoint writes that stop as soon as the heartbeat knows the lease is gone."""
+
+    def __init__(self, inner: BlobStore, prefix: str, hb: Heartbeat):
+        super().__init__(inner, prefix)
+        self.hb = hb
+
+    def put_file(self, key, path):
+        self._check()
+        super().put_file(key, path)
+
+    def put_bytes(self, key, data):
+        self._check()
+        super().put_bytes(key, data)
+
+    def _check(self) -> None:
+        if self.hb.lost:
+            raise LeaseLost(f"Job {self.hb.job_id}: lease lost; checkpoint write refused")
+
+
 class JobRunner:
-    """Runs jobs for one worker process."""
+    """Runs jobs for one worker process: claims the best runnable job, runs it, looks for more."""
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore, *, owner: str | None = None):
         self.settings = settings
         self.db = db
         self.store = store
         self.owner = owner or default_owner()
+        self.lease: Lease | None = None  # the claim held now (its fencing token rides on every write)
+        self.preempting = False  # set from a signal handler: a plain flag, no locks
 
-    # --- the one entry point -----------------------------------------------------
+    # --- entry points ----------------------------------------------------------------
+
+    def drain(self) -> list[tuple[str, str]]:
+        """Run the best runnable job, then the next, until none is left or we are preempted."""
+        done = []
+        while not self.preempting:
+            job = self._claim()
+            if job is None:
+                break
+            done.append((job.id, self._execute(job)))
+        return done
 
     def run(self, job_id: str) -> str:
-        """Claim and run ``job_id``; return the status it ended in (or 'skipped')."""
-        with self.db.session() as s:
-            job = jobs.claim(s, job_id, self.owner, self.settings.lease_seconds)
+        """Claim ``job_id`` itself and run it; return the status it ended in (or 'skipped')."""
+        job = self._claim(only=job_id)
         if job is None:
-            log.info("job %s: not claimable (already taken or not queued); skipping", job_id)
+            log.info("job %s: not claimable (already taken, not queued, or over its team's limit); skipping", job_id)
             return "skipped"
-        log.info("job %s: claimed by %s (attempt %d)", job_id, self.owner, job.attempt)
+        return self._execute(job)
+
+    def _claim(self, only: str | None = None):
+        from storage.scheduler import claim_next
+
+        with self.db.session() as s:
+            return claim_next(s, self.owner, self.settings.lease_seconds, only=only,
+                              window_seconds=self.settings.fair_share_window_seconds)
+
+    def _execute(self, job) -> str:
+        """Run a claimed job; turn every way it can end into a state."""
+        job_id = job.id
+        self.lease = Lease(self.owner, job.claim)
+        log.info("job %s: claimed by %s (attempt %d, claim %d)", job_id, self.owner, job.attempt, job.claim)
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
-        hb = Heartbeat(self.db, job_id, self.owner, self.settings.lease_seconds, self.settings.heartbeat_interval)
+        hb = Heartbeat(self.db, job_id, self.lease, self.settings.lease_seconds, self.settings.heartbeat_interval)
         try:
             with hb, contextlib.ExitStack() as hold:
                 return self._run(job, scratch, hb, hold)
         except LeaseLost:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return "lease_lost"
+        except Preempted:
+            return self._release(job_id)
         except JobCancelled:
             return self._end(job_id, JobStatus.CANCELLED, message="Cancelled at a layer boundary; checkpoints kept for retry")
         except QuantfarmError as exc:
@@ -82,6 +125,7 @@ class JobRunner:
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            self.lease = None
 
     # --- stages --------------------------------------------------------------------
 
@@ -103,11 +147,13 @@ class JobRunner:
             hb.beat()  # renew and pick up cancel requests at every layer boundary
             with self.db.session() as s:
                 jobs.set_progress(
-                    s, job.id, self.owner, done=report.index + 1, total=report.total, eta=report.eta_seconds,
+                    s, job.id, self.lease, done=report.index + 1, total=report.total, eta=report.eta_seconds,
                     data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
                 )
             if hb.cancel_requested:
                 raise JobCancelled(f"Job {job.id} cancelled")
+            if self.preempting:  # this layer's checkpoint is written: hand the job on from here
+                raise Preempted(job.id)
 
         def on_stage(name: str) -> None:
             self._stage(job.id, Stage(name))
@@ -121,16 +167,18 @@ class JobRunner:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         result = quantize(
-            req, PrefixedStore(self.store, checkpoint_prefix(job.id)), out_dir,
+            req, FencedStore(self.store, checkpoint_prefix(job.id), hb), out_dir,
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
             max_shard_bytes=self.settings.max_shard_bytes,
         )
         self._stage(job.id, Stage.UPLOADING)
-        entries = self.store.upload_dir(artifact_prefix(job.id), out_dir) if spec.destination.store else []
+        prefix = artifact_prefix(job.id, self.lease.claim)  # a stale claim writes only under its own prefix
+        entries = self.store.upload_dir(prefix, out_dir) if spec.destination.store else []
         hub_url = hub_commit = None
         if spec.destination.hub is not None:
             from storage.hub import publish_to_hub
 
+            self._check_fence(job.id)  # a stale claim publishes nothing
             hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, job.secrets.get("destination.hub.token"), job.id, self.settings)
             if not entries:
                 from quantfarm.store import FileEntry, sha256_file, walk_files
@@ -138,7 +186,7 @@ class JobRunner:
                 entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
                    "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
-        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, spec.destination.store)
+        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, prefix if spec.destination.store else None)
         try:
             self.store.delete_prefix(checkpoint_prefix(job.id))
         except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
@@ -152,7 +200,7 @@ class JobRunner:
         return fetch_model(spec.model, secrets, self.settings, scratch, hold=hold)
 
     def _read_upload(self, upload_id: str) -> str:
-        keys = [k for k in self.store.list(f"uploads/{upload_id}/") if not k.endswith("/meta.json")]
+        keys = [k for k in self.store.list(upload_prefix(upload_id) + "/") if k != upload_meta_key(upload_id)]
         if not keys:
             raise ModelNotFound(f"Upload {upload_id} was not found in the store.", code="upload_not_found")
         return self.store.get_bytes(keys[0]).decode("utf-8", errors="replace")
@@ -165,10 +213,16 @@ class JobRunner:
     # --- DB writes -------------------------------------------------------------------
 
     def _stage(self, job_id: str, stage: Stage) -> None:
+        if self.preempting:
+            raise Preempted(job_id)
         with self.db.session() as s:
-            jobs.set_stage(s, job_id, self.owner, stage)
+            jobs.set_stage(s, job_id, self.lease, stage)
 
-    def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, stored: bool) -> None:
+    def _check_fence(self, job_id: str) -> None:
+        with self.db.session() as s:
+            jobs.check_fence(s, job_id, self.lease)
+
+    def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, prefix: str | None) -> None:
         import hashlib
 
         digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
@@ -176,11 +230,23 @@ class JobRunner:
             job = jobs.get_job(s, job_id)
             s.add(Artifact(
                 id=new_id("art"), job_id=job_id, kind="model", format=qconfig.get("quant_method", "unknown"),
-                location=self.store.uri(artifact_prefix(job_id)) if stored else None,
+                location=self.store.uri(prefix) if prefix else None, store_prefix=prefix,
                 files=[e.to_dict() for e in entries], file_count=len(entries),
                 size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=hub_url, hub_commit=hub_commit,
             ))
-            jobs.transition(s, job, JobStatus.SUCCEEDED, owner=self.owner, message="Quantized and stored", metrics=metrics, stage=None)
+            # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
+            jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
+
+    def _release(self, job_id: str) -> str:
+        """Hand the job back to the queue at once (preempted); the next claim resumes from checkpoints."""
+        try:
+            with self.db.session() as s:
+                jobs.release(s, jobs.get_job(s, job_id), self.lease, f"Worker {self.owner} stopping; requeued without spending an attempt")
+        except (LeaseLost, InvalidState) as exc:
+            log.warning("job %s: not released: %s", job_id, exc)
+            return "lease_lost"
+        log.warning("job %s: preempted; requeued", job_id)
+        return "preempted"
 
     def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:
         try:
@@ -189,7 +255,7 @@ class JobRunner:
                 changes = {"stage": None}
                 if error_code:
                     changes.update(error_code=error_code, error_message=error_message)
-                jobs.transition(s, job, status, owner=self.owner, message=message or error_message, **changes)
+                jobs.transition(s, job, status, lease=self.lease, message=message or error_message, **changes)
         except LeaseLost:
             log.warning("job %s: lease lost before it could be marked %s", job_id, status.value)
             return "lease_lost"

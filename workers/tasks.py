@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
+from celery.signals import worker_shutting_down
+
 from quantfarm.queue import DELIVER_WEBHOOK, RUN_JOB, SWEEP
 from workers.celery_app import app
 from workers.context import context
 
+log = logging.getLogger(__name__)
+
 
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> None:
-    context().runner.run(job_id)
+    """A wake-up: the job named is only a hint; the worker claims the best runnable job, then more."""
+    ran = context().runner.drain()
+    log.info("woken for %s; ran %s", job_id, ran or "nothing (no runnable job)")
+
+
+@worker_shutting_down.connect(weak=False)
+def _preempt(**_kw) -> None:
+    """On SIGTERM (sent from Celery's signal handler): stop the job at its next boundary and requeue it."""
+    from workers import context as worker_context
+
+    ctx = worker_context._context
+    if ctx is not None and "runner" in ctx.__dict__:  # only a worker that built a runner has a job to hand back
+        ctx.runner.preempting = True  # a plain attribute: nothing in a signal handler may lock
 
 
 @app.task(name=SWEEP)

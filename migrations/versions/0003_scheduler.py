@@ -1,0 +1,46 @@
+"""scheduler: the claim fencing counter, the queue index, job runs (fair share), artifacts' store prefix
+
+Revision ID: 0003
+Revises: 0002
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('claim', sa.Integer(), server_default='0', nullable=False))
+        batch_op.create_index('ix_jobs_queue', ['status', 'priority', 'team_id', 'created_at'], unique=False)
+    with op.batch_alter_table('artifacts', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('store_prefix', sa.String(length=500), nullable=True))
+    op.create_table('job_runs',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('job_id', sa.String(length=40), nullable=False),
+    sa.Column('team_id', sa.String(length=40), nullable=False),
+    sa.Column('claim', sa.Integer(), nullable=False),
+    sa.Column('owner', sa.String(length=200), nullable=False),
+    sa.Column('started_at', sa.DateTime(), nullable=False),
+    sa.Column('ended_at', sa.DateTime(), nullable=True),
+    sa.Column('outcome', sa.String(length=20), nullable=True),
+    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id'),
+    )
+    op.create_index('ix_job_runs_job_id', 'job_runs', ['job_id'])
+    op.create_index('ix_job_runs_team_ended', 'job_runs', ['team_id', 'ended_at'])
+
+
+def downgrade() -> None:
+    op.drop_index('ix_job_runs_team_ended', table_name='job_runs')
+    op.drop_index('ix_job_runs_job_id', table_name='job_runs')
+    op.drop_table('job_runs')
+    with op.batch_alter_table('artifacts', schema=None) as batch_op:
+        batch_op.drop_column('store_prefix')
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index('ix_jobs_queue')
+        batch_op.drop_column('claim')
