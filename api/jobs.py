@@ -147,7 +147,7 @@ def cancel_job(job_id: str):
 @bp.post("/v1/jobs/<job_id>/retry")
 def retry_job(job_id: str):
     with services().db.session() as s:
-        job = job_store.retry(s, job_id)
+        job = job_store.retry(s, job_id, retry_window_days=services().settings.retry_window)
         view = job_view(job)
     enqueue(job_id)
     log.info("Retry of job %s: attempt %s", job_id, view["attempt"])

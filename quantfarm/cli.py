@@ -253,6 +253,22 @@ def cmd_migrate(a, settings) -> int:
     return EXIT_OK
 
 
+def cmd_gc(a, settings) -> int:
+    from storage.artifacts import make_store
+    from storage.db import Database
+    from storage.retention import GcAges, collect
+
+    db = Database.from_settings(settings)
+    try:
+        report = collect(db, make_store(settings), settings, GcAges.from_settings(settings, a.artifacts_older_than))
+    finally:
+        db.dispose()
+    out = report.as_dict()
+    print(json.dumps(out, indent=2) if a.json else "\n".join(
+        f"{k}: {len(v) if isinstance(v, list) else v}" for k, v in out.items()))
+    return EXIT_OK
+
+
 def cmd_api(a, settings) -> int:
     from api.app import serve
 
@@ -314,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cursor", help="next page, as printed under the table")
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_jobs)
+
+    g = sub.add_parser("gc", help="delete what the retention settings say has expired (QUANTFARM_GC_*, QUANTFARM_RETRY_WINDOW)")
+    g.add_argument("--artifacts-older-than", type=float, metavar="DAYS",
+                   help="also delete succeeded jobs' artifacts older than this (never without it)")
+    g.add_argument("--json", action="store_true", help="print what was removed as JSON")
+    g.set_defaults(func=cmd_gc)
 
     for name, func, text in (("migrate", cmd_migrate, "bring the database schema up to date"), ("api", cmd_api, "serve the HTTP API"),
                              ("run", cmd_run, "run the embedded stack: API, worker and sweeper"), ("worker", cmd_worker, "run a worker")):

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     url: str | None = None  # what the CLI talks to; defaults to http://host:port
+    # `quantfarm run`: how long children get to stop after SIGTERM, and to come up at start.
+    stop_grace_seconds: float = Field(default=30.0, gt=0)
+    startup_timeout_seconds: float = Field(default=120.0, gt=0)
     max_upload_bytes: int = 64 * 1024 * 1024  # largest calibration file POST /v1/uploads takes
 
     # Artifact store
@@ -91,6 +94,14 @@ class Settings(BaseSettings):
     team_max_queued: int = Field(default=100, ge=1)
     # Days a failed or cancelled job stays retryable; its encrypted secrets are erased after it.
     retry_window: float = Field(default=7.0, gt=0)
+    # Garbage collection (`quantfarm gc`, and the service every gc_every_seconds): ages past which
+    # uploads no job can still read, scratch folders of jobs not running, progress events of ended
+    # jobs and finished webhook deliveries are removed.
+    gc_every_seconds: float = Field(default=3600.0, gt=0)
+    gc_uploads_days: float = Field(default=7.0, gt=0)
+    gc_scratch_hours: float = Field(default=24.0, gt=0)
+    gc_events_days: float = Field(default=90.0, gt=0)
+    gc_deliveries_days: float = Field(default=30.0, gt=0)
     # Seconds a verified API key is trusted without reading its row again (revocation lag).
     auth_cache_seconds: float = Field(default=5.0, ge=0)
 

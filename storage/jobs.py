@@ -288,12 +288,19 @@ def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor
     raise InvalidState(f"Job {job_id} is {status.value}; only queued or running jobs can be cancelled.", details={"status": status.value})
 
 
-def retry(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None) -> Job:
-    """Queue a failed or cancelled job again; it resumes from its checkpoints."""
+def retry(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None,
+          retry_window_days: float | None = None) -> Job:
+    """Queue a failed or cancelled job again; it resumes from its checkpoints.
+
+    Refused (409 retry_window_passed) once the job's retry window has passed.
+    """
+    from storage.retention import check_retryable
+
     job = get_job(s, job_id, team_id=team_id)
     status = JobStatus(job.status)
     if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise InvalidState(f"Job {job_id} is {status.value}; only failed or cancelled jobs can be retried.", details={"status": status.value})
+    check_retryable(job, retry_window_days)
     return transition(
         s, job, JobStatus.QUEUED, message="Retry requested", actor=actor,
         attempt=job.attempt + 1, error_code=None, error_message=None, cancel_requested=False,

@@ -26,6 +26,7 @@ from storage.db import Database
 from storage.jobs import JobStatus, Lease, Stage
 from storage.layout import artifact_prefix, checkpoint_prefix, upload_meta_key, upload_prefix
 from storage.models import Artifact, new_id
+from storage.retention import erase_run_secrets
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,12 @@ class FencedStore(PrefixedStore):
 class JobRunner:
     """Runs jobs for one worker process: claims the best runnable job, runs it, looks for more."""
 
-    def __init__(self, settings: Settings, db: Database, store: BlobStore, *, owner: str | None = None):
+    def __init__(self, settings: Settings, db: Database, store: BlobStore, *, owner: str | None = None, wake=None):
         self.settings = settings
         self.db = db
         self.store = store
         self.owner = owner or default_owner()
+        self.wake = wake  # sends a wake-up (a job id as hint) so another worker takes a job we hand back
         self.lease: Lease | None = None  # the claim held now (its fencing token rides on every write)
         self.preempting = False  # set from a signal handler: a plain flag, no locks
 
@@ -236,6 +238,7 @@ class JobRunner:
             ))
             # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
             jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
+            erase_run_secrets(s, job_id)  # after the webhooks were made (they scrub with every secret)
 
     def _release(self, job_id: str) -> str:
         """Hand the job back to the queue at once (preempted); the next claim resumes from checkpoints."""
@@ -246,6 +249,11 @@ class JobRunner:
             log.warning("job %s: not released: %s", job_id, exc)
             return "lease_lost"
         log.warning("job %s: preempted; requeued", job_id)
+        try:
+            if self.wake is not None:
+                self.wake(job_id)
+        except Exception:  # broker down: the sweeper's wake-ups cover it
+            log.exception("job %s: could not send a wake-up", job_id)
         return "preempted"
 
     def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:

@@ -6,7 +6,7 @@ import logging
 
 from celery.signals import worker_shutting_down
 
-from quantfarm.queue import DELIVER_WEBHOOK, RUN_JOB, SWEEP
+from quantfarm.queue import DELIVER_WEBHOOK, GC, RUN_JOB, SWEEP
 from workers.celery_app import app
 from workers.context import context
 
@@ -33,6 +33,15 @@ def _preempt(**_kw) -> None:
 @app.task(name=SWEEP)
 def sweep() -> None:
     context().sweeper.sweep_once()
+
+
+@app.task(name=GC)
+def gc() -> None:
+    from storage.retention import GcAges, collect
+
+    ctx = context()
+    report = collect(ctx.db, ctx.store, ctx.settings, GcAges.from_settings(ctx.settings))
+    log.info("gc: %s", report.as_dict())
 
 
 @app.task(name=DELIVER_WEBHOOK)

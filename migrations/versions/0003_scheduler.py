@@ -1,4 +1,4 @@
-"""scheduler: the claim fencing counter, the queue index, job runs (fair share), artifacts' store prefix
+"""scheduler: the claim fencing counter, the queue index, job runs (fair share), artifacts' store prefix, jobs' retention purge time
 
 Revision ID: 0003
 Revises: 0002
@@ -16,6 +16,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('claim', sa.Integer(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('purged_at', sa.DateTime(), nullable=True))
         batch_op.create_index('ix_jobs_queue', ['status', 'priority', 'team_id', 'created_at'], unique=False)
     with op.batch_alter_table('artifacts', schema=None) as batch_op:
         batch_op.add_column(sa.Column('store_prefix', sa.String(length=500), nullable=True))
@@ -43,4 +44,5 @@ def downgrade() -> None:
         batch_op.drop_column('store_prefix')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_queue')
+        batch_op.drop_column('purged_at')
         batch_op.drop_column('claim')
