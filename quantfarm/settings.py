@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # wakeup_batch per interval, never one per job); fair share looks back this far.
     requeue_queued_after_seconds: float = 600.0
     wakeup_batch: int = Field(default=4, ge=1)
+    # What this worker offers the scheduler (None: the GPU's memory, or RAM on CPU), and how
+    # often it says it lives; a worker unseen for 3 beats is not counted by admission.
+    worker_memory_bytes: int | None = Field(default=None, gt=0)
+    worker_beat_seconds: float = Field(default=15.0, gt=0)
     fair_share_window_seconds: float = Field(default=24 * 3600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_shard_bytes: int = 2 * 1024**3
@@ -147,6 +151,10 @@ class Settings(BaseSettings):
     @property
     def heartbeat_interval(self) -> float:
         return self.heartbeat_seconds or max(self.lease_seconds / 3.0, 0.5)
+
+    @property
+    def worker_ttl_seconds(self) -> float:
+        return 3 * self.worker_beat_seconds
 
     @property
     def loopback(self) -> bool:

@@ -336,10 +336,10 @@ def requeue_lost(s: Session, job: Job, max_attempts: int) -> JobStatus:
     return JobStatus.QUEUED
 
 
-def release(s: Session, job: Job, lease: Lease, reason: str) -> Job:
-    """Hand a running job back to the queue at once, without spending an attempt (preemption)."""
+def release(s: Session, job: Job, lease: Lease, reason: str, *, why: str = "preempted") -> Job:
+    """Hand a running job back to the queue at once, without spending an attempt (preempted, handed on)."""
     return transition(s, job, JobStatus.QUEUED, lease=lease, message=reason,
-                      data={"previous_owner": lease.owner, "preempted": True}, stage=None, enqueued_at=utcnow())
+                      data={"previous_owner": lease.owner, why: True}, stage=None, enqueued_at=utcnow())
 
 
 def oldest_waiting(s: Session, older_than: float) -> list[str]:

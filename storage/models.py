@@ -161,6 +161,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the retry window ended: checkpoints and secrets erased
+    memory_estimate: Mapped[int | None] = mapped_column(BigInteger)  # peak bytes (quantfarm.memory); None: not known yet
 
     events: Mapped[list["JobEvent"]] = relationship(back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan")
     artifacts: Mapped[list["Artifact"]] = relationship(back_populates="job", order_by="Artifact.created_at", cascade="all, delete-orphan")
@@ -186,6 +187,23 @@ class JobRun(Base):
     outcome: Mapped[str | None] = mapped_column(String(20))  # the status it left running for
 
     __table_args__ = (Index("ix_job_runs_team_ended", "team_id", "ended_at"),)
+
+
+class Worker(Base):
+    """A worker process that registered itself, with what it can do and what it runs now."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the lease owner name it claims with
+    hostname: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(40))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)  # GPU memory, or RAM for a CPU worker
+    methods: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    formats: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    engine_version: Mapped[str] = mapped_column(String(40))
+    current_job_id: Mapped[str | None] = mapped_column(String(40))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class JobEvent(Base):

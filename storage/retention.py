@@ -23,7 +23,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState
-from storage import layout
+from storage import farm, layout
 from storage.jobs import TERMINAL, JobStatus, add_event
 from storage.models import Artifact, Job, JobEvent, WebhookDelivery, utcnow
 
@@ -86,6 +86,7 @@ class GcReport:
     artifacts: list[str] = field(default_factory=list)
     events: int = 0
     deliveries: int = 0
+    workers: int = 0  # rows of workers unseen for a day
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,6 +111,7 @@ def collect(db, store, settings, ages: GcAges, now: datetime | None = None) -> G
             delete(WebhookDelivery).where(WebhookDelivery.status.in_(_FINAL_DELIVERIES),
                                           WebhookDelivery.created_at < now - timedelta(days=ages.deliveries_days))
         ).rowcount
+        report.workers = farm.forget_dead(s, 24 * 3600.0)
     return report
 
 

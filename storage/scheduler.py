@@ -27,22 +27,26 @@ _QUEUED = JobStatus.QUEUED.value
 
 
 def claim_next(s: Session, owner: str, lease_seconds: float, *, only: str | None = None,
-               window_seconds: float = FAIR_SHARE_WINDOW) -> Job | None:
-    """Claim the best runnable job for ``owner`` (only ``only`` when given); None when there is none."""
+               window_seconds: float = FAIR_SHARE_WINDOW, memory: int | None = None) -> Job | None:
+    """Claim the best runnable job for ``owner`` (only ``only`` when given); None when there is none.
+
+    ``memory``: the worker's bytes; jobs estimated bigger are left for a bigger worker.
+    """
+    fits = [] if memory is None else [or_(Job.memory_estimate.is_(None), Job.memory_estimate <= memory)]
     for _ in range(3):
         try:
-            return _claim_once(s, owner, lease_seconds, only, window_seconds)
+            return _claim_once(s, owner, lease_seconds, only, window_seconds, fits)
         except InvalidState:  # the row moved between our read and our write (rolled back): look again
             log.info("claim by %s raced another move; looking again", owner)
     return None
 
 
-def _claim_once(s: Session, owner: str, lease_seconds: float, only: str | None, window: float) -> Job | None:
+def _claim_once(s: Session, owner: str, lease_seconds: float, only: str | None, window: float, fits: list) -> Job | None:
     postgres = s.get_bind().dialect.name == "postgresql"
     if not postgres:
         # A no-op write as the transaction's first statement takes SQLite's write lock until commit.
         s.execute(text("UPDATE jobs SET id = id WHERE 0"))
-    groups = _queued_groups(s, only)
+    groups = _queued_groups(s, only, fits)
     if not groups:
         return None
     teams = {g[0] for g in groups}
@@ -51,7 +55,7 @@ def _claim_once(s: Session, owner: str, lease_seconds: float, only: str | None, 
     for team_id, priority, _oldest in sorted(groups, key=lambda g: (-g[1], usage[g[0]], g[2])):
         if team_id in limits and not _under_limit(s, team_id, limits[team_id], postgres):
             continue
-        stmt = (select(Job).where(Job.status == _QUEUED, Job.team_id == team_id, Job.priority == priority)
+        stmt = (select(Job).where(Job.status == _QUEUED, Job.team_id == team_id, Job.priority == priority, *fits)
                 .order_by(Job.created_at, Job.id).limit(1).with_for_update(skip_locked=True))
         if only is not None:
             stmt = stmt.where(Job.id == only)
@@ -61,9 +65,9 @@ def _claim_once(s: Session, owner: str, lease_seconds: float, only: str | None, 
     return None
 
 
-def _queued_groups(s: Session, only: str | None) -> list[tuple[str, int, datetime]]:
-    """(team, priority, oldest created_at) of every queued group of jobs."""
-    stmt = (select(Job.team_id, Job.priority, func.min(Job.created_at)).where(Job.status == _QUEUED)
+def _queued_groups(s: Session, only: str | None, fits: list) -> list[tuple[str, int, datetime]]:
+    """(team, priority, oldest created_at) of every queued group of jobs this worker can take."""
+    stmt = (select(Job.team_id, Job.priority, func.min(Job.created_at)).where(Job.status == _QUEUED, *fits)
             .group_by(Job.team_id, Job.priority))
     if only is not None:
         stmt = stmt.where(Job.id == only)

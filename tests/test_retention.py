@@ -136,7 +136,7 @@ def test_gc_removes_exactly_what_it_should_and_nothing_else(farm):
 
     again = collect(db, store, settings, GcAges.from_settings(settings))
     assert again.as_dict() == {"purged_jobs": [], "uploads": [], "scratch": [], "stale_claims": [], "artifacts": [],
-                               "events": 0, "deliveries": 0}
+                               "events": 0, "deliveries": 0, "workers": 0}
 
     asked = collect(db, store, settings, GcAges.from_settings(settings, artifacts_days=5))
     assert len(asked.artifacts) == 1 and store.list(layout.artifact_prefix(old_done, 2)) == []

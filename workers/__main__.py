@@ -23,11 +23,17 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    init_context(settings)
+    ctx = init_context(settings)
     app = configure(settings)
     common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if role == "worker":
-        app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])
+        from workers.presence import Presence
+
+        presence = Presence(ctx.db, ctx.runner, settings.worker_beat_seconds).start()  # the farm sees us from now
+        try:
+            app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])
+        finally:
+            presence.stop()
     elif role == "service":
         settings.home.mkdir(parents=True, exist_ok=True)
         app.worker_main([

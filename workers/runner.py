@@ -40,6 +40,10 @@ class Preempted(Exception):
     """The worker was asked to stop (SIGTERM): hand the job back without spending an attempt."""
 
 
+class HandOn(Exception):
+    """The job needs more memory than this worker has, but a bigger one exists: requeue it for that one."""
+
+
 class FencedStore(PrefixedStore):
     """Checkpoint writes that stop as soon as the heartbeat knows the lease is gone."""
 
@@ -70,6 +74,8 @@ class JobRunner:
         self.owner = owner or default_owner()
         self.wake = wake  # sends a wake-up (a job id as hint) so another worker takes a job we hand back
         self.lease: Lease | None = None  # the claim held now (its fencing token rides on every write)
+        self.current_job: str | None = None
+        self.device_name, self.memory = self._offer()
         self.preempting = False  # set from a signal handler: a plain flag, no locks
 
     # --- entry points ----------------------------------------------------------------
@@ -92,17 +98,23 @@ class JobRunner:
             return "skipped"
         return self._execute(job)
 
+    def _offer(self) -> tuple[str, int]:
+        from workers.presence import detect_memory
+
+        device, memory = detect_memory(self.settings.device)
+        return device, self.settings.worker_memory_bytes or memory
+
     def _claim(self, only: str | None = None):
         from storage.scheduler import claim_next
 
         with self.db.session() as s:
-            return claim_next(s, self.owner, self.settings.lease_seconds, only=only,
+            return claim_next(s, self.owner, self.settings.lease_seconds, only=only, memory=self.memory,
                               window_seconds=self.settings.fair_share_window_seconds)
 
     def _execute(self, job) -> str:
         """Run a claimed job; turn every way it can end into a state."""
         job_id = job.id
-        self.lease = Lease(self.owner, job.claim)
+        self.lease, self.current_job = Lease(self.owner, job.claim), job_id
         log.info("job %s: claimed by %s (attempt %d, claim %d)", job_id, self.owner, job.attempt, job.claim)
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
         hb = Heartbeat(self.db, job_id, self.lease, self.settings.lease_seconds, self.settings.heartbeat_interval)
@@ -113,7 +125,9 @@ class JobRunner:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return "lease_lost"
         except Preempted:
-            return self._release(job_id)
+            return self._release(job_id, f"Worker {self.owner} stopping; requeued without spending an attempt", "preempted")
+        except HandOn as exc:
+            return self._release(job_id, str(exc), "handed_on")
         except JobCancelled:
             return self._end(job_id, JobStatus.CANCELLED, message="Cancelled at a layer boundary; checkpoints kept for retry")
         except QuantfarmError as exc:
@@ -127,7 +141,7 @@ class JobRunner:
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-            self.lease = None
+            self.lease = self.current_job = None
 
     # --- stages --------------------------------------------------------------------
 
@@ -142,6 +156,7 @@ class JobRunner:
         started = time.monotonic()
         self._stage(job.id, Stage.FETCHING)
         source_dir = self._fetch(spec, scratch, hold)
+        self._admit(job, source_dir)
 
         def on_layer(report) -> None:
             if hb.lost:
@@ -240,21 +255,45 @@ class JobRunner:
             jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
             erase_run_secrets(s, job_id)  # after the webhooks were made (they scrub with every secret)
 
-    def _release(self, job_id: str) -> str:
-        """Hand the job back to the queue at once (preempted); the next claim resumes from checkpoints."""
+    def _admit(self, job, source_dir: Path) -> None:
+        """Estimate the job's memory from its config.json; fail it if no worker fits, hand it on if we do not."""
+        import json
+
+        from quantfarm.errors import TooLarge
+        from quantfarm.memory import estimate_for_spec
+        from storage import farm
+
+        try:
+            estimate = estimate_for_spec(json.loads((source_dir / "config.json").read_text()), job.spec)
+        except (OSError, ValueError):
+            return  # the engine reports an unreadable model with its own error
+        if estimate is None:
+            return
+        with self.db.session() as s:
+            jobs.owned_update(s, job.id, self.lease, memory_estimate=estimate)
+            largest = max(farm.largest_memory(s, self.settings.worker_ttl_seconds) or 0, self.memory)
+        if estimate > largest:
+            raise TooLarge(f"The job needs about {estimate / 1024**3:.1f} GiB of memory; the largest worker on the farm has "
+                           f"{largest / 1024**3:.1f} GiB.", details={"estimate_bytes": estimate, "largest_worker_bytes": largest})
+        if estimate > self.memory:
+            raise HandOn(f"Needs about {estimate / 1024**3:.2f} GiB; worker {self.owner} has {self.memory / 1024**3:.2f} GiB: "
+                         "requeued for a bigger worker")
+
+    def _release(self, job_id: str, reason: str, why: str) -> str:
+        """Hand the job back to the queue at once (preempted, or too big for us); the next claim resumes it."""
         try:
             with self.db.session() as s:
-                jobs.release(s, jobs.get_job(s, job_id), self.lease, f"Worker {self.owner} stopping; requeued without spending an attempt")
+                jobs.release(s, jobs.get_job(s, job_id), self.lease, reason, why=why)
         except (LeaseLost, InvalidState) as exc:
             log.warning("job %s: not released: %s", job_id, exc)
             return "lease_lost"
-        log.warning("job %s: preempted; requeued", job_id)
+        log.warning("job %s: %s; requeued", job_id, why)
         try:
             if self.wake is not None:
                 self.wake(job_id)
         except Exception:  # broker down: the sweeper's wake-ups cover it
             log.exception("job %s: could not send a wake-up", job_id)
-        return "preempted"
+        return why
 
     def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:
         try:

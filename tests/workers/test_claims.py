@@ -5,6 +5,7 @@ The broker is not involved (the runner is a plain object); tests/e2e drive real 
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -119,3 +120,33 @@ def test_preemption_requeues_without_spending_an_attempt_and_the_output_is_ident
     with db.session() as s:
         outcomes = [r.outcome for r in s.scalars(select(JobRun).where(JobRun.job_id == preempted).order_by(JobRun.id))]
     assert outcomes == ["queued", "succeeded"]
+
+
+def test_two_worker_classes_a_big_job_is_handed_on_to_the_big_worker(env, tiny_llama):
+    """Worker classes by settings: the tiny model's estimate (~0.5 GiB) fits only the big one."""
+    from quantfarm.memory import estimate_for_spec
+    from storage import farm
+    from workers.presence import Presence
+
+    settings, db, store = env
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    need = estimate_for_spec(json.loads((tiny_llama / "config.json").read_text()), load(db, job_id)[0].spec)
+    small = JobRunner(settings.model_copy(update={"worker_memory_bytes": need // 2}), db, store, owner="small")
+    big = JobRunner(settings.model_copy(update={"worker_memory_bytes": need * 4}), db, store, owner="big")
+    for runner in (small, big):
+        Presence(db, runner, 60).register()
+    woken = []
+    small.wake = woken.append
+    assert small.drain() == [(job_id, "handed_on")]  # unknown until fetched; then too big for it
+    job, arts, events = load(db, job_id)
+    assert (job.status, job.memory_estimate, job.attempt, job.claim) == ("queued", need, 1, 1)
+    assert events[-1].data.get("handed_on") is True and woken == [job_id]
+    assert small.drain() == []  # it no longer claims what it cannot hold
+    assert big.drain() == [(job_id, "succeeded")]
+
+    with db.session() as s:
+        farm.unregister(s, "big")
+    other = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    assert small.run(other) == "failed"  # bigger than every worker left on the farm
+    job, _, _ = load(db, other)
+    assert job.error_code == "too_large" and f"{need / 1024**3:.1f} GiB" in job.error_message
