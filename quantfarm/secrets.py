@@ -48,7 +48,15 @@ class KeyRing:
     def __init__(self, keys: list[str]):
         if not keys:
             raise SecretKeyError("QUANTFARM_SECRET_KEY holds no key.")
-        self._fernet = MultiFernet([Fernet(_fernet_key(k)) for k in keys])
+        raw = [_fernet_key(k) for k in keys]
+        self._primary = raw[0]
+        self._fernet = MultiFernet([Fernet(k) for k in raw])
+
+    def derive(self, label: bytes) -> bytes:
+        """Return a key for another purpose (cookie signing, say), derived from the newest key."""
+        import hmac
+
+        return hmac.new(self._primary, label, hashlib.sha256).digest()
 
     def seal(self, value: Any) -> dict[str, str]:
         """Return ``value`` as an encrypted envelope."""

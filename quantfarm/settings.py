@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     url: str | None = None  # what the CLI talks to; defaults to http://host:port
+    api_key: SecretStr | None = None  # what the CLI sends as its Bearer key
     # `quantfarm run`: how long children get to stop after SIGTERM, and to come up at start.
     stop_grace_seconds: float = Field(default=30.0, gt=0)
     startup_timeout_seconds: float = Field(default=120.0, gt=0)

@@ -209,3 +209,50 @@ def credential_view(c: Credential) -> dict[str, Any]:
 
     return {"id": c.id, "team_id": c.team_id, "name": c.name, "kind": c.kind, "created_at": iso(c.created_at),
             "updated_at": iso(c.updated_at), "created_by": c.created_by}
+
+
+def rotate_secrets(db) -> int:
+    """Re-encrypt every job secret and credential under the newest key; return how many rows changed.
+
+    Run after putting a new key in front of QUANTFARM_SECRET_KEY; then the old key can go.
+    """
+    from storage.models import Job
+
+    n = 0
+    with db.session() as s:
+        for model, column in ((Job, Job.secrets), (Credential, Credential.secret)):
+            for row_id, value in s.execute(select(model.id, column)).all():
+                if value:
+                    # Reading decrypted it with whichever key fits; writing seals it with the newest.
+                    s.execute(update(model).where(model.id == row_id).values({column.key: dict(value)}))
+                    n += 1
+    return n
+
+
+def job_credentials(s: Session, job) -> dict[str, Any]:
+    """Return the secrets a job's ``credentials_ref`` fields name, keyed like its own secrets.
+
+    Only the job's own team's credentials are looked up; a credential deleted since submit
+    fails the job with a clear error instead of falling back to anything else.
+    """
+    spec = job.spec or {}
+    wanted = {
+        "model": (spec.get("model") or {}).get("credentials_ref"),
+        "destination.hub": ((spec.get("destination") or {}).get("hub") or {}).get("credentials_ref"),
+        "calibration": (spec.get("calibration") or {}).get("credentials_ref"),
+    }
+    out: dict[str, Any] = {}
+    for where, name in wanted.items():
+        if not name:
+            continue
+        row = s.scalars(select(Credential).where(Credential.team_id == job.team_id, Credential.name == name)).one_or_none()
+        if row is None:
+            from quantfarm.errors import JobError
+
+            raise JobError(f"The team credential {name!r} named by {where}.credentials_ref no longer exists; add it again "
+                           "with POST /v1/credentials and retry the job.", code="credential_missing")
+        if row.kind == "hub":
+            out[f"{where}.token"] = row.secret["token"]
+        else:
+            out[f"{where}.s3"] = dict(row.secret)
+    return out

@@ -15,6 +15,16 @@ PG_ADMIN = os.environ.get("QUANTFARM_TEST_PG", "postgresql+psycopg://postgres@12
 REDIS_URL = os.environ.get("QUANTFARM_TEST_REDIS", "redis://127.0.0.1:6379/0")
 # The key ring of every test database (any process of a test that reads secrets sets QUANTFARM_SECRET_KEY to it).
 TEST_SECRET_KEY = "quantfarm-test-secret-key-0001"
+
+
+def test_keyring():
+    """The key ring of TEST_SECRET_KEY (what a test's own Database objects encrypt with)."""
+    from quantfarm.secrets import KeyRing
+
+    return KeyRing([TEST_SECRET_KEY])
+
+
+test_keyring.__test__ = False  # a helper, not a test
 CACHE = Path(os.environ.get("QUANTFARM_TEST_CACHE", Path(__file__).resolve().parent.parent / "test-output" / "cache"))
 
 
