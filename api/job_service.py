@@ -16,8 +16,10 @@ from api import auth
 from api.context import services
 from api.uploads import upload_exists
 from quantfarm.errors import QuantfarmError, ValidationFailed
+from quantfarm.memory import estimate_at_submit
 from quantfarm.netguard import check_webhook_urls
 from quantfarm.spec import public_spec, spec_secrets
+from storage import farm
 from storage import jobs as job_store
 from storage import teams as team_store
 from storage.models import Artifact, Job, Team
@@ -128,9 +130,13 @@ def submit(spec, via: str = "api") -> dict:
         check_quota(s, team_id)
         check_references(s, spec, team_id)
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
+        public = public_spec(spec)
+        estimate = estimate_at_submit(public)
+        farm.admit(s, estimate, svc.settings.worker_ttl_seconds)  # 422 too_large when no live worker fits
         job = job_store.create_job(
-            s, method=spec.method, model_ref=model_ref(spec.model), spec=public_spec(spec),
+            s, method=spec.method, model_ref=model_ref(spec.model), spec=public,
             secrets=spec_secrets(spec), priority=spec.priority, team_id=team_id, created_by=who.key_id,
+            memory_estimate=estimate,
         )
         view = job_view(job, artifacts=[])
     enqueue(job.id)  # only after the commit, so a worker always finds the row

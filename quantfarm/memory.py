@@ -9,6 +9,8 @@ bitsandbytes quantizes while transformers loads, so its peak is the whole model.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 OVERHEAD_BYTES = 512 * 1024**2
@@ -58,3 +60,20 @@ def estimate_for_spec(config: dict[str, Any], spec: dict[str, Any]) -> int | Non
     cal = spec.get("calibration") or {}
     return estimate_peak_bytes(config, method=spec.get("method", ""), num_samples=int(cal.get("num_samples") or 128),
                                seq_len=int(cal.get("seq_len") or 512))
+
+
+def estimate_at_submit(public_spec: dict[str, Any]) -> int | None:
+    """The estimate when config.json can be read cheaply here (a local source); None otherwise.
+
+    Hub and S3 sources are estimated by the first worker that fetches them.
+    """
+    model = public_spec.get("model") or {}
+    if model.get("source") != "local":
+        return None
+    path = Path(str(model.get("path", ""))) / "config.json"
+    try:
+        if not path.is_file() or path.stat().st_size > 1024 * 1024:
+            return None
+        return estimate_for_spec(json.loads(path.read_text(encoding="utf-8")), public_spec)
+    except (OSError, ValueError):
+        return None

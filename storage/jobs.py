@@ -205,7 +205,7 @@ def get_job(s: Session, job_id: str, *, lock: bool = False, team_id: str | None 
 
 
 def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int = 0,
-               team_id: str | None = None, created_by: str | None = None) -> Job:
+               team_id: str | None = None, created_by: str | None = None, memory_estimate: int | None = None) -> Job:
     """Insert a queued job and its 'created' event (the caller commits, then enqueues).
 
     ``team_id`` None puts the job in the default team (the local admin's).
@@ -223,6 +223,7 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
         spec=spec,
         secrets=secrets,
         priority=priority,
+        memory_estimate=memory_estimate,
         attempt=1,
         metrics={},
         created_at=now,
