@@ -168,7 +168,7 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-        Index("ix_jobs_queue", "status", "priority", "team_id", "created_at"),  # the scheduler's claim
+        Index("ix_jobs_queue", "status", "team_id", "priority", "created_at"),  # the scheduler's claim
     )
 
 

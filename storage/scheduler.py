@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import func, or_, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from quantfarm.errors import InvalidState
 from storage.jobs import JobStatus, transition
@@ -32,46 +32,60 @@ def claim_next(s: Session, owner: str, lease_seconds: float, *, only: str | None
 
     ``memory``: the worker's bytes; jobs estimated bigger are left for a bigger worker.
     """
-    fits = [] if memory is None else [or_(Job.memory_estimate.is_(None), Job.memory_estimate <= memory)]
     for _ in range(3):
         try:
-            return _claim_once(s, owner, lease_seconds, only, window_seconds, fits)
+            return _claim_once(s, owner, lease_seconds, only, window_seconds, memory)
         except InvalidState:  # the row moved between our read and our write (rolled back): look again
             log.info("claim by %s raced another move; looking again", owner)
     return None
 
 
-def _claim_once(s: Session, owner: str, lease_seconds: float, only: str | None, window: float, fits: list) -> Job | None:
+def _claim_once(s: Session, owner: str, lease_seconds: float, only: str | None, window: float, memory: int | None) -> Job | None:
     postgres = s.get_bind().dialect.name == "postgresql"
     if not postgres:
         # A no-op write as the transaction's first statement takes SQLite's write lock until commit.
         s.execute(text("UPDATE jobs SET id = id WHERE 0"))
-    groups = _queued_groups(s, only, fits)
-    if not groups:
+    candidates = _team_heads(s, only, memory)
+    if not candidates:
         return None
-    teams = {g[0] for g in groups}
+    teams = {c.team_id for c in candidates}
     usage = team_usage(s, window, teams)
     limits = dict(s.execute(select(Team.id, Team.max_running).where(Team.id.in_(teams), Team.max_running.is_not(None))).all())
-    for team_id, priority, _oldest in sorted(groups, key=lambda g: (-g[1], usage[g[0]], g[2])):
-        if team_id in limits and not _under_limit(s, team_id, limits[team_id], postgres):
+    for head in sorted(candidates, key=lambda c: (-c.priority, usage[c.team_id], c.created_at, c.id)):
+        if head.team_id in limits and not _under_limit(s, head.team_id, limits[head.team_id], postgres):
             continue
-        stmt = (select(Job).where(Job.status == _QUEUED, Job.team_id == team_id, Job.priority == priority, *fits)
-                .order_by(Job.created_at, Job.id).limit(1).with_for_update(skip_locked=True))
-        if only is not None:
-            stmt = stmt.where(Job.id == only)
-        job = s.scalars(stmt.execution_options(populate_existing=True)).first()
+        job = s.scalars(_best_of_team(head.team_id, only, memory).with_for_update(skip_locked=True)
+                        .execution_options(populate_existing=True)).first()
         if job is not None:
             return transition(s, job, JobStatus.RUNNING, take=(owner, lease_seconds))
     return None
 
 
-def _queued_groups(s: Session, only: str | None, fits: list) -> list[tuple[str, int, datetime]]:
-    """(team, priority, oldest created_at) of every queued group of jobs this worker can take."""
-    stmt = (select(Job.team_id, Job.priority, func.min(Job.created_at)).where(Job.status == _QUEUED, *fits)
-            .group_by(Job.team_id, Job.priority))
+def _runnable(entity, team_id, only: str | None, memory: int | None) -> list:
+    conds = [entity.status == _QUEUED, entity.team_id == team_id]
+    if memory is not None:
+        conds.append(or_(entity.memory_estimate.is_(None), entity.memory_estimate <= memory))
     if only is not None:
-        stmt = stmt.where(Job.id == only)
-    return [tuple(r) for r in s.execute(stmt).all()]
+        conds.append(entity.id == only)
+    return conds
+
+
+def _best_of_team(team_id, only: str | None, memory: int | None):
+    """The team's best queued job this worker can take: its highest priority, then its oldest.
+
+    Two index probes on ix_jobs_queue (status, team_id, priority, created_at), never a sort of the queue.
+    """
+    other = aliased(Job)
+    top = select(func.max(other.priority)).where(*_runnable(other, team_id, only, memory)).correlate_except(other).scalar_subquery()
+    return (select(Job).where(*_runnable(Job, team_id, only, memory), Job.priority == top)
+            .order_by(Job.created_at, Job.id).limit(1))
+
+
+def _team_heads(s: Session, only: str | None, memory: int | None) -> list:
+    """(id, team_id, priority, created_at) of each team's best queued job: index probes, not a scan of the queue."""
+    head = _best_of_team(Team.id, only, memory).with_only_columns(Job.id).correlate(Team).scalar_subquery()
+    ids = [i for i in s.scalars(select(head).select_from(Team)) if i is not None]
+    return list(s.execute(select(Job.id, Job.team_id, Job.priority, Job.created_at).where(Job.id.in_(ids)))) if ids else []
 
 
 def _under_limit(s: Session, team_id: str, limit: int, postgres: bool) -> bool:

@@ -18,7 +18,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('claim', sa.Integer(), server_default='0', nullable=False))
         batch_op.add_column(sa.Column('purged_at', sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column('memory_estimate', sa.BigInteger(), nullable=True))
-        batch_op.create_index('ix_jobs_queue', ['status', 'priority', 'team_id', 'created_at'], unique=False)
+        batch_op.create_index('ix_jobs_queue', ['status', 'team_id', 'priority', 'created_at'], unique=False)
     with op.batch_alter_table('artifacts', schema=None) as batch_op:
         batch_op.add_column(sa.Column('store_prefix', sa.String(length=500), nullable=True))
     op.create_table('job_runs',
