@@ -150,3 +150,28 @@ def test_two_worker_classes_a_big_job_is_handed_on_to_the_big_worker(env, tiny_l
     assert small.run(other) == "failed"  # bigger than every worker left on the farm
     job, _, _ = load(db, other)
     assert job.error_code == "too_large" and f"{need / 1024**3:.1f} GiB" in job.error_message
+
+
+def test_the_eta_after_a_resume_counts_only_this_attempts_computed_layers():
+    """Replayed layers take a fraction of a computed one's time: they neither set nor shorten the ETA."""
+    import time
+    from types import SimpleNamespace
+
+    from workers.engine.pipeline import LoopStats, _report
+
+    reports = []
+    stats = LoopStats()
+    ckpt = SimpleNamespace(layers={3: {"seconds": 2.0, "losses": {}}, 4: {"seconds": 4.0, "losses": {}}})
+    long_ago = time.monotonic() - 100  # the attempt began long ago (fetch, capture, replays)
+    stats.replayed += [0, 1, 2]
+    _report(reports.append, 2, 10, 0.01, ckpt, True, stats, time.monotonic() - 0.03)
+    assert reports[-1].eta_seconds is None  # only replays so far: no guess from their speed
+    stats.computed += [3]
+    _report(reports.append, 3, 10, 2.0, ckpt, False, stats, long_ago)
+    assert reports[-1].eta_seconds == 2.0 * 6
+    stats.computed += [4]
+    _report(reports.append, 4, 10, 4.0, ckpt, False, stats, long_ago)
+    assert reports[-1].eta_seconds == 3.0 * 5
+    fresh = LoopStats()  # a first attempt, nothing computed yet: elapsed time per layer
+    _report(reports.append, 0, 4, 0.0, SimpleNamespace(layers={}), False, fresh, time.monotonic() - 1.0)
+    assert 2.9 <= reports[-1].eta_seconds <= 3.5
