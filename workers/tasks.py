@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
 from quantfarm.queue import DELIVER_WEBHOOK, GC, RUN_JOB, SWEEP
@@ -16,7 +17,10 @@ log = logging.getLogger(__name__)
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> None:
     """A wake-up: the job named is only a hint; the worker claims the best runnable job, then more."""
-    ran = context().runner.drain()
+    runner = context().runner
+    if runner.preempting:  # a stopping worker still runs what it prefetched: give the wake-up back
+        raise Reject("worker stopping; the wake-up goes back to the queue", requeue=True)
+    ran = runner.drain()
     log.info("woken for %s; ran %s", job_id, ran or "nothing (no runnable job)")
 
 
