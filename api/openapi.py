@@ -114,7 +114,7 @@ def _paths() -> dict[str, dict]:
             "jobs", "List a job's events", (200, "EventList", "State changes, stages and progress, oldest first"), errors=(404, 422),
             params=(job, _param("after", "query", {"type": "integer", "minimum": 0}, "Only events with a larger id")), owned="job_id")},
         "/v1/jobs/{job_id}/cancel": {"post": _op(
-            "jobs", "Cancel a job", (202, "JobOut", "Queued jobs are cancelled at once; running ones stop at the next layer"),
+            "jobs", "Cancel a job", (202, "JobOut", "Queued jobs are cancelled at once; running ones stop within seconds, in any stage"),
             errors=(404, 409), params=(job,), role="member", owned="job_id")},
         "/v1/jobs/{job_id}/retry": {"post": _op(
             "jobs", "Retry a job", (202, "JobOut", "The job, queued again; it resumes from its checkpoints"), errors=(404, 409),

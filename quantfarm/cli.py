@@ -179,7 +179,7 @@ def wait_for(client: Client, job_id: str, interval: float) -> tuple[int, dict | 
                     raise
                 job = {"status": "ended"}  # it finished meanwhile; the next poll shows how
             if job["status"] == "running":
-                console.print("Cancel requested; the job stops at the next layer boundary. Ctrl-C again only stops watching.")
+                console.print("Cancel requested; the job stops within seconds. Ctrl-C again only stops watching.")
     if job["status"] == "succeeded":
         console.print(f"[green]succeeded[/]: {job_id} in {_duration(_elapsed(job))}")
         for art in job.get("artifacts") or []:
@@ -224,7 +224,7 @@ def cmd_cancel(a, settings) -> int:
     if job["status"] == "cancelled":
         print(f"{a.job_id} cancelled")
     else:
-        print(f"{a.job_id} cancel requested; it stops at the next layer boundary")
+        print(f"{a.job_id} cancel requested; it stops within seconds")
     return EXIT_OK
 
 

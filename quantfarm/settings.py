@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # often it says it lives; a worker unseen for 3 beats is not counted by admission.
     worker_memory_bytes: int | None = Field(default=None, gt=0)
     worker_beat_seconds: float = Field(default=15.0, gt=0)
+    # A running job none of whose progress signals (stage, layer, bytes) moved for this long,
+    # though its heartbeat runs, is stalled: requeued (spending an attempt), or failed `stalled`.
+    stall_seconds: float = Field(default=1800.0, gt=0)
     fair_share_window_seconds: float = Field(default=24 * 3600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_shard_bytes: int = 2 * 1024**3

@@ -268,7 +268,7 @@ def set_progress(
 
 
 def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None) -> Job:
-    """Cancel a queued job at once, or flag a running one to stop at the next layer."""
+    """Cancel a queued job at once, or flag a running one (its worker stops it within seconds, in any stage)."""
     job = get_job(s, job_id, team_id=team_id)
     status = JobStatus(job.status)
     if status == JobStatus.QUEUED:
@@ -281,7 +281,7 @@ def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor
             if res.rowcount != 1:
                 s.refresh(job)
                 raise InvalidState(f"Job {job_id} is {job.status}; only queued or running jobs can be cancelled.", details={"status": job.status})
-            add_event(s, job_id, "status", message="Cancel requested; the job stops at the next layer boundary",
+            add_event(s, job_id, "status", message="Cancel requested; the job stops within seconds",
                       data={"cancel_requested": True}, actor=actor)
             s.flush()
             s.refresh(job)
@@ -334,6 +334,18 @@ def requeue_lost(s: Session, job: Job, max_attempts: int) -> JobStatus:
         s, job, JobStatus.QUEUED, expired=True, message=f"Lease of {job.lease_owner} expired; requeued",
         data={"previous_owner": job.lease_owner}, attempt=job.attempt + 1, stage=None, enqueued_at=utcnow(),
     )
+    return JobStatus.QUEUED
+
+
+def give_up_stalled(s: Session, job: Job, lease: Lease, max_attempts: int, quiet_seconds: float) -> JobStatus:
+    """Requeue a stalled job spending an attempt, or fail it `stalled` on its last one (fenced by ``lease``)."""
+    why = f"No progress for {quiet_seconds:.0f}s though the worker's heartbeat ran"
+    if job.attempt >= max_attempts:
+        transition(s, job, JobStatus.FAILED, lease=lease, message=why, error_code="stalled", stage=None,
+                   error_message=f"{why}, on all {job.attempt} attempts; retry it or check the worker's logs.")
+        return JobStatus.FAILED
+    transition(s, job, JobStatus.QUEUED, lease=lease, message=f"{why}; requeued", data={"stalled": True, "previous_owner": lease.owner},
+               attempt=job.attempt + 1, stage=None, enqueued_at=utcnow())
     return JobStatus.QUEUED
 
 

@@ -28,6 +28,7 @@ from storage.layout import artifact_prefix, checkpoint_prefix, upload_meta_key, 
 from storage.models import Artifact, new_id
 from storage.retention import erase_run_secrets
 from workers.heartbeat import Heartbeat
+from workers.watchdog import CancelledAnywhere, Interrupter, Stalled, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,29 @@ class HandOn(Exception):
 
 
 class FencedStore(PrefixedStore):
-    """Checkpoint writes that stop as soon as the heartbeat knows the lease is gone."""
+    """Writes under a prefix that stop as soon as the heartbeat knows the lease is gone; each is progress."""
 
-    def __init__(self, inner: BlobStore, prefix: str, hb: Heartbeat):
+    def __init__(self, inner: BlobStore, prefix: str, hb: Heartbeat, pulse=None):
         super().__init__(inner, prefix)
-        self.hb = hb
+        self.hb, self.pulse = hb, pulse
 
     def put_file(self, key, path):
         self._check()
         super().put_file(key, path)
+        self._pulse()
 
     def put_bytes(self, key, data):
         self._check()
         super().put_bytes(key, data)
+        self._pulse()
 
     def _check(self) -> None:
         if self.hb.lost:
-            raise LeaseLost(f"Job {self.hb.job_id}: lease lost; checkpoint write refused")
+            raise LeaseLost(f"Job {self.hb.job_id}: lease lost; write refused")
+
+    def _pulse(self) -> None:
+        if self.pulse is not None:
+            self.pulse()
 
 
 class JobRunner:
@@ -75,6 +82,9 @@ class JobRunner:
         self.wake = wake  # sends a wake-up (a job id as hint) so another worker takes a job we hand back
         self.lease: Lease | None = None  # the claim held now (its fencing token rides on every write)
         self.current_job: str | None = None
+        self.interrupter = Interrupter()  # the watchdog stops the job mid-stage through it
+        self.last_progress = time.monotonic()
+        self.stage: Stage | None = None
         self.device_name, self.memory = self._offer()
         self.preempting = False  # set from a signal handler: a plain flag, no locks
 
@@ -98,6 +108,24 @@ class JobRunner:
             return "skipped"
         return self._execute(job)
 
+    def progress(self) -> None:
+        """Note that the job moved (a stage, a layer, bytes): the stall watchdog counts from here."""
+        self.last_progress = time.monotonic()
+
+    def mark_stalled(self, job_id: str, quiet_seconds: float) -> bool:
+        """Requeue (or fail) the stalled job under our lease; return whether it was still ours."""
+        try:
+            with self.db.session() as s:
+                to = jobs.give_up_stalled(s, jobs.get_job(s, job_id), self.lease, self.settings.max_attempts, quiet_seconds)
+        except (LeaseLost, InvalidState):
+            return False
+        if to == JobStatus.QUEUED and self.wake is not None:
+            try:
+                self.wake(job_id)
+            except Exception:
+                log.exception("job %s: could not send a wake-up", job_id)
+        return True
+
     def _offer(self) -> tuple[str, int]:
         from workers.presence import detect_memory
 
@@ -117,19 +145,24 @@ class JobRunner:
         self.lease, self.current_job = Lease(self.owner, job.claim), job_id
         log.info("job %s: claimed by %s (attempt %d, claim %d)", job_id, self.owner, job.attempt, job.claim)
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
-        hb = Heartbeat(self.db, job_id, self.lease, self.settings.lease_seconds, self.settings.heartbeat_interval)
+        self.progress()
+        hb = Watchdog(self.db, job_id, self.lease, self.settings.lease_seconds, self.settings.heartbeat_interval, runner=self)
         try:
             with hb, contextlib.ExitStack() as hold:
                 return self._run(job, scratch, hb, hold)
         except LeaseLost:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return "lease_lost"
+        except Stalled:
+            log.warning("job %s: stalled; handed back", job_id)
+            return "stalled"
         except Preempted:
             return self._release(job_id, f"Worker {self.owner} stopping; requeued without spending an attempt", "preempted")
         except HandOn as exc:
             return self._release(job_id, str(exc), "handed_on")
-        except JobCancelled:
-            return self._end(job_id, JobStatus.CANCELLED, message="Cancelled at a layer boundary; checkpoints kept for retry")
+        except JobCancelled as exc:
+            where = exc.message if isinstance(exc, CancelledAnywhere) else "Cancelled at a layer boundary; checkpoints kept for retry"
+            return self._end(job_id, JobStatus.CANCELLED, message=where)
         except QuantfarmError as exc:
             log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
             return self._end(job_id, JobStatus.FAILED, error_code=exc.code, error_message=exc.message)
@@ -146,14 +179,30 @@ class JobRunner:
     # --- stages --------------------------------------------------------------------
 
     def _run(self, job, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack) -> str:
+        spec = load_spec(job.spec, job.secrets)
+        started = time.monotonic()
+        self.interrupter.arm()  # from here to the last upload, a cancel or a stall stops the job mid-stage
+        try:
+            result, entries, hub_url, hub_commit, prefix = self._produce(job, spec, scratch, hb, hold)
+        finally:
+            self.interrupter.disarm()
+        metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
+                   "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
+        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, prefix)
+        try:
+            self.store.delete_prefix(checkpoint_prefix(job.id))
+        except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
+            log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
+        return JobStatus.SUCCEEDED.value
+
+    def _produce(self, job, spec, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack):
+        """Fetch, quantize, export, evaluate, upload and publish; return what the success records."""
         import torch
 
         from workers.engine.model import resolve_device
         from workers.engine.pipeline import QuantizeRequest
         from workers.engine.run import quantize
 
-        spec = load_spec(job.spec, job.secrets)
-        started = time.monotonic()
         self._stage(job.id, Stage.FETCHING)
         source_dir = self._fetch(spec, scratch, hold)
         self._admit(job, source_dir)
@@ -161,6 +210,7 @@ class JobRunner:
         def on_layer(report) -> None:
             if hb.lost:
                 raise LeaseLost(f"Job {job.id} lease lost")
+            self.progress()
             hb.beat()  # renew and pick up cancel requests at every layer boundary
             with self.db.session() as s:
                 jobs.set_progress(
@@ -184,13 +234,13 @@ class JobRunner:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         result = quantize(
-            req, FencedStore(self.store, checkpoint_prefix(job.id), hb), out_dir,
+            req, FencedStore(self.store, checkpoint_prefix(job.id), hb, self.progress), out_dir,
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
             max_shard_bytes=self.settings.max_shard_bytes,
         )
         self._stage(job.id, Stage.UPLOADING)
         prefix = artifact_prefix(job.id, self.lease.claim)  # a stale claim writes only under its own prefix
-        entries = self.store.upload_dir(prefix, out_dir) if spec.destination.store else []
+        entries = FencedStore(self.store, prefix, hb, self.progress).upload_dir("", out_dir) if spec.destination.store else []
         hub_url = hub_commit = None
         if spec.destination.hub is not None:
             from storage.hub import publish_to_hub
@@ -201,14 +251,7 @@ class JobRunner:
                 from quantfarm.store import FileEntry, sha256_file, walk_files
 
                 entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
-        metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
-                   "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
-        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, prefix if spec.destination.store else None)
-        try:
-            self.store.delete_prefix(checkpoint_prefix(job.id))
-        except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
-            log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
-        return JobStatus.SUCCEEDED.value
+        return result, entries, hub_url, hub_commit, prefix if spec.destination.store else None
 
     def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack) -> Path:
         from storage.sources import fetch_model
@@ -230,6 +273,8 @@ class JobRunner:
     # --- DB writes -------------------------------------------------------------------
 
     def _stage(self, job_id: str, stage: Stage) -> None:
+        self.progress()
+        self.stage = stage
         if self.preempting:
             raise Preempted(job_id)
         with self.db.session() as s:
@@ -309,4 +354,8 @@ class JobRunner:
         except InvalidState as exc:  # it ended already (say, succeeded before a late error): keep that
             log.warning("job %s: not marked %s: %s", job_id, status.value, exc.message)
             return "already_ended"
+        try:
+            self.store.delete_prefix(artifact_prefix(job_id, self.lease.claim))  # what a cut-short upload left
+        except Exception:
+            log.warning("job %s: could not delete a partial upload", job_id, exc_info=True)
         return status.value

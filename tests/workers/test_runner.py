@@ -115,6 +115,8 @@ class CancelAtCalibration(JobRunner):
 
 def test_cancel_stops_at_layer_boundary_and_retry_resumes(env, tiny_llama):
     settings, db, store = env
+    # The heartbeat thread never beats here, so the cancel is seen at the layer boundary (not mid-layer).
+    settings = settings.model_copy(update={"heartbeat_seconds": 600})
     job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq", "calibration": CAL})
     assert CancelAtCalibration(settings, db, store).run(job_id) == "cancelled"
     job, events, arts = load(db, job_id)
