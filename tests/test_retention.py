@@ -17,6 +17,7 @@ from storage.artifacts import LocalStore
 from storage.jobs import JobStatus, Lease
 from storage.models import Artifact, Job, JobEvent, WebhookDelivery, new_id, utcnow
 from storage.retention import GcAges, collect, erase_run_secrets
+from storage.webhooks import replay
 
 SECRETS = {"model.token": "hf_model", "destination.hub.token": "hf_dest", "webhooks.0.secret": "whsec_x"}
 
@@ -155,7 +156,15 @@ def test_retry_inside_the_window_keeps_everything_and_after_gc_is_refused(farm):
         with db.session() as s:
             jobs.retry(s, outside, retry_window_days=settings.retry_window)
     assert exc.value.code == "retry_window_passed" and exc.value.http_status == 409
+    with db.session() as s:
+        old_delivery = WebhookDelivery(id=new_id("whd"), job_id=outside, hook_index=0, url="https://h/***", event_type="job.cancelled",
+                                       payload="{}", status="delivered", created_at=utcnow())
+        s.add(old_delivery)
     collect(db, store, settings, GcAges.from_settings(settings))
+    with pytest.raises(InvalidState, match="can no longer be replayed") as exc:  # it would go unsigned, to a masked URL
+        with db.session() as s:
+            replay(s, old_delivery.id)
+    assert exc.value.code == "retry_window_passed"
     with pytest.raises(InvalidState, match="checkpoints and secrets are gone"):  # after gc: refused with no window given
         with db.session() as s:
             jobs.retry(s, outside)
