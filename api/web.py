@@ -386,7 +386,15 @@ def _who():
     from flask import g
 
     p = g.get("principal")
-    return {"principal": p, "signed_in": p is not None and p.key_id is not None}
+    signed_in = p is not None and p.key_id is not None
+    team = None
+    if signed_in:
+        from storage.models import Team
+
+        with services().db.session() as s:
+            row = s.get(Team, p.team_id)
+            team = row.name if row else p.team_id
+    return {"principal": p, "signed_in": signed_in, "team_name": team}
 
 
 # --- template helpers ----------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_submit_sends_every_option(live, tmp_path):
     assert (spec["calibration"]["num_samples"], spec["calibration"]["seq_len"]) == (16, 64)
     assert spec["evaluate"] is True and spec["priority"] == 2 and spec["labels"] == {"team": "nlp"}
     assert spec["destination"]["hub"]["repo_id"] == "team/llama-gptq"
-    assert spec["webhooks"] == [{"url": "https://hooks.example/q"}]
+    assert spec["webhooks"] == [{"url": "https://hooks.example/***"}]
 
 
 def test_submit_validation_error_names_the_field(live):
