@@ -84,8 +84,8 @@ def _best_of_team(team_id, only: str | None, memory: int | None):
 def _team_heads(s: Session, only: str | None, memory: int | None) -> list:
     """(id, team_id, priority, created_at) of each team's best queued job: index probes, not a scan of the queue."""
     head = _best_of_team(Team.id, only, memory).with_only_columns(Job.id).correlate(Team).scalar_subquery()
-    ids = [i for i in s.scalars(select(head).select_from(Team)) if i is not None]
-    return list(s.execute(select(Job.id, Job.team_id, Job.priority, Job.created_at).where(Job.id.in_(ids)))) if ids else []
+    heads = select(head).select_from(Team)
+    return list(s.execute(select(Job.id, Job.team_id, Job.priority, Job.created_at).where(Job.id.in_(heads))))
 
 
 def _under_limit(s: Session, team_id: str, limit: int, postgres: bool) -> bool:
