@@ -62,6 +62,7 @@ class JobOut(Out):
     model: str = Field(description="Readable model reference: hub:org/name@rev, s3://..., local:/path, upload:id")
     progress: Progress | None
     attempt: int
+    memory_estimate_bytes: int | None = Field(description="Estimated peak memory (from config.json); null until known")
     cancel_requested: bool
     spec: dict[str, Any] = Field(description="The submitted job spec with secrets removed")
     error: JobErrorOut | None

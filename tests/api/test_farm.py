@@ -61,7 +61,7 @@ def test_workers_members_see_counts_admins_see_placement(db, store, tmp_path):
 
 
 def test_a_job_bigger_than_every_worker_is_422_too_large_and_creates_nothing(db, store, tmp_path, tiny_llama):
-    client, headers, _, _, _ = _farm(db, store, tmp_path)
+    client, headers, _, _, keys = _farm(db, store, tmp_path)
     body = {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq",
             "calibration": {"num_samples": 4096, "seq_len": 16384}}  # activations alone: 2 × 4096 × 16384 × 128 × 4 bytes
     need = estimate_at_submit({**body, "calibration": {"num_samples": 4096, "seq_len": 16384}})
@@ -77,4 +77,9 @@ def test_a_job_bigger_than_every_worker_is_422_too_large_and_creates_nothing(db,
     ok = client.post("/v1/jobs", json={**body, "calibration": {"num_samples": 8, "seq_len": 64}}, headers=headers["member"])
     assert ok.status_code == 201, ok.get_json()
     with db.session() as s:
-        assert job_store.get_job(s, ok.get_json()["id"]).memory_estimate < GIB
+        estimate = job_store.get_job(s, ok.get_json()["id"]).memory_estimate
+    assert 0 < estimate < GIB and ok.get_json()["memory_estimate_bytes"] == estimate
+    assert client.get(f"/v1/jobs/{ok.get_json()['id']}", headers=headers["member"]).get_json()["memory_estimate_bytes"] == estimate
+    client.post("/signin", data={"key": keys["member"].key, "next": "/jobs"}, headers={"Sec-Fetch-Site": "same-origin"})
+    page = client.get(f"/jobs/{ok.get_json()['id']}").get_data(as_text=True)
+    assert f"{estimate / GIB:.2f} GiB" in page  # the job page shows the estimate
