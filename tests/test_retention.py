@@ -180,3 +180,28 @@ def test_success_erases_model_and_destination_tokens_but_keeps_webhook_secrets(d
         erase_run_secrets(s, job_id)
     with db.session() as s:
         assert jobs.get_job(s, job_id).secrets == {"webhooks.0.secret": "whsec_x"}
+
+
+def test_quantfarm_gc_runs_the_collection_and_reports_it(tmp_path, monkeypatch, capsys):
+    """The CLI command against an embedded home: an expired failed job's checkpoints go, a young one's stay."""
+    from quantfarm.cli import main
+    from quantfarm.secrets import keyring_from_settings
+    from storage.db import Database
+    from storage.migrate import upgrade
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("QUANTFARM_HOME", str(home))
+    for var in ("QUANTFARM_DATABASE_URL", "QUANTFARM_BROKER_URL", "QUANTFARM_STORE", "QUANTFARM_SECRET_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    settings = Settings()
+    upgrade(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url, keyring=keyring_from_settings(settings))
+    store = LocalStore(settings.resolved_artifact_dir)
+    old, young = make_job(db, "failed", days_ago=30), make_job(db, "failed", days_ago=1)
+    put_files(store, layout.checkpoint_prefix(old))
+    kept = put_files(store, layout.checkpoint_prefix(young))
+    db.dispose()
+    assert main(["gc", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["purged_jobs"] == [old] and out["artifacts"] == []
+    assert set(store.list("jobs/")) == kept
