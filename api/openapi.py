@@ -114,7 +114,7 @@ def _paths() -> dict[str, dict]:
             "jobs", "List a job's events", (200, "EventList", "State changes, stages and progress, oldest first"), errors=(404, 422),
             params=(job, _param("after", "query", {"type": "integer", "minimum": 0}, "Only events with a larger id")), owned="job_id")},
         "/v1/jobs/{job_id}/cancel": {"post": _op(
-            "jobs", "Cancel a job", (202, "JobOut", "Queued jobs are cancelled at once; running ones stop at the next layer"),
+            "jobs", "Cancel a job", (202, "JobOut", "Queued jobs are cancelled at once; running ones stop within seconds, in any stage"),
             errors=(404, 409), params=(job,), role="member", owned="job_id")},
         "/v1/jobs/{job_id}/retry": {"post": _op(
             "jobs", "Retry a job", (202, "JobOut", "The job, queued again; it resumes from its checkpoints"), errors=(404, 409),
@@ -140,6 +140,7 @@ def _paths() -> dict[str, dict]:
         "/v1/uploads/{upload_id}": {"get": _op("uploads", "Get an upload", (200, "UploadOut", "The upload's metadata"), errors=(404,),
                                                params=(upl,), owned="upload_id")},
         "/v1/me": {"get": _op("access", "Who am I", (200, "MeOut", "The key's team and role"))},
+        "/v1/workers": {"get": _op("farm", "List workers", (200, "FarmOut", "Utilization and queue depth; admins also see each worker's job and team"))},
         "/v1/teams": {
             "post": _op("access", "Create a team", (201, "TeamOut", "The team"), errors=(400, 409, 422), body=any_json, role="admin"),
             "get": _op("access", "List teams", (200, "TeamList", "Every team"), role="admin"),
@@ -194,7 +195,7 @@ def build_openapi() -> dict[str, Any]:
             "description": "Submit and follow model quantization jobs (GPTQ, AWQ, bitsandbytes, RTN). "
             "Errors are `{error, message, details}`; a bad body is 422 with `details.fields`.",
         },
-        "tags": [{"name": t} for t in ("jobs", "artifacts", "uploads", "webhooks", "access", "service")],
+        "tags": [{"name": t} for t in ("jobs", "artifacts", "uploads", "webhooks", "access", "farm", "service")],
         "paths": _paths(),
         "security": BEARER,
         "components": {

@@ -351,6 +351,14 @@ def _safe_next(target: str | None) -> str:
     return url_for("web.jobs_page")
 
 
+@bp.get("/farm")
+def farm_page():
+    from api.farm import farm_state
+
+    state = farm_state()
+    return render_template("web/farm.html", farm=state, workers=state.get("items"))
+
+
 @bp.get("/signin")
 def signin_page():
     return render_template("web/signin.html", next=_safe_next(request.args.get("next")), error=None)

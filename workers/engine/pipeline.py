@@ -152,10 +152,16 @@ def release_heap() -> None:
 def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:
     if on_layer is None:
         return
+    # From this attempt's computed layers only: replayed ones take a fraction of the time.
     n = len(stats.computed)
-    per = (time.monotonic() - t_start) / max(i + 1, 1) if n == 0 else sum(ckpt.layers[j].get("seconds", 0) for j in stats.computed) / n
-    eta = per * (total - i - 1)
-    on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, round(eta, 1)))
+    if n:
+        per = sum(ckpt.layers[j].get("seconds", 0) for j in stats.computed) / n
+    elif stats.replayed:
+        per = None  # only replays so far: nothing measured yet
+    else:
+        per = (time.monotonic() - t_start) / max(i + 1, 1)
+    eta = None if per is None else round(per * (total - i - 1), 1)
+    on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, eta))
 
 
 def prepare(req: QuantizeRequest, device: torch.device) -> tuple[StreamedModel, Method, Any, torch.Tensor | None]:
