@@ -27,6 +27,7 @@ from storage.jobs import JobStatus, Lease, Stage
 from storage.layout import artifact_prefix, checkpoint_prefix, upload_meta_key, upload_prefix
 from storage.models import Artifact, new_id
 from storage.retention import erase_run_secrets
+from storage.teams import job_credentials
 from workers.heartbeat import Heartbeat
 from workers.watchdog import CancelledAnywhere, Interrupter, Stalled, Watchdog
 
@@ -180,10 +181,12 @@ class JobRunner:
 
     def _run(self, job, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack) -> str:
         spec = load_spec(job.spec, job.secrets)
+        with self.db.session() as s:  # the team credentials its credentials_ref fields name, read now
+            secrets = {**(job.secrets or {}), **job_credentials(s, job)}
         started = time.monotonic()
         self.interrupter.arm()  # from here to the last upload, a cancel or a stall stops the job mid-stage
         try:
-            result, entries, hub_url, hub_commit, prefix = self._produce(job, spec, scratch, hb, hold)
+            result, entries, hub_url, hub_commit, prefix = self._produce(job, spec, secrets, scratch, hb, hold)
         finally:
             self.interrupter.disarm()
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
@@ -195,7 +198,7 @@ class JobRunner:
             log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
         return JobStatus.SUCCEEDED.value
 
-    def _produce(self, job, spec, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack):
+    def _produce(self, job, spec, secrets: dict, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack):
         """Fetch, quantize, export, evaluate, upload and publish; return what the success records."""
         import torch
 
@@ -204,7 +207,7 @@ class JobRunner:
         from workers.engine.run import quantize
 
         self._stage(job.id, Stage.FETCHING)
-        source_dir = self._fetch(spec, scratch, hold)
+        source_dir = self._fetch(spec, secrets, scratch, hold)
         self._admit(job, source_dir)
 
         def on_layer(report) -> None:
@@ -228,7 +231,7 @@ class JobRunner:
         req = QuantizeRequest(
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
-            read_upload=self._read_upload,
+            read_upload=self._read_upload, hub_token=secrets.get("calibration.token"),
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
@@ -246,18 +249,19 @@ class JobRunner:
             from storage.hub import publish_to_hub
 
             self._check_fence(job.id)  # a stale claim publishes nothing
-            hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, job.secrets.get("destination.hub.token"), job.id, self.settings)
+            hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, secrets.get("destination.hub.token"), job.id, self.settings)
             if not entries:
                 from quantfarm.store import FileEntry, sha256_file, walk_files
 
                 entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
         return result, entries, hub_url, hub_commit, prefix if spec.destination.store else None
 
-    def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack) -> Path:
+    def _fetch(self, spec, secrets: dict, scratch: Path, hold: contextlib.ExitStack) -> Path:
         from storage.sources import fetch_model
 
-        secrets = {"model.token": spec.model.token.get_secret_value()} if getattr(spec.model, "token", None) else {}
-        return fetch_model(spec.model, secrets, self.settings, scratch, hold=hold)
+        # Only the job's own credentials: a pasted token, or a team credential (model.token / model.s3).
+        return fetch_model(spec.model, {k: v for k, v in secrets.items() if k in ("model.token", "model.s3")},
+                           self.settings, scratch, hold=hold)
 
     def _read_upload(self, upload_id: str) -> str:
         keys = [k for k in self.store.list(upload_prefix(upload_id) + "/") if k != upload_meta_key(upload_id)]

@@ -122,7 +122,7 @@ class SlowFetch(JobRunner):
     the engine's first imports take on a loaded machine.
     """
 
-    def _fetch(self, spec, scratch, hold):
+    def _fetch(self, spec, secrets, scratch, hold):
         scratch.mkdir(parents=True, exist_ok=True)
         with open(scratch / "partial.bin", "wb") as f:
             for _ in range(45):
@@ -130,7 +130,7 @@ class SlowFetch(JobRunner):
                 f.flush()
                 time.sleep(0.1)
         self.settings = self.settings.model_copy(update={"stall_seconds": 600})
-        return super()._fetch(spec, scratch, hold)
+        return super()._fetch(spec, secrets, scratch, hold)
 
 
 def test_a_slow_fetch_that_keeps_receiving_bytes_is_not_stalled(env, tiny_llama):

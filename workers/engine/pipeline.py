@@ -46,6 +46,7 @@ class QuantizeRequest:
     evaluation: Any = None  # quantfarm.spec.Evaluation
     base_model: str = ""
     read_upload: Callable[[str], str] | None = None
+    hub_token: str | None = None  # the job's own token for a hub: calibration dataset (never the worker's)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def prepare(req: QuantizeRequest, device: torch.device) -> tuple[StreamedModel, 
     model = StreamedModel(req.source_dir, device)
     method = method_for(req.method, req.options)
     tokenizer = load_tokenizer(req.source_dir) if (method.requires_calibration or req.evaluate) else None
-    calib = calibration_ids(req.calibration, tokenizer, read_upload=req.read_upload) if method.requires_calibration else None
+    calib = calibration_ids(req.calibration, tokenizer, read_upload=req.read_upload, hub_token=req.hub_token) if method.requires_calibration else None
     return model, method, tokenizer, calib
 
 
