@@ -30,8 +30,14 @@ from workers.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 
-def artifact_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/artifact"
+def artifact_prefix(job_id: str, fmt: str | None = None) -> str:
+    """Where a job's artifact lives in the store: the first format at ``artifact``, others at ``artifact-<format>``."""
+    return f"jobs/{job_id}/artifact" + (f"-{fmt}" if fmt else "")
+
+
+def artifact_kind(index: int, fmt: str) -> str:
+    """The artifact's kind: ``model`` for the job's first format, the format's name for each further one."""
+    return "model" if index == 0 else fmt
 
 
 def checkpoint_prefix(job_id: str) -> str:
@@ -115,7 +121,7 @@ class JobRunner:
         req = QuantizeRequest(
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
-            read_upload=self._read_upload,
+            read_upload=self._read_upload, formats=list(spec.formats),
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
@@ -126,24 +132,34 @@ class JobRunner:
             max_shard_bytes=self.settings.max_shard_bytes,
         )
         self._stage(job.id, Stage.UPLOADING)
-        entries = self.store.upload_dir(artifact_prefix(job.id), out_dir) if spec.destination.store else []
-        hub_url = hub_commit = None
-        if spec.destination.hub is not None:
-            from storage.hub import publish_to_hub
-
-            hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, job.secrets.get("destination.hub.token"), job.id, self.settings)
-            if not entries:
-                from quantfarm.store import FileEntry, sha256_file, walk_files
-
-                entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
+        published = [self._publish(job, spec, i, out) for i, out in enumerate(result.outputs)]
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
                    "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
-        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, spec.destination.store)
+        self._succeed(job.id, published, metrics)
         try:
             self.store.delete_prefix(checkpoint_prefix(job.id))
         except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
             log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
         return JobStatus.SUCCEEDED.value
+
+    def _publish(self, job, spec, index: int, out) -> dict:
+        """Store and/or push one format's folder; return the artifact row's fields."""
+        from quantfarm.store import FileEntry, sha256_file, walk_files
+
+        prefix = artifact_prefix(job.id, None if index == 0 else out.format)
+        entries = self.store.upload_dir(prefix, out.out_dir) if spec.destination.store else []
+        hub_url = hub_commit = None
+        if spec.destination.hub is not None:
+            from storage.hub import publish_to_hub
+
+            dest = spec.destination.hub
+            if index:  # further formats go to their own branch of the same repo
+                dest = dest.model_copy(update={"branch": f"{dest.branch}-{out.format}" if dest.branch else out.format})
+            hub_url, hub_commit = publish_to_hub(out.out_dir, dest, job.secrets.get("destination.hub.token"), job.id, self.settings)
+            if not entries:
+                entries = [FileEntry(p.relative_to(out.out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out.out_dir)]
+        return {"kind": artifact_kind(index, out.format), "format": out.format, "entries": entries, "prefix": prefix,
+                "stored": spec.destination.store, "hub_url": hub_url, "hub_commit": hub_commit}
 
     def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack) -> Path:
         from storage.sources import fetch_model
@@ -168,18 +184,20 @@ class JobRunner:
         with self.db.session() as s:
             jobs.set_stage(s, job_id, self.owner, stage)
 
-    def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, stored: bool) -> None:
+    def _succeed(self, job_id, published: list[dict], metrics) -> None:
         import hashlib
 
-        digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
         with self.db.session() as s:
             job = jobs.get_job(s, job_id)
-            s.add(Artifact(
-                id=new_id("art"), job_id=job_id, kind="model", format=qconfig.get("quant_method", "unknown"),
-                location=self.store.uri(artifact_prefix(job_id)) if stored else None,
-                files=[e.to_dict() for e in entries], file_count=len(entries),
-                size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=hub_url, hub_commit=hub_commit,
-            ))
+            for a in published:
+                entries = a["entries"]
+                digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
+                s.add(Artifact(
+                    id=new_id("art"), job_id=job_id, kind=a["kind"], format=a["format"],
+                    location=self.store.uri(a["prefix"]) if a["stored"] else None,
+                    files=[e.to_dict() for e in entries], file_count=len(entries),
+                    size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=a["hub_url"], hub_commit=a["hub_commit"],
+                ))
             jobs.transition(s, job, JobStatus.SUCCEEDED, owner=self.owner, message="Quantized and stored", metrics=metrics, stage=None)
 
     def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:

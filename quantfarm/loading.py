@@ -1,0 +1,42 @@
+"""How to load an artifact in each runtime that reads its format (for the model card and the job page)."""
+
+from __future__ import annotations
+
+from quantfarm import registry
+
+_PIP = {
+    "gptq": "pip install transformers optimum gptqmodel",
+    "awq": "pip install transformers gptqmodel",
+    "bitsandbytes": "pip install transformers bitsandbytes",
+    "compressed-tensors": "pip install transformers compressed-tensors",
+}
+
+
+def _transformers(fmt: str, ref: str) -> str:
+    return "\n".join([
+        f"# {_PIP.get(fmt, 'pip install transformers')}",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{ref}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
+    ])
+
+
+def _vllm(fmt: str, ref: str) -> str:
+    return f'pip install vllm\nvllm serve "{ref}"'
+
+
+_SNIPPETS = {"transformers": ("python", _transformers), "vllm": ("bash", _vllm)}
+
+
+def load_instructions(fmt: str, ref: str) -> list[dict[str, str]]:
+    """Return ``[{runtime, language, code}]`` for every runtime the format's registry entry names.
+
+    ``ref`` is what the user passes to the loader: a Hub repo id or a local folder.
+    """
+    entry = registry.format_entry(fmt)
+    out = []
+    for runtime in entry.runtimes if entry else ("transformers",):
+        language, snippet = _SNIPPETS[runtime]
+        out.append({"runtime": runtime, "language": language, "code": snippet(fmt, ref)})
+    return out
