@@ -12,6 +12,7 @@ from werkzeug.wsgi import wrap_file
 
 from api.app import services
 from quantfarm.errors import BadRequest, NotFound
+from storage.artifacts import artifact_prefix
 from storage.models import Artifact
 from storage.views import artifact_view
 
@@ -19,8 +20,8 @@ bp = Blueprint("artifacts", __name__)
 
 
 def store_prefix(artifact: Artifact) -> str:
-    """Return the store key prefix holding an artifact's files (the worker's layout)."""
-    return f"jobs/{artifact.job_id}/artifact"
+    """Return the store key prefix holding an artifact's files (the worker's layout: one prefix per format)."""
+    return artifact_prefix(artifact.job_id, None if artifact.kind == "model" else artifact.format)
 
 
 def store_key(artifact: Artifact, path: str) -> str:

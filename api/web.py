@@ -333,10 +333,22 @@ def job_page(job_id: str):
         events = [event_view(e) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))]
     view["duration"] = _duration(view)
     return render_template(
-        "web/job.html", job=view, events=events, timeline=timeline(events), files=files,
+        "web/job.html", job=view, events=events, timeline=timeline(events), files=files, loads=artifact_loads(view),
         spec_json=json.dumps(spec_for_display(view["spec"]), indent=2),
         page_data={"job": {k: v for k, v in view.items() if k != "spec"}, "events": events, "files": files},
     )
+
+
+def artifact_loads(view: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """How to load each artifact in each runtime of its format: from the Hub repo, or a folder named after it."""
+    from quantfarm.loading import load_instructions
+
+    hub = ((view.get("spec") or {}).get("destination") or {}).get("hub") or {}
+    out = {}
+    for a in view.get("artifacts", []):
+        ref = hub["repo_id"] if a.get("hub_url") and hub.get("repo_id") else f"./{a['id']}"
+        out[a["id"]] = load_instructions(a["format"], ref)
+    return out
 
 
 def spec_for_display(spec: dict[str, Any], limit: int = 2000) -> dict[str, Any]:

@@ -49,3 +49,7 @@ class BnB4Options(Strict):
 class BnB8Options(Strict):
     threshold: float = Field(6.0, ge=0, description="LLM.int8() outlier threshold")
     skip_modules: list[str] = Field(default_factory=list, description="Module names kept in full precision")
+
+
+class FP8Options(Strict):
+    """FP8 W8A8 has no knobs: per-channel e4m3 weights, dynamic per-token activations."""

@@ -134,6 +134,9 @@ def _builtins() -> None:
                     "bitsandbytes NF4/FP4; no calibration.", ("bitsandbytes", "4-bit")),
         MethodEntry("bnb-8bit", o.BnB8Options, f"{engine}.bnb:BnB8Method", ("bitsandbytes",), "BnB8",
                     "bitsandbytes LLM.int8(); no calibration.", ("bitsandbytes", "8-bit")),
+        MethodEntry("fp8", o.FP8Options, f"{engine}.fp8:FP8Method", ("compressed-tensors",), "FP8",
+                    "FP8 W8A8 (per-channel weights, dynamic per-token activations); no calibration. For H100-class GPUs.",
+                    ("fp8", "8-bit")),
         MethodEntry("rtn", o.RTNOptions, f"{engine}.rtn:RTNMethod", ("gptq", "compressed-tensors"), "RTN",
                     "Round-to-nearest; fastest, no calibration.", ("rtn",)),
     ):

@@ -26,7 +26,7 @@ from pydantic import (
 
 from quantfarm import registry
 from quantfarm.errors import ValidationFailed
-from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, GPTQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
+from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, GPTQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
 
 BUILTIN_DATASETS = ("code",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -193,7 +193,10 @@ class _JobBase(Strict):
         if len(set(v)) != len(v):
             raise ValueError("each format at most once")
         options = info.data.get("options")
+        method = registry.method_entry(info.data.get("method", ""))
         for fmt in v:
+            if method and fmt == method.natural_format:
+                continue  # the method's own format takes every option it accepts
             entry = registry.format_entry(fmt)
             why = entry.accepts(options) if (entry and entry.accepts and options is not None) else None
             if why:

@@ -13,6 +13,11 @@ from quantfarm.settings import Settings
 from quantfarm.store import BlobStore
 
 
+def artifact_prefix(job_id: str, fmt: str | None = None) -> str:
+    """Where a job's artifact lives in the store: the first format at ``artifact``, others at ``artifact-<format>``."""
+    return f"jobs/{job_id}/artifact" + (f"-{fmt}" if fmt else "")
+
+
 def _safe_key(key: str) -> str:
     parts = [p for p in key.split("/") if p]
     if not parts or any(p in (".", "..") for p in parts) or "\\" in key or "\x00" in key:

@@ -24,15 +24,11 @@ from quantfarm.store import BlobStore, PrefixedStore
 from storage import jobs
 from storage.db import Database
 from storage.jobs import JobStatus, Stage
+from storage.artifacts import artifact_prefix
 from storage.models import Artifact, new_id
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
-
-
-def artifact_prefix(job_id: str, fmt: str | None = None) -> str:
-    """Where a job's artifact lives in the store: the first format at ``artifact``, others at ``artifact-<format>``."""
-    return f"jobs/{job_id}/artifact" + (f"-{fmt}" if fmt else "")
 
 
 def artifact_kind(index: int, fmt: str) -> str:

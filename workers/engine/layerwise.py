@@ -23,7 +23,7 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
     job.stage("exporting")
     configs = {}
     for fmt, out_dir in job.outputs.items():
-        configs[fmt] = export(model, method, writer_for(fmt), ckpt, out_dir, max_shard_bytes=job.max_shard_bytes)
+        configs[fmt] = export(model, method, writer_for(fmt, method.format), ckpt, out_dir, max_shard_bytes=job.max_shard_bytes)
     return Quantized(
         configs=configs,
         perplexities=lambda ids: perplexity_pair(model, method, ckpt, ids),

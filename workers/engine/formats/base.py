@@ -33,4 +33,4 @@ class FormatWriter:
         return tensors
 
     def quantization_config(self, method: LayerwiseMethod, model: StreamedModel) -> dict[str, Any]:
-        return method.quantization_config()
+        return method.output_config(model)

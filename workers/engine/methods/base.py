@@ -124,6 +124,10 @@ class LayerwiseMethod(Method):
         o = self.options
         return {"bits": o.bits, "group_size": o.group_size, "sym": o.sym}
 
+    def output_config(self, model: StreamedModel) -> dict[str, Any]:
+        """The quantization_config of the natural format, for this model."""
+        return self.quantization_config()
+
     def replaced_weights(self, arch: Arch) -> set[str]:
         """Source tensor names (relative to a layer) the checkpoint drops."""
         return {f"{n}.weight" for n in arch.linears}
