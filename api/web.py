@@ -22,6 +22,7 @@ from werkzeug.datastructures import MultiDict
 from api.app import services
 from quantfarm.errors import InvalidState, NotFound, ValidationFailed
 from quantfarm import registry
+from quantfarm.loading import artifact_loads
 from quantfarm.spec import (
     BUILTIN_DATASETS, Calibration, Destination, HubDestination, HubSource, JobBase, method_names, method_options, parse_spec,
 )
@@ -337,18 +338,6 @@ def job_page(job_id: str):
         spec_json=json.dumps(spec_for_display(view["spec"]), indent=2),
         page_data={"job": {k: v for k, v in view.items() if k != "spec"}, "events": events, "files": files},
     )
-
-
-def artifact_loads(view: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    """How to load each artifact in each runtime of its format: from the Hub repo, or a folder named after it."""
-    from quantfarm.loading import load_instructions
-
-    hub = ((view.get("spec") or {}).get("destination") or {}).get("hub") or {}
-    out = {}
-    for a in view.get("artifacts", []):
-        ref = hub["repo_id"] if a.get("hub_url") and hub.get("repo_id") else f"./{a['id']}"
-        out[a["id"]] = load_instructions(a["format"], ref)
-    return out
 
 
 def spec_for_display(spec: dict[str, Any], limit: int = 2000) -> dict[str, Any]:

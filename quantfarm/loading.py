@@ -40,3 +40,13 @@ def load_instructions(fmt: str, ref: str) -> list[dict[str, str]]:
         language, snippet = _SNIPPETS[runtime]
         out.append({"runtime": runtime, "language": language, "code": snippet(fmt, ref)})
     return out
+
+
+def artifact_loads(job: dict) -> dict[str, list[dict[str, str]]]:
+    """How to load each artifact of a job view: from its Hub repo, or from a folder named after the artifact."""
+    hub = ((job.get("spec") or {}).get("destination") or {}).get("hub") or {}
+    out = {}
+    for a in job.get("artifacts", []):
+        ref = hub["repo_id"] if a.get("hub_url") and hub.get("repo_id") else f"./{a['id']}"
+        out[a["id"]] = load_instructions(a["format"], ref)
+    return out
