@@ -9,24 +9,44 @@ _PIP = {
     "awq": "pip install transformers gptqmodel",
     "bitsandbytes": "pip install transformers bitsandbytes",
     "compressed-tensors": "pip install transformers compressed-tensors",
+    "gguf": "pip install transformers gguf",
 }
+GGUF_FILE = "model.gguf"
+
+
+def _local(ref: str) -> bool:
+    return ref.startswith((".", "/", "<"))
 
 
 def _transformers(fmt: str, ref: str) -> str:
+    extra = f', gguf_file="{GGUF_FILE}"' if fmt == "gguf" else ""
     return "\n".join([
         f"# {_PIP.get(fmt, 'pip install transformers')}",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{ref}", device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{ref}"{extra}, device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{ref}"{extra})',
     ])
+
+
+def _llama_cpp(fmt: str, ref: str) -> str:
+    if _local(ref):
+        return f'llama-cli -m "{ref}/{GGUF_FILE}" -p "def fib(n):"'
+    return f'llama-cli -hf "{ref}" -p "def fib(n):"'
+
+
+def _ollama(fmt: str, ref: str) -> str:
+    if _local(ref):
+        return f"printf 'FROM {ref}/{GGUF_FILE}\\n' > Modelfile\nollama create my-model -f Modelfile\nollama run my-model"
+    return f"ollama run hf.co/{ref}"
 
 
 def _vllm(fmt: str, ref: str) -> str:
     return f'pip install vllm\nvllm serve "{ref}"'
 
 
-_SNIPPETS = {"transformers": ("python", _transformers), "vllm": ("bash", _vllm)}
+_SNIPPETS = {"transformers": ("python", _transformers), "vllm": ("bash", _vllm), "llama.cpp": ("bash", _llama_cpp),
+             "ollama": ("bash", _ollama)}
 
 
 def load_instructions(fmt: str, ref: str) -> list[dict[str, str]]:

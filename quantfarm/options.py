@@ -53,3 +53,7 @@ class BnB8Options(Strict):
 
 class FP8Options(Strict):
     """FP8 W8A8 has no knobs: per-channel e4m3 weights, dynamic per-token activations."""
+
+
+class GGUFOptions(Strict):
+    quant_type: Literal["Q8_0"] = Field("Q8_0", description="llama.cpp quantization type (Q8_0: 8-bit blocks of 32, one fp16 scale each)")

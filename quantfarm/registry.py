@@ -122,6 +122,7 @@ def _builtins() -> None:
         FormatEntry("bitsandbytes", "workers.engine.formats.native:NativeWriter", "bitsandbytes", ("transformers",)),
         FormatEntry("compressed-tensors", "workers.engine.formats.compressed:CompressedTensorsWriter", "compressed-tensors",
                     ("vllm", "transformers"), _compressed_accepts),
+        FormatEntry("gguf", "workers.engine.formats.native:NativeWriter", "GGUF", ("llama.cpp", "ollama", "transformers")),
     ):
         register_format(fmt)
     engine = "workers.engine.methods"
@@ -137,6 +138,8 @@ def _builtins() -> None:
         MethodEntry("fp8", o.FP8Options, f"{engine}.fp8:FP8Method", ("compressed-tensors",), "FP8",
                     "FP8 W8A8 (per-channel weights, dynamic per-token activations); no calibration. For H100-class GPUs.",
                     ("fp8", "8-bit")),
+        MethodEntry("gguf", o.GGUFOptions, f"{engine}.gguf:GGUFMethod", ("gguf",), "GGUF",
+                    "GGUF for llama.cpp and Ollama (Q8_0); no calibration.", ("gguf", "llama.cpp")),
         MethodEntry("rtn", o.RTNOptions, f"{engine}.rtn:RTNMethod", ("gptq", "compressed-tensors"), "RTN",
                     "Round-to-nearest; fastest, no calibration.", ("rtn",)),
     ):
