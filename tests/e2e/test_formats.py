@@ -110,3 +110,23 @@ def test_awq_rtn_and_fp8_jobs_write_compressed_tensors_that_load(stack, tiny_lla
                 ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
         tol = 0.2 if name == "fp8" else 1e-3
         assert float((got - ref).norm() / ref.norm()) < tol, name
+
+
+def test_a_gguf_job_downloads_and_loads_in_transformers_gguf_loader(stack, tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    job = stack.wait(stack.submit({"model": {"source": "local", "path": str(tiny_llama)}, "method": "gguf", "evaluate": True,
+                                   "evaluation": {"max_windows": 2}, "calibration": {"seq_len": 64}}))
+    assert job["status"] == "succeeded", job["error"]
+    (art,) = job["artifacts"]
+    assert (art["kind"], art["format"]) == ("model", "gguf")
+    out = _download(stack, art, tmp_path / "gguf")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.gguf"]
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
+        src = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
+    assert float((got - src).norm() / src.norm()) < 0.05
+    assert abs(job["metrics"]["perplexity_after"] / job["metrics"]["perplexity_before"] - 1) < 0.05
+    page = stack.get(f"/jobs/{job['id']}").text
+    assert f"./{art['id']}/model.gguf" in page and "ollama create" in page
