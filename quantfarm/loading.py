@@ -10,6 +10,7 @@ _PIP = {
     "bitsandbytes": "pip install transformers bitsandbytes",
     "compressed-tensors": "pip install transformers compressed-tensors",
     "gguf": "pip install transformers gguf",
+    "bitsandbytes-peft": "pip install transformers bitsandbytes peft",
 }
 GGUF_FILE = "model.gguf"
 
@@ -45,7 +46,19 @@ def _vllm(fmt: str, ref: str) -> str:
     return f'pip install vllm\nvllm serve "{ref}"'
 
 
-_SNIPPETS = {"transformers": ("python", _transformers), "vllm": ("bash", _vllm), "llama.cpp": ("bash", _llama_cpp),
+def _peft(fmt: str, ref: str) -> str:
+    return "\n".join([
+        f"# {_PIP[fmt]}",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{ref}", device_map="auto")  # the NF4 base',
+        f'model = PeftModel.from_pretrained(base, "{ref}", subfolder="adapter", is_trainable=True)  # ready for QLoRA',
+        f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
+    ])
+
+
+_SNIPPETS = {"peft": ("python", _peft), "transformers": ("python", _transformers), "vllm": ("bash", _vllm), "llama.cpp": ("bash", _llama_cpp),
              "ollama": ("bash", _ollama)}
 
 

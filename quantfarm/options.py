@@ -57,3 +57,11 @@ class FP8Options(Strict):
 
 class GGUFOptions(Strict):
     quant_type: Literal["Q8_0"] = Field("Q8_0", description="llama.cpp quantization type (Q8_0: 8-bit blocks of 32, one fp16 scale each)")
+
+
+class LoftQOptions(Strict):
+    bits: Literal[4] = Field(4, description="Bits of the base (NF4)")
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank of the adapters")
+    iterations: int = Field(5, ge=1, le=20, description="LoftQ alternations of quantize-the-rest and refit-the-adapter")
+    target_modules: list[str] = Field(default_factory=list, max_length=64,
+                                      description="Linears to adapt, by name or name suffix; empty: every linear of the decoder layers")

@@ -122,6 +122,7 @@ def _builtins() -> None:
         FormatEntry("bitsandbytes", "workers.engine.formats.native:NativeWriter", "bitsandbytes", ("transformers",)),
         FormatEntry("compressed-tensors", "workers.engine.formats.compressed:CompressedTensorsWriter", "compressed-tensors",
                     ("vllm", "transformers"), _compressed_accepts),
+        FormatEntry("bitsandbytes-peft", "workers.engine.formats.native:NativeWriter", "bitsandbytes + PEFT adapter", ("peft",)),
         FormatEntry("gguf", "workers.engine.formats.native:NativeWriter", "GGUF", ("llama.cpp", "ollama", "transformers")),
     ):
         register_format(fmt)
@@ -140,6 +141,9 @@ def _builtins() -> None:
                     ("fp8", "8-bit")),
         MethodEntry("gguf", o.GGUFOptions, f"{engine}.gguf:GGUFMethod", ("gguf",), "GGUF",
                     "GGUF for llama.cpp and Ollama (Q8_0); no calibration.", ("gguf", "llama.cpp")),
+        MethodEntry("loftq", o.LoftQOptions, f"{engine}.loftq:LoftQMethod", ("bitsandbytes-peft",), "LoftQ",
+                    "NF4 base plus LoftQ-initialised LoRA adapters, ready for QLoRA fine-tuning; no calibration.",
+                    ("loftq", "peft", "bitsandbytes", "4-bit")),
         MethodEntry("rtn", o.RTNOptions, f"{engine}.rtn:RTNMethod", ("gptq", "compressed-tensors"), "RTN",
                     "Round-to-nearest; fastest, no calibration.", ("rtn",)),
     ):

@@ -26,7 +26,7 @@ from pydantic import (
 
 from quantfarm import registry
 from quantfarm.errors import ValidationFailed
-from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, GGUFOptions, GPTQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
+from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, GGUFOptions, GPTQOptions, LoftQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
 
 BUILTIN_DATASETS = ("code",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
