@@ -130,3 +130,22 @@ def test_a_gguf_job_downloads_and_loads_in_transformers_gguf_loader(stack, tiny_
     assert abs(job["metrics"]["perplexity_after"] / job["metrics"]["perplexity_before"] - 1) < 0.05
     page = stack.get(f"/jobs/{job['id']}").text
     assert f"./{art['id']}/model.gguf" in page and "ollama create" in page
+
+
+def test_a_loftq_job_gives_a_bnb_base_and_a_peft_adapter(stack, tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    job = stack.wait(stack.submit({"model": {"source": "local", "path": str(tiny_llama)}, "method": "loftq",
+                                   "options": {"rank": 8, "iterations": 2}}))
+    assert job["status"] == "succeeded", job["error"]
+    (art,) = job["artifacts"]
+    assert art["format"] == "bitsandbytes-peft"
+    out = _download(stack, art, tmp_path / "loftq")
+    assert {"config.json", "model.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= {
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"}), out, subfolder="adapter")
+        assert torch.isfinite(tuned(ids).logits).all()
+    assert "PeftModel.from_pretrained" in stack.get(f"/jobs/{job['id']}").text
