@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench.common import CACHE, OUR_PYTHON, TOOLS, fmt, md_table, pinned_env, run_measured
-from bench.data import SEQ_LEN, bench_model, windows
+from bench.data import EVAL_WINDOWS, SEQ_LEN, bench_model, windows
 
 CT = "compressed-tensors"
 # (label, method, options, formats) ; the evaluator kind of each format below
@@ -51,7 +51,7 @@ def run(quick: bool = False, log=print) -> dict:
     from workers.engine.run import quantize
 
     model = bench_model(quick)
-    _, held = windows(model, num_samples=128, seq_len=SEQ_LEN)
+    _, held = windows(model, num_samples=128, seq_len=SEQ_LEN, eval_windows=32 if quick else EVAL_WINDOWS)
     work = CACHE / "formats"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -61,7 +61,7 @@ def run(quick: bool = False, log=print) -> dict:
     for label, method, options, formats in RUNS:
         log(f"formats bench: {label} -> {', '.join(formats)}")
         req = QuantizeRequest(source_dir=model, method=method, options=spec.method_options()[method](**options),
-                              calibration=spec.Calibration(num_samples=128, seq_len=SEQ_LEN), formats=formats)
+                              calibration=spec.Calibration(num_samples=16 if quick else 128, seq_len=SEQ_LEN), formats=formats)
         t0 = time.perf_counter()
         res = quantize(req, LocalStore(work / f"{method}-ckpt"), work / method, device=torch.device("cpu"))
         seconds = time.perf_counter() - t0
