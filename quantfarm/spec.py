@@ -29,10 +29,17 @@ from quantfarm.errors import ValidationFailed
 from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, GGUFOptions, GPTQOptions, LoftQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
 
 BUILTIN_DATASETS = ("code",)
+CREDENTIALS_REF = Field(None, description="Name of a team credential (POST /v1/credentials) to use instead of a pasted secret")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 # --- model sources ----------------------------------------------------------
+
+
+def _one_secret(model):
+    if getattr(model, "token", None) is not None and model.credentials_ref is not None:
+        raise ValueError("give either token or credentials_ref, not both")
+    return model
 
 
 class HubSource(Strict):
@@ -40,6 +47,9 @@ class HubSource(Strict):
     repo_id: str = Field(description="Hub model id, e.g. org/name")
     revision: str = Field("main", description="Branch, tag or commit")
     token: SecretStr | None = Field(None, description="Hub token for private models (write-only)")
+    credentials_ref: str | None = CREDENTIALS_REF
+
+    _secret = model_validator(mode="after")(_one_secret)
 
     @field_validator("repo_id")
     @classmethod
@@ -52,6 +62,7 @@ class HubSource(Strict):
 class S3Source(Strict):
     source: Literal["s3"]
     uri: str = Field(description="s3://bucket/prefix/ holding the model files")
+    credentials_ref: str | None = Field(None, description="Name of a team S3 credential; without one the bucket is read anonymously")
 
     @field_validator("uri")
     @classmethod
@@ -88,6 +99,7 @@ class Calibration(Strict):
     dataset: str | None = Field(None, description="builtin:<name> or hub:<dataset>[:<config>][:<split>]")
     texts: list[str] | None = Field(None, min_length=1, max_length=100_000)
     upload_id: str | None = None
+    credentials_ref: str | None = Field(None, description="Name of a team Hub credential for a private hub: dataset")
     num_samples: int = Field(128, ge=1, le=4096)
     seq_len: int = Field(512, ge=16, le=16384)
 
@@ -111,6 +123,8 @@ class Calibration(Strict):
             raise ValueError(f"give exactly one of dataset, texts, upload_id (got {', '.join(given)})")
         if not given:
             self.dataset = "builtin:code"
+        if self.credentials_ref is not None and not (self.dataset or "").startswith("hub:"):
+            raise ValueError("credentials_ref only applies to a hub: dataset")
         return self
 
 
@@ -119,8 +133,10 @@ class HubDestination(Strict):
     private: bool = True
     branch: str | None = None
     token: SecretStr | None = None
+    credentials_ref: str | None = CREDENTIALS_REF
 
     _repo = field_validator("repo_id")(HubSource._repo.__func__)
+    _secret = model_validator(mode="after")(_one_secret)
 
 
 class Destination(Strict):
@@ -330,7 +346,20 @@ def public_spec(spec: BaseModel) -> dict:
         hub.pop("token", None)
     for hook in data.get("webhooks", []):
         hook.pop("secret", None)
+        hook["url"] = mask_url(hook["url"])
     return data
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with only its scheme and host: paths and queries often carry tokens."""
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{p.port}" if p.port else ""
+    return f"{p.scheme}://{host}{port}/***"
 
 
 def spec_secrets(spec: BaseModel) -> dict[str, str]:
@@ -342,6 +371,7 @@ def spec_secrets(spec: BaseModel) -> dict[str, str]:
     if spec.destination.hub is not None and spec.destination.hub.token is not None:
         out["destination.hub.token"] = spec.destination.hub.token.get_secret_value()
     for i, hook in enumerate(spec.webhooks):
+        out[f"webhooks.{i}.url"] = hook.url
         if hook.secret is not None:
             out[f"webhooks.{i}.secret"] = hook.secret.get_secret_value()
     return out

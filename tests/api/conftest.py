@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from tests.conftest import test_keyring
 from sqlalchemy import func, select
 
 from api.app import create_app
@@ -100,7 +102,7 @@ def lite(sqlite_url, store, tmp_path):
     """The app on SQLite only, for checks that do not depend on the database engine."""
     from storage.db import Database
 
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     yield make_app(db, store, RecordingDispatcher(db), tmp_path)
     db.dispose()
 
