@@ -21,6 +21,7 @@ from quantfarm.spec import public_spec, spec_secrets
 from storage import jobs as job_store
 from storage import teams as team_store
 from storage.models import Artifact, Job, Team
+from storage.sources import check_local_path
 from storage.teams import Role
 from storage.views import job_view
 
@@ -66,12 +67,8 @@ def check_references(s, spec, team_id: str) -> None:
     if spec.model.source == "upload" and not upload_exists(store, spec.model.upload_id, team_id):
         bad["model.upload_id"] = "no upload with this id; upload it with POST /v1/uploads first"
     if spec.model.source == "local":
-        from storage import sources
-
-        check_local_path = getattr(sources, "check_local_path", None)
         try:
-            if check_local_path is not None:
-                check_local_path(spec.model.path, services().settings.local_roots)
+            check_local_path(spec.model.path, services().settings.local_roots)
         except ValidationFailed as exc:
             bad.update(exc.fields)
     for field, (name, kind) in _credential_refs(spec).items():

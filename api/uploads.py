@@ -96,12 +96,12 @@ def _too_large(limit: int) -> PayloadTooLarge:
 def _clean_filename(raw: str | None, field: str) -> str:
     if not raw:
         raise ValidationFailed({field: "field required"}, "Name the file: a multipart 'file' part, or ?filename= with a raw body.")
-    name = secure_filename(raw)
+    name = secure_filename(raw)[-200:]  # keep the end: the extension says what it is
     if not name:
         raise ValidationFailed({field: "must contain letters or digits"})
-    if name == META:
+    if name.lower() == META:
         raise ValidationFailed({field: f"{META} is reserved; rename the file"})
-    return name[:200]
+    return name
 
 
 @bp.post("/v1/uploads")

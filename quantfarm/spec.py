@@ -31,6 +31,7 @@ from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, 
 BUILTIN_DATASETS = ("code",)
 CREDENTIALS_REF = Field(None, description="Name of a team credential (POST /v1/credentials) to use instead of a pasted secret")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_DATASET_PART = re.compile(r"^[A-Za-z0-9._\-\[\]%+]*$")  # a config or split, e.g. wikitext-2-raw-v1, validation
 
 
 # --- model sources ----------------------------------------------------------
@@ -112,7 +113,13 @@ class Calibration(Strict):
             if v.split(":", 1)[1] not in BUILTIN_DATASETS:
                 raise ValueError(f"unknown built-in set; choose from: {', '.join('builtin:' + b for b in BUILTIN_DATASETS)}")
             return v
-        if v.startswith("hub:") and len(v) > 4 and all(v.split(":")[1:2]):
+        if v.startswith("hub:"):
+            parts = v.split(":")[1:]
+            if len(parts) > 3 or not _REPO_ID.match(parts[0]) or ".." in parts[0]:
+                raise ValueError("hub:<dataset> must name a Hub dataset id like 'org/name' (never a path), "
+                                 "optionally followed by :<config> and :<split>")
+            if not all(_DATASET_PART.match(p) for p in parts[1:]):
+                raise ValueError("the config and split after hub:<dataset> may hold only letters, digits and ._-[]%+")
             return v
         raise ValueError("must be builtin:<name> or hub:<dataset>[:<config>][:<split>]")
 

@@ -37,6 +37,18 @@ def _admin_exec(sql: str) -> None:
     eng.dispose()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_roots(tmp_path_factory):
+    """Let `local` model sources name the test models (under CACHE and pytest's temp folders), and nothing else.
+
+    Set in the environment, so in-process ``Settings()`` and every spawned API and worker process see it.
+    """
+    roots = [CACHE.resolve(), tmp_path_factory.getbasetemp().resolve()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTFARM_LOCAL_ROOTS", ",".join(str(r) for r in roots))
+        yield roots
+
+
 @pytest.fixture(scope="session")
 def pg_url():
     """A fresh PostgreSQL database for this test session, migrated to head."""

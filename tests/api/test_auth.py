@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
@@ -19,6 +20,7 @@ from tests.api.conftest import FULL, MINIMAL, SECRETS, RecordingDispatcher, coun
 
 def _app(db, store, tmp_path, **settings):
     settings.setdefault("webhook_allow_private", True)
+    settings.setdefault("local_roots", [Path("/")])  # MINIMAL's made-up folder; tests/api/test_local_roots.py checks roots
     app = create_app(Settings(home=tmp_path / "home", **settings), db=db, dispatcher=RecordingDispatcher(db), store=store)
     app.config["TESTING"] = True
     return app

@@ -208,7 +208,7 @@ def test_cancel_a_running_job_with_the_button(page, stack, deep_model, shots):
 @pytest.fixture(scope="module")
 def finished_pair(stack, small_model):
     """One failed job (its model path does not exist) and one succeeded job."""
-    failed = stack.submit({"model": {"source": "local", "path": "/nonexistent/model"}, "method": "rtn"})
+    failed = stack.submit({"model": {"source": "local", "path": str(small_model.parent / "nonexistent-model")}, "method": "rtn"})
     ok = stack.submit({"model": {"source": "local", "path": str(small_model)}, "method": "rtn"})
     return stack.wait(failed), stack.wait(ok)
 

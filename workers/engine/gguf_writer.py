@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from quantfarm.errors import UnsupportedArchitecture, UnsupportedModel
+from quantfarm.paths import UnsafePath, is_regular_file, safe_join
 from workers.engine.shards import ShardReader
 
 
@@ -67,8 +68,11 @@ def _metadata(writer, config, name: str) -> None:
 
 def _tokenizer(writer, source_dir: Path, config) -> None:
     """A byte-level BPE vocabulary (``gpt2`` in llama.cpp's terms) from ``tokenizer.json``."""
-    path = source_dir / "tokenizer.json"
-    if not path.is_file():
+    try:
+        path = safe_join(source_dir, "tokenizer.json").resolve()  # a link may point within the folder, never out of it
+    except UnsafePath:
+        raise UnsupportedModel("tokenizer.json links outside the model folder; GGUF export will not read it.") from None
+    if not is_regular_file(path):
         raise UnsupportedModel("GGUF export needs a fast tokenizer (tokenizer.json) to embed the vocabulary.")
     tok = json.loads(path.read_text())
     model = tok.get("model", {})

@@ -123,3 +123,18 @@ def test_a_rerun_writes_the_same_bytes(gguf_run, tmp_path):
 def test_an_architecture_without_a_gguf_mapping_names_the_ones_it_has(tiny_source, tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="GGUF export supports llama, mistral, qwen2, not 'opt'"):
         quantize(_req(tiny_source("opt")), LocalStore(tmp_path / "ckpt"), tmp_path / "out", device=CPU)
+
+
+def test_a_tokenizer_linking_outside_the_model_is_not_read(tiny_source, tmp_path):
+    import shutil
+
+    from quantfarm.errors import UnsupportedModel
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source("llama"), src)
+    secret = tmp_path / "secret.json"
+    secret.write_text((src / "tokenizer.json").read_text())
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(UnsupportedModel, match="links outside the model folder"):
+        quantize(_req(src), LocalStore(tmp_path / "ckpt"), tmp_path / "out", device=CPU)
