@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 import quantfarm
 from api import schemas
+from quantfarm import registry
 from quantfarm.spec import spec_schema
 from storage.jobs import JobStatus
 
@@ -184,15 +185,20 @@ def _components() -> dict[str, dict]:
     return out
 
 
-@lru_cache(maxsize=1)
 def build_openapi() -> dict[str, Any]:
-    """Return the OpenAPI 3.1 document of the API."""
+    """Return the OpenAPI 3.1 document of the API (rebuilt when the method registry changes)."""
+    return _build_openapi(registry.generation())
+
+
+@lru_cache(maxsize=2)
+def _build_openapi(_generation: int) -> dict[str, Any]:
+    names = ", ".join(registry.method_names())
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Quantfarm API",
             "version": quantfarm.__version__,
-            "description": "Submit and follow model quantization jobs (GPTQ, AWQ, bitsandbytes, RTN). "
+            "description": f"Submit and follow model quantization jobs (methods: {names}; formats: {', '.join(registry.format_names())}). "
             "Errors are `{error, message, details}`; a bad body is 422 with `details.fields`.",
         },
         "tags": [{"name": t} for t in ("jobs", "artifacts", "uploads", "webhooks", "access", "farm", "service")],

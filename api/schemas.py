@@ -41,8 +41,8 @@ class JobErrorOut(Out):
 class ArtifactOut(Out):
     id: str
     job_id: str
-    kind: str = Field(description="model")
-    format: str = Field(description="gptq | awq | bnb")
+    kind: str = Field(description="model for the job's first format; the format's name for each further one")
+    format: str = Field(description="The output format: gptq | awq | bitsandbytes | compressed-tensors | ...")
     files: int = Field(description="Number of files")
     size_bytes: int
     sha256: str = Field(description="Digest over the artifact's file list")

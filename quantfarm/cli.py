@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric quantization")
     s.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option (repeatable)")
+    s.add_argument("--format", action="append", default=[], metavar="FORMAT",
+                   help="output format, one artifact each (repeatable; default: the method's own)")
     s.add_argument("--calib", help="builtin:<name>, hub:<dataset>[:<config>][:<split>], upload:<id>, or a local text file to upload")
     s.add_argument("--samples", type=int, help="calibration samples")
     s.add_argument("--seq-len", type=int, help="calibration sequence length")

@@ -1,6 +1,7 @@
 """The artifact store's key layout, for the API and the workers alike (one place spells keys).
 
 jobs/{job_id}/artifacts/{claim}/...   a job's quantized files, written under the claim that made them
+jobs/{job_id}/artifacts/{claim}-{fmt}/ each further format the job writes (compressed-tensors, gguf, ...)
 jobs/{job_id}/artifact/...            the same, for artifacts made before claims were counted
 jobs/{job_id}/checkpoints/...         per-layer checkpoints (resume on any worker)
 uploads/{upload_id}/...               calibration and model uploads, with a meta.json
@@ -11,12 +12,15 @@ from __future__ import annotations
 import re
 
 UPLOAD_META = "meta.json"
-_JOB_KEY = re.compile(r"^jobs/(?P<job>[^/]+)/(?P<kind>artifacts|artifact|checkpoints)(?:/(?P<claim>\d+))?/")
+_JOB_KEY = re.compile(r"^jobs/(?P<job>[^/]+)/(?P<kind>artifacts|artifact|checkpoints)(?:/(?P<claim>\d+)(?:-[a-z0-9-]+)?)?/")
 
 
-def artifact_prefix(job_id: str, claim: int) -> str:
-    """Where the worker holding claim ``claim`` writes the job's artifact (a zombie's claim writes elsewhere)."""
-    return f"jobs/{job_id}/artifacts/{int(claim)}"
+def artifact_prefix(job_id: str, claim: int, fmt: str | None = None) -> str:
+    """Where the worker holding claim ``claim`` writes the job's artifact (a zombie's claim writes elsewhere).
+
+    A job's first format is at ``artifacts/<claim>``, each further one at ``artifacts/<claim>-<format>``.
+    """
+    return f"jobs/{job_id}/artifacts/{int(claim)}" + (f"-{fmt}" if fmt else "")
 
 
 def legacy_artifact_prefix(job_id: str) -> str:

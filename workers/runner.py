@@ -186,12 +186,12 @@ class JobRunner:
         started = time.monotonic()
         self.interrupter.arm()  # from here to the last upload, a cancel or a stall stops the job mid-stage
         try:
-            result, entries, hub_url, hub_commit, prefix = self._produce(job, spec, secrets, scratch, hb, hold)
+            result, published = self._produce(job, spec, secrets, scratch, hb, hold)
         finally:
             self.interrupter.disarm()
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
                    "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
-        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, prefix)
+        self._succeed(job.id, published, metrics)
         try:
             self.store.delete_prefix(checkpoint_prefix(job.id))
         except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
@@ -231,7 +231,7 @@ class JobRunner:
         req = QuantizeRequest(
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
-            read_upload=self._read_upload, hub_token=secrets.get("calibration.token"),
+            read_upload=self._read_upload, hub_token=secrets.get("calibration.token"), formats=list(spec.formats),
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
@@ -242,19 +242,29 @@ class JobRunner:
             max_shard_bytes=self.settings.max_shard_bytes,
         )
         self._stage(job.id, Stage.UPLOADING)
-        prefix = artifact_prefix(job.id, self.lease.claim)  # a stale claim writes only under its own prefix
-        entries = FencedStore(self.store, prefix, hb, self.progress).upload_dir("", out_dir) if spec.destination.store else []
+        published = [self._publish(job, spec, secrets, hb, i, out) for i, out in enumerate(result.outputs)]
+        return result, published
+
+    def _publish(self, job, spec, secrets: dict, hb: Heartbeat, index: int, out) -> dict:
+        """Store and/or push one format's folder under this claim; return the artifact row's fields."""
+        from quantfarm.store import FileEntry, sha256_file, walk_files
+
+        # A stale claim writes only under its own prefix; further formats sit beside the first.
+        prefix = artifact_prefix(job.id, self.lease.claim, None if index == 0 else out.format)
+        entries = FencedStore(self.store, prefix, hb, self.progress).upload_dir("", out.out_dir) if spec.destination.store else []
         hub_url = hub_commit = None
         if spec.destination.hub is not None:
             from storage.hub import publish_to_hub
 
+            dest = spec.destination.hub
+            if index:  # further formats go to their own branch of the same repo
+                dest = dest.model_copy(update={"branch": f"{dest.branch}-{out.format}" if dest.branch else out.format})
             self._check_fence(job.id)  # a stale claim publishes nothing
-            hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, secrets.get("destination.hub.token"), job.id, self.settings)
+            hub_url, hub_commit = publish_to_hub(out.out_dir, dest, secrets.get("destination.hub.token"), job.id, self.settings)
             if not entries:
-                from quantfarm.store import FileEntry, sha256_file, walk_files
-
-                entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
-        return result, entries, hub_url, hub_commit, prefix if spec.destination.store else None
+                entries = [FileEntry(p.relative_to(out.out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out.out_dir)]
+        return {"kind": "model" if index == 0 else out.format, "format": out.format, "entries": entries,
+                "prefix": prefix if spec.destination.store else None, "hub_url": hub_url, "hub_commit": hub_commit}
 
     def _fetch(self, spec, secrets: dict, scratch: Path, hold: contextlib.ExitStack) -> Path:
         from storage.sources import fetch_model
@@ -288,18 +298,20 @@ class JobRunner:
         with self.db.session() as s:
             jobs.check_fence(s, job_id, self.lease)
 
-    def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, prefix: str | None) -> None:
+    def _succeed(self, job_id, published: list[dict], metrics) -> None:
         import hashlib
 
-        digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
         with self.db.session() as s:
             job = jobs.get_job(s, job_id)
-            s.add(Artifact(
-                id=new_id("art"), job_id=job_id, kind="model", format=qconfig.get("quant_method", "unknown"),
-                location=self.store.uri(prefix) if prefix else None, store_prefix=prefix,
-                files=[e.to_dict() for e in entries], file_count=len(entries),
-                size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=hub_url, hub_commit=hub_commit,
-            ))
+            for a in published:  # one artifact per format: kind "model" for the first, the format's name after
+                entries, prefix = a["entries"], a["prefix"]
+                digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
+                s.add(Artifact(
+                    id=new_id("art"), job_id=job_id, kind=a["kind"], format=a["format"],
+                    location=self.store.uri(prefix) if prefix else None, store_prefix=prefix,
+                    files=[e.to_dict() for e in entries], file_count=len(entries),
+                    size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=a["hub_url"], hub_commit=a["hub_commit"],
+                ))
             # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
             jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
             erase_run_secrets(s, job_id)  # after the webhooks were made (they scrub with every secret)

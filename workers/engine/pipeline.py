@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from workers.engine import ENGINE_VERSION
 from workers.engine.calibration import calibration_ids
 from workers.engine.checkpoint import Checkpoints, tensor_digest
-from workers.engine.methods import LayerContext, Method, method_for
+from workers.engine.methods import LayerContext, Method
 from workers.engine.model import StreamedModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class QuantizeRequest:
     base_model: str = ""
     read_upload: Callable[[str], str] | None = None
     hub_token: str | None = None  # the job's own token for a hub: calibration dataset (never the worker's)
+    formats: list[str] | None = None  # None: the method's natural format
 
 
 @dataclass
@@ -165,13 +166,13 @@ def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:
     on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, eta))
 
 
-def prepare(req: QuantizeRequest, device: torch.device) -> tuple[StreamedModel, Method, Any, torch.Tensor | None]:
-    """Open the source, build the method, and tokenize the calibration set."""
+def prepare(req: QuantizeRequest, device: torch.device, method: Method) -> tuple[StreamedModel, torch.Tensor | None]:
+    """Open the source and tokenize the calibration set (when the method needs one)."""
     model = StreamedModel(req.source_dir, device)
-    method = method_for(req.method, req.options)
-    tokenizer = load_tokenizer(req.source_dir) if (method.requires_calibration or req.evaluate) else None
-    calib = calibration_ids(req.calibration, tokenizer, read_upload=req.read_upload, hub_token=req.hub_token) if method.requires_calibration else None
-    return model, method, tokenizer, calib
+    if not method.requires_calibration:
+        return model, None
+    return model, calibration_ids(req.calibration, load_tokenizer(req.source_dir), read_upload=req.read_upload,
+                                  hub_token=req.hub_token)
 
 
 def load_tokenizer(source_dir: Path):
