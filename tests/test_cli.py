@@ -202,6 +202,15 @@ def test_submit_sends_every_option(live, tmp_path):
     assert spec["webhooks"] == [{"url": "https://hooks.example/***"}]
 
 
+def test_submit_sends_formats_and_a_bad_pair_names_the_valid_ones(live):
+    res = cli(live, "submit", "org/llama", "--method", "rtn", "--format", "gptq", "--format", "compressed-tensors")
+    assert res.returncode == 0, res.stderr
+    spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
+    assert spec["formats"] == ["gptq", "compressed-tensors"]
+    bad = cli(live, "submit", "org/llama", "--method", "awq", "--format", "gptq")
+    assert bad.returncode != 0 and "awq cannot write 'gptq'; it writes: awq, compressed-tensors" in bad.stderr
+
+
 def test_submit_validation_error_names_the_field(live):
     res = cli(live, "submit", "/models/tiny", "--method", "gptq", "--bits", "5")
     assert res.returncode == 1

@@ -7,12 +7,8 @@ outcomes. Prometheus sums them over the workers it scrapes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from quantfarm.store import PrefixedStore
 
 prometheus_client.disable_created_metrics()
 
@@ -34,15 +30,3 @@ def serve(port: int, role: str, device: str, capacity: int) -> None:
     """Start the metrics endpoint on ``port`` (a daemon thread) and say what this worker is."""
     WORKERS.labels(role, device, str(capacity)).set(1)
     start_http_server(port, registry=REGISTRY)
-
-
-class MeteredCheckpoints(PrefixedStore):
-    """A job's checkpoint prefix that counts the bytes written through it."""
-
-    def put_file(self, key, path):
-        super().put_file(key, path)
-        CHECKPOINT_BYTES.inc(Path(path).stat().st_size)
-
-    def put_bytes(self, key, data):
-        super().put_bytes(key, data)
-        CHECKPOINT_BYTES.inc(len(data))
