@@ -60,8 +60,10 @@ def test_first_job_on_a_fresh_stack_succeeds(fresh_database, tiny_llama, tmp_pat
         assert job["attempt"] == 1
         (artifact,) = job["artifacts"]
         files = stack.get(f"/v1/artifacts/{artifact['id']}/files").json()["items"]
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="quantfarm", Prefix=f"jobs/{job['id']}/artifact/").get("Contents", [])}
-        assert keys == {f"jobs/{job['id']}/artifact/{f['path']}" for f in files}
+        assert artifact["location"].startswith(f"s3://quantfarm/jobs/{job['id']}/")
+        prefix = artifact["location"][len("s3://quantfarm/"):].rstrip("/") + "/"
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="quantfarm", Prefix=prefix).get("Contents", [])}
+        assert keys == {prefix + f["path"] for f in files}
         paths = {f["path"] for f in files}
         assert "config.json" in paths and any(p.endswith(".safetensors") for p in paths), paths
         ended = ("quantfarm_worker_job_seconds_count", (("method", "rtn"), ("status", "succeeded")))
