@@ -136,7 +136,7 @@ class Servers:
         _admin_exec(f"CREATE DATABASE {self.dbname}")
         self.db_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.dbname}"
         self.redis = RedisServer().start()
-        self.farm_port, self.ceiling_port = free_port(), free_port()
+        self.farm_port, self.ceiling_port, self.open_port = free_port(), free_port(), free_port()
         from quantfarm.secrets import new_key
 
         self.env = {**os.environ, "QUANTFARM_DATABASE_URL": self.db_url, "QUANTFARM_BROKER_URL": self.redis.url,
@@ -164,11 +164,15 @@ class Servers:
         return ids[n // 2], key["key"]
 
     def start(self) -> None:
-        for app, port in (("api.wsgi:app", self.farm_port), ("bench.api_ceiling:app", self.ceiling_port)):
+        # The same farm twice on one database: auth on (as compose runs it), and auth off (loopback), to price the key check.
+        open_env = {**self.env, "QUANTFARM_AUTH": "off"}
+        for app, port, env in (("api.wsgi:app", self.farm_port, self.env), ("bench.api_ceiling:app", self.ceiling_port, self.env),
+                               ("api.wsgi:app", self.open_port, open_env)):
             log = open(self.work / f"gunicorn-{port}.log", "wb")
-            self.procs.append(subprocess.Popen(gunicorn_argv(app, port), env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(subprocess.Popen(gunicorn_argv(app, port), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         wait_http(self.farm_port, "/healthz")
         wait_http(self.ceiling_port, "/ping")
+        wait_http(self.open_port, "/healthz")
 
     def close(self) -> None:
         for p in self.procs:
@@ -210,6 +214,46 @@ def measure(srv: Servers, a, work: Path) -> list[dict]:
     return rows
 
 
+AUTH_BEGIN, AUTH_END = "<!-- auth_overhead:begin -->", "<!-- auth_overhead:end -->"
+AUTH_GOAL = 0.9  # auth on within 10% of auth off
+
+
+def auth_overhead(srv: Servers, a, work: Path, token: str, rounds: int = 2) -> list[dict]:
+    """Max rps of each farm endpoint with auth on (a Bearer key) and off, alternating on/off ``rounds`` times."""
+    rows = []
+    for key, label, _port, method, path, body in endpoints(srv)[1:4]:
+        got: dict[str, list[float]] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for mode, port, headers in (("on", srv.farm_port, {"Authorization": f"Bearer {token}"}), ("off", srv.open_port, {})):
+                script = None
+                if body is not None:
+                    script = work / f"auth-{key}.lua"
+                    script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\n'
+                                      'wrk.headers["Content-Type"] = "application/json"\n')
+                res = run_wrk(f"http://127.0.0.1:{port}{path}", duration=a.duration, connections=a.connections, headers=headers, script=script)
+                if res["non_2xx"]:
+                    raise RuntimeError(f"{label} with auth {mode}: {res['non_2xx']} non-2xx responses")
+                got[mode].append(res["rps"])
+        on, off = sum(got["on"]) / rounds, sum(got["off"]) / rounds
+        rows.append({"label": label, "on": on, "off": off, "ratio": on / off})
+        print(f"auth overhead {label}: on {on:.0f} rps, off {off:.0f} rps, ratio {on / off:.2f}", flush=True)
+    return rows
+
+
+def render_auth(rows: list[dict], a, started: str, env: dict) -> str:
+    table = [[r["label"], f"{r['on']:,.0f}", f"{r['off']:,.0f}", f"{r['ratio']:.2f}",
+              "met" if r["ratio"] >= AUTH_GOAL else "**NOT met**"] for r in rows]
+    cmd = f".venv/bin/python -m bench.api_load --duration {a.duration} --connections {a.connections} --jobs {a.jobs}"
+    return "\n".join([
+        AUTH_BEGIN, "## API load with auth on vs off", "",
+        f"- Command: `{cmd}` (the same run as the table above)", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
+        "- One farm database, two gunicorns with the compose command: `QUANTFARM_AUTH=on` with an admin key in `Authorization: Bearer`, "
+        f"and `QUANTFARM_AUTH=off`. Max rps by `wrk -t2 -c{a.connections} -d{a.duration}s`, on and off alternated twice and averaged. "
+        f"Goal: auth on ≥ {AUTH_GOAL} of auth off.", "",
+        md_table(["endpoint", "rps auth on", "rps auth off", "on / off", "goal ≥ 0.9"], table), "", AUTH_END,
+    ])
+
+
 def render(rows: list[dict], a, started: str, env: dict) -> str:
     ceiling = rows[0]["rps"]
     table = []
@@ -235,11 +279,11 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
     ])
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, begin: str = BEGIN, end: str = END) -> None:
     path = BENCH / "RESULTS.md"
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
@@ -252,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--token", help="API key sent as Authorization: Bearer (default: $QUANTFARM_BENCH_TOKEN)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--only-auth", action="store_true", help="measure only auth on vs off")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
@@ -261,14 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     srv = Servers(work, a.jobs)
     try:
         srv.start()
-        rows = measure(srv, a, work)
+        rows = None if a.only_auth else measure(srv, a, work)
+        auth_rows = auth_overhead(srv, a, work, a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token)
     finally:
         srv.close()
         shutil.rmtree(work, ignore_errors=True)
-    text = render(rows, a, started, env)
-    print(text)
-    if not a.no_write:
-        write_section(text)
+    sections = ([(render(rows, a, started, env), BEGIN, END)] if rows is not None else [])
+    sections.append((render_auth(auth_rows, a, started, env), AUTH_BEGIN, AUTH_END))
+    for text, begin, end in sections:
+        print(text)
+        if not a.no_write:
+            write_section(text, begin, end)
     return 0
 
 
