@@ -21,13 +21,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
-from urllib.parse import urlsplit
 
 import requests
 
 from quantfarm.netguard import AddressRefused, URLRefused, check_webhook_url, guarded_session, watch_sockets
 from quantfarm.settings import Settings
-from quantfarm.spec import secret_key
+from quantfarm.spec import mask_url, secret_key
 from storage import webhooks as store
 from storage.db import Database
 from storage.models import WebhookDelivery
@@ -64,16 +63,6 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - now).total_seconds())
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` without user info or query, for logs."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{p.port}" if p.port else ""
-    return f"{p.scheme}://{host}{port}{p.path}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +144,7 @@ class WebhookSender:
                 latency_ms=round(result.latency_ms, 3), error=result.error, next_attempt_at=next_at,
             )
         log.info(
-            "webhook delivery %s attempt %d to %s: %s -> %s%s", delivery_id, claim.attempt, redact_url(claim.url),
+            "webhook delivery %s attempt %d to %s: %s -> %s%s", delivery_id, claim.attempt, mask_url(claim.url),
             result.status_code if result.status_code is not None else result.error, status,
             f" (next attempt at {next_at.isoformat()})" if next_at else "",
         )
