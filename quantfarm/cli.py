@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int)
     s.add_argument("--group-size", type=int)
     s.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric quantization")
-    s.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    s.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order (on by default)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option (repeatable)")
     s.add_argument("--calib", help="builtin:<name>, hub:<dataset>[:<config>][:<split>], upload:<id>, or a local text file to upload")
     s.add_argument("--samples", type=int, help="calibration samples")

@@ -25,7 +25,7 @@ TOL = 1e-3
 # (arch, desc_act) -> options: every arch with act-order on and off, across bits/groups/sym.
 CASES = {
     ("llama", False): dict(bits=4, group_size=32, sym=True),
-    ("llama", True): dict(bits=4, group_size=32, sym=False),
+    ("llama", True): dict(bits=4, group_size=32, sym=False, static_groups=False),
     ("mistral", False): dict(bits=8, group_size=64, sym=True),
     ("mistral", True): dict(bits=3, group_size=128, sym=True),
     ("qwen2", False): dict(bits=2, group_size=-1, sym=False),
@@ -74,7 +74,7 @@ def test_gptq_export_matches_fake_quantized(tiny_model, tmp_path, arch, desc_act
         "quant_method": "gptq", "bits": options["bits"], "group_size": options["group_size"],
         "desc_act": desc_act, "sym": options["sym"], "checkpoint_format": "gptq",
     }
-    assert qc["static_groups"] == options.get("static_groups", False)
+    assert qc["static_groups"] == options.get("static_groups", True)
     assert qc["true_sequential"] == options.get("true_sequential", True)
     assert res.quantization_config == qc
 
