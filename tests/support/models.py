@@ -53,6 +53,20 @@ def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: 
         return Qwen2Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, tie_word_embeddings=True, **common)
     if arch == "qwen3":
         return Qwen3Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads, tie_word_embeddings=True, **common)
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+
+        return Gemma2Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                            sliding_window=32, **common)
+    if arch == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                                sliding_window=32, layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2), **common)
+    if arch == "phi3":
+        from transformers import Phi3Config
+
+        return Phi3Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, tie_word_embeddings=False, **common)
     if arch == "opt":
         common.pop("max_position_embeddings")
         return OPTConfig(ffn_dim=intermediate, word_embed_proj_dim=hidden, max_position_embeddings=1024, do_layer_norm_before=True, **common)

@@ -37,6 +37,9 @@ class Arch:
     # AWQ leaves these linears unclipped: their outputs go through a softmax, where
     # clipping hurts more than the per-linear output error it minimises shows.
     awq_no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    # Norms that compute ``x * (offset + weight)`` (Gemma: 1); AWQ folds ``1/s`` into ``offset + weight``.
+    norm_offset: float = 0.0
+    attn: str = "sdpa"  # attention implementation (Gemma 2's logit softcapping needs "eager")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -61,7 +64,34 @@ def _llama_like(name: str) -> Arch:
     )
 
 
+# Gemma 2 and 3 norm the attention and MLP outputs too; the MLP reads pre_feedforward_layernorm.
+_GEMMA_GROUPS = (
+    _LLAMA_GROUPS[0],
+    _LLAMA_GROUPS[1],
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm", "mlp"),
+    _LLAMA_GROUPS[3],
+)
+
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj. Neither fused linear's
+# output rows line up with the next linear's inputs, so o_proj and down_proj get no scales.
+_PHI3_GROUPS = (
+    LinearGroup(("self_attn.qkv_proj",), "input_layernorm", "self_attn"),
+    LinearGroup(("self_attn.o_proj",), None, "self_attn.o_proj", closes="self_attn"),
+    LinearGroup(("mlp.gate_up_proj",), "post_attention_layernorm", "mlp"),
+    LinearGroup(("mlp.down_proj",), None, "mlp.down_proj", closes="mlp"),
+)
+
+
+def _gemma(name: str, attn: str = "sdpa") -> Arch:
+    return Arch(name=name, layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
+                groups=_GEMMA_GROUPS, norm_offset=1.0, attn=attn)
+
+
 ARCHITECTURES: dict[str, Arch] = {
+    "gemma2": _gemma("gemma2", attn="eager"),
+    "gemma3_text": _gemma("gemma3_text"),
+    "phi3": Arch(name="phi3", layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
+                 groups=_PHI3_GROUPS, awq_no_clip=("self_attn.qkv_proj",)),
     "llama": _llama_like("llama"),
     "mistral": _llama_like("mistral"),
     "qwen2": _llama_like("qwen2"),

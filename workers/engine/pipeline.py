@@ -100,6 +100,7 @@ def run_layers(
             _report(on_layer, i, total, 0.0, ckpt, True, stats, t_start)
             continue
         layer = model.load_layer(i)
+        inputs = model.inputs_for(i, inputs)
         wants_next = needs_inputs and i + 1 < total
         nxt = None
         if resumed:

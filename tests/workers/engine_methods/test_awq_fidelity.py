@@ -25,7 +25,8 @@ from workers.engine.arch import ARCHITECTURES
 from workers.engine.awq_pack import unpack_gemm
 from workers.engine.methods import method_for
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gemma2", "phi3",
+         pytest.param("gemma3_text", marks=pytest.mark.slow)]
 
 
 def _max_logit_diff(run, seed: int = 0) -> tuple[float, float]:

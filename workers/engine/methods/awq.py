@@ -169,11 +169,15 @@ def foldable(layer: nn.Module, group: LinearGroup) -> bool:
     return weight is not None and weight.shape[0] == layer.get_submodule(group.names[0]).weight.shape[1]
 
 
-def fold_scales(layer: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels (weight rows, bias) by ``s``; multiply the group's input columns by ``s``."""
+def fold_scales(layer: nn.Module, group: LinearGroup, s: torch.Tensor, offset: float = 0.0) -> None:
+    """Divide ``prev``'s output channels (weight rows, bias) by ``s``; multiply the group's input columns by ``s``.
+
+    A norm computing ``x * (offset + weight)`` gets ``(offset + weight) / s - offset``.
+    """
     prev = layer.get_submodule(group.prev)
     w = prev.weight.data
-    prev.weight.data = w / s.view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
+    scale = s.view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
+    prev.weight.data = (w + offset) / scale - offset if offset else w / scale
     if getattr(prev, "bias", None) is not None:
         prev.bias.data = prev.bias.data / s.to(prev.bias.dtype)
     for name in group.names:
@@ -256,7 +260,7 @@ class AWQMethod(Method):
             x = rec[g.names[0]].sample()
             if g.names[0] in scales:
                 s = scales[g.names[0]]
-                fold_scales(layer, g, s)
+                fold_scales(layer, g, s, arch.norm_offset if g.prev not in arch.linears else 0.0)
                 x = x / s.view(1, -1).to(x.dtype)
                 sf = s.float().to(held[g.names[0]].device)
                 held[g.names[0]] = held[g.names[0]] / sf.view(-1, 1) / sf.view(1, -1)  # the folded inputs' Gram
