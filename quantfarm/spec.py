@@ -95,6 +95,13 @@ class GPTQOptions(Strict):
     )
     damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening added to the Hessian diagonal, as a fraction of its mean")
     true_sequential: bool = Field(True, description="Quantize sub-modules in order, feeding quantized outputs forward")
+    moe_calibration: Literal["all_experts", "routed"] = Field(
+        "all_experts", description="MoE models: every calibration token feeds every expert's statistics (the router "
+                                   "still decides the output), or only the tokens the router sends it",
+    )
+    min_expert_tokens: int = Field(
+        64, ge=1, le=1_000_000, description="MoE with routed calibration: an expert sent fewer tokens is rounded to nearest (with a warning)",
+    )
 
 
 class RTNOptions(Strict):

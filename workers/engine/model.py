@@ -63,6 +63,7 @@ class StreamedModel:
         self.config = read_config(self.dir)
         self.arch: Arch = arch_for(self.config)
         self.shards = ShardReader(self.dir)
+        self.shards.rename(self.arch.renames)
         self.device = device
         src = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None) or torch.float32
         self.source_dtype = getattr(torch, src) if isinstance(src, str) else src
@@ -73,6 +74,10 @@ class StreamedModel:
         except ValueError as exc:
             raise UnsupportedModel(f"transformers cannot build this model as a causal LM: {exc}") from None
         self.model.eval()
+        if self.arch.moe is not None:  # one nn.Linear per expert, named as the checkpoint names them
+            from workers.engine.moe import install
+
+            install(self.model.get_submodule(self.arch.layers), self.arch, self.config)
         for module in self.model.modules():  # rotary tables etc. are real buffers; put them where we compute
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.device.type != "meta":

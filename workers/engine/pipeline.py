@@ -111,6 +111,7 @@ def run_layers(
         else:
             out = method.quantize_layer(LayerContext(model, i, layer, inputs))
             tensors, nxt = out.tensors, out.next_inputs
+            assert_finite(i, tensors)
             if wants_next and method.next_from_source and nxt is None:
                 raise RuntimeError(f"{method.name} must return the source layer's outputs as next_inputs")
         # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
@@ -122,12 +123,19 @@ def run_layers(
         release_heap()
         seconds = time.monotonic() - t0
         if not resumed:
-            ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3)})
+            ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3), **out.stats})
             stats.computed.append(i)
         del tensors
         _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start)
     stats.seconds = time.monotonic() - t_start
     return stats
+
+
+def assert_finite(i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a layer whose quantized tensors hold NaN or inf (a solver blow-up must not be exported)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RuntimeError(f"layer {i}: {name} is not finite after quantization")
 
 
 @functools.lru_cache(maxsize=1)

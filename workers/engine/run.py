@@ -68,6 +68,10 @@ def quantize(
         "size_bytes_after": _weights_bytes(out_dir),
         "quantize_seconds": round(t_quant, 3),
     }
+    experts = {str(i): m["expert_tokens"] for i, m in sorted(ckpt.layers.items()) if m.get("expert_tokens")}
+    if experts:  # tokens the router sent each expert, per layer and sparse block
+        metrics["expert_tokens"] = experts
+        metrics["rtn_experts"] = {str(i): m["rtn_experts"] for i, m in sorted(ckpt.layers.items()) if m.get("rtn_experts")}
 
     evaluation = None
     if req.evaluate:

@@ -36,6 +36,7 @@ class LayerOutput:
     # The layer's outputs with the quantized weights, when the method computed them on the way
     # (they must equal a plain forward after ``apply``); None: the loop runs that forward.
     next_inputs: list | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # per-layer facts for the job's metrics (expert token counts)
 
 
 class Method(ABC):
