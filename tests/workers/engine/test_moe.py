@@ -188,3 +188,33 @@ def test_moe_layers_that_are_not_all_sparse_are_refused(tmp_path, tokenizer_dir)
     with pytest.raises(UnsupportedArchitecture, match="mlp_only_layers"):
         arch_for(cfg)
     assert {"mixtral", "qwen2_moe", "qwen3_moe"} <= set(ARCHITECTURES)
+
+
+def test_awq_rounds_experts_without_tokens_plainly_and_scales_the_rest(dead, tmp_path):
+    """AWQ calibrates experts on the tokens the router sends them; one sent nothing is rounded unscaled."""
+    from storage.artifacts import LocalStore
+    from tests.workers.engine_methods.helpers import awq_request
+    from workers.engine.awq_pack import dequantize_awq
+    from workers.engine.methods.awq import awq_quantize
+    from workers.engine.run import quantize
+
+    res = quantize(awq_request(dead, group_size=64, evaluate=True), LocalStore(tmp_path / "ckpt"), tmp_path / "out",
+                   device=torch.device("cpu"))
+    assert torch.isfinite(torch.tensor(res.metrics["perplexity_after"]))
+    src = load_file(dead / "model.safetensors")
+    from tests.workers.engine_methods.helpers import checkpoint_layers
+
+    for i, tensors in enumerate(checkpoint_layers(tmp_path / "ckpt")):
+        for key, t in tensors.items():
+            assert not t.is_floating_point() or torch.isfinite(t).all(), key
+        moved = []
+        for e in range(EXPERTS):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                name = f"mlp.experts.{e}.{p}"
+                got = dequantize_awq({k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, 64, "gemm").float()
+                plain = awq_quantize(src[f"model.layers.{i}.{name}.weight"], group_size=64, zero_point=True).dequantize()
+                if e in DEAD:
+                    assert torch.equal(got, plain), (i, name)
+                else:
+                    moved.append(not torch.equal(got, plain))
+        assert any(moved)  # routed experts were scaled or clipped: the test can tell

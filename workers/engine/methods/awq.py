@@ -250,14 +250,14 @@ class AWQMethod(Method):
         scales, held = {}, {}
         for g in arch.groups:
             r = rec[g.names[0]]
-            held[g.names[0]] = r.gram(heldout=True)
-            if foldable(layer, g):
+            held[g.names[0]] = r.gram(heldout=True) if r.x else None  # an expert the router sent nothing
+            if r.x and foldable(layer, g):
                 s = self.search_scale(layer, g, r)
                 if self.scales_help(layer, g, s, held[g.names[0]]):
                     scales[g.names[0]] = s
         samples = {}
         for g in arch.groups:
-            x = rec[g.names[0]].sample()
+            x = rec[g.names[0]].sample() if rec[g.names[0]].x else None
             if g.names[0] in scales:
                 s = scales[g.names[0]]
                 fold_scales(layer, g, s, arch.norm_offset if g.prev not in arch.linears else 0.0)
@@ -273,12 +273,13 @@ class AWQMethod(Method):
                 lin = layer.get_submodule(name)
                 W = lin.weight.data
                 if name not in arch.awq_no_clip:
-                    W = self.clip_if_it_helps(W, x, G)
+                    W = self.clip_if_it_helps(W, x, G) if x is not None else W
                 res = awq_quantize(W, group_size=o.group_size, zero_point=o.zero_point, bits=o.bits)
                 for k, v in pack_awq(res, o.group_size, o.version).items():
                     out.tensors[f"{name}.{k}"] = v.cpu()
-                err = x.float() @ (res.dequantize() - lin.weight.data.float()).t()
-                out.losses[name] = float(err.pow(2).mean())
+                if x is not None:
+                    err = x.float() @ (res.dequantize() - lin.weight.data.float()).t()
+                    out.losses[name] = float(err.pow(2).mean())
         out.tensors.update(self._owned_tensors(ctx))
         return out
 
