@@ -193,7 +193,8 @@ def test_submit_sends_every_option(live, tmp_path):
     assert live.store.get_bytes(f"uploads/{upload_id}/calib.txt") == calib.read_bytes()
     assert spec["model"] == {"source": "hub", "repo_id": "org/llama", "revision": "v2"}
     assert spec["options"] == {"bits": 8, "group_size": 64, "sym": False, "desc_act": True, "static_groups": True,
-                               "damp_percent": 0.05, "true_sequential": True}
+                               "damp_percent": 0.05, "true_sequential": True,
+                               "moe_calibration": "all_experts", "min_expert_tokens": 64}
     assert (spec["calibration"]["num_samples"], spec["calibration"]["seq_len"]) == (16, 64)
     assert spec["evaluate"] is True and spec["priority"] == 2 and spec["labels"] == {"team": "nlp"}
     assert spec["destination"]["hub"]["repo_id"] == "team/llama-gptq"

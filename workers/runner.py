@@ -125,10 +125,15 @@ class JobRunner:
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
             max_shard_bytes=self.settings.max_shard_bytes,
         )
+        from workers.gate import gate_message, gate_verdict
+
+        verdict = gate_verdict(spec.gate, result.metrics)
+        passed = verdict is None or verdict["passed"]
         self._stage(job.id, Stage.UPLOADING)
-        entries = self.store.upload_dir(artifact_prefix(job.id), out_dir) if spec.destination.store else []
+        keep = spec.destination.store or not passed  # a failed gate's artifact is always kept, never published
+        entries = self.store.upload_dir(artifact_prefix(job.id), out_dir) if keep else []
         hub_url = hub_commit = None
-        if spec.destination.hub is not None:
+        if spec.destination.hub is not None and passed:
             from storage.hub import publish_to_hub
 
             hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, job.secrets.get("destination.hub.token"), job.id, self.settings)
@@ -138,6 +143,11 @@ class JobRunner:
                 entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
                    "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
+        if verdict is not None:
+            metrics["gate"] = verdict
+        if not passed:
+            self._record_artifact(job.id, result.quantization_config, entries, None, None, True, kind="gate_failed")
+            return self._end(job.id, JobStatus.FAILED, error_code="quality_gate", error_message=gate_message(verdict), metrics=metrics)
         self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, spec.destination.store)
         try:
             self.store.delete_prefix(checkpoint_prefix(job.id))
@@ -169,24 +179,32 @@ class JobRunner:
             jobs.set_stage(s, job_id, self.owner, stage)
 
     def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, stored: bool) -> None:
+        with self.db.session() as s:
+            job = jobs.get_job(s, job_id)
+            s.add(self._artifact(job_id, qconfig, entries, hub_url, hub_commit, stored))
+            jobs.transition(s, job, JobStatus.SUCCEEDED, owner=self.owner, message="Quantized and stored", metrics=metrics, stage=None)
+
+    def _artifact(self, job_id, qconfig, entries, hub_url, hub_commit, stored: bool, kind: str = "model") -> Artifact:
         import hashlib
 
         digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
-        with self.db.session() as s:
-            job = jobs.get_job(s, job_id)
-            s.add(Artifact(
-                id=new_id("art"), job_id=job_id, kind="model", format=qconfig.get("quant_method", "unknown"),
-                location=self.store.uri(artifact_prefix(job_id)) if stored else None,
-                files=[e.to_dict() for e in entries], file_count=len(entries),
-                size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=hub_url, hub_commit=hub_commit,
-            ))
-            jobs.transition(s, job, JobStatus.SUCCEEDED, owner=self.owner, message="Quantized and stored", metrics=metrics, stage=None)
+        return Artifact(
+            id=new_id("art"), job_id=job_id, kind=kind, format=qconfig.get("quant_method", "unknown"),
+            location=self.store.uri(artifact_prefix(job_id)) if stored else None,
+            files=[e.to_dict() for e in entries], file_count=len(entries),
+            size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=hub_url, hub_commit=hub_commit,
+        )
 
-    def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:
+    def _record_artifact(self, job_id, qconfig, entries, hub_url, hub_commit, stored: bool, *, kind: str) -> None:
+        with self.db.session() as s:
+            s.add(self._artifact(job_id, qconfig, entries, hub_url, hub_commit, stored, kind))
+
+    def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None,
+             error_message: str | None = None, metrics: dict | None = None) -> str:
         try:
             with self.db.session() as s:
                 job = jobs.get_job(s, job_id)
-                changes = {"stage": None}
+                changes = {"stage": None} if metrics is None else {"stage": None, "metrics": metrics}
                 if error_code:
                     changes.update(error_code=error_code, error_message=error_message)
                 jobs.transition(s, job, status, owner=self.owner, message=message or error_message, **changes)

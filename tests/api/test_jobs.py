@@ -30,7 +30,8 @@ def test_create_returns_queued_job_and_enqueues_after_commit(client, db, dispatc
     assert resp.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert (job["status"], job["attempt"], job["method"], job["model"]) == ("queued", 1, "gptq", "local:/models/tiny-llama")
     assert job["spec"]["options"] == {"bits": 4, "group_size": 128, "sym": True, "desc_act": True, "static_groups": True,
-                                      "damp_percent": 0.01, "true_sequential": True}
+                                      "damp_percent": 0.01, "true_sequential": True,
+                                      "moe_calibration": "all_experts", "min_expert_tokens": 64}
     assert job["progress"] is None and job["error"] is None and job["artifacts"] == []
     assert dispatcher.jobs == [job["id"]]
     assert dispatcher.committed_at_enqueue == [True]
