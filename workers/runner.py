@@ -95,7 +95,8 @@ class JobRunner:
         spec = load_spec(job.spec, job.secrets)
         started = time.monotonic()
         self._stage(job.id, Stage.FETCHING)
-        source_dir = self._fetch(spec, scratch, hold)
+        fetched = self._fetch(spec, scratch, hold)
+        source_dir = fetched.path
 
         def on_layer(report) -> None:
             if hb.lost:
@@ -115,7 +116,7 @@ class JobRunner:
         req = QuantizeRequest(
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
-            read_upload=self._read_upload,
+            read_upload=self._read_upload, source_revision=fetched.revision if fetched.source != "local" else None,
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
@@ -155,11 +156,11 @@ class JobRunner:
             log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
         return JobStatus.SUCCEEDED.value
 
-    def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack) -> Path:
-        from storage.sources import fetch_model
+    def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack):
+        from storage.sources import fetch
 
         secrets = {"model.token": spec.model.token.get_secret_value()} if getattr(spec.model, "token", None) else {}
-        return fetch_model(spec.model, secrets, self.settings, scratch, hold=hold)
+        return fetch(spec.model, secrets, self.settings, scratch, hold=hold)  # the path and the resolved revision
 
     def _read_upload(self, upload_id: str) -> str:
         keys = [k for k in self.store.list(f"uploads/{upload_id}/") if not k.endswith("/meta.json")]

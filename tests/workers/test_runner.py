@@ -266,3 +266,35 @@ def test_a_gate_the_job_clears_lets_it_succeed(env, tiny_llama):
     assert JobRunner(settings, db, store).run(job_id) == "succeeded"
     job, _, (art,) = load(db, job_id)
     assert job.metrics["gate"]["passed"] is True and art.kind == "model"
+
+
+def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_path):
+    """The Hub stand-in (tests/support/hubserver.py; the real Hub is unreachable) serves two commits of a model;
+    the job asked for "main" and its metrics, artifact card and card front matter name the head commit it got."""
+    from quantfarm.store import walk_files
+    from storage.hub import card_metadata
+    from tests.support.hubserver import HubServer
+
+    settings, db, store = env
+    files = {p.relative_to(tiny_llama).as_posix(): p.read_bytes() for p in walk_files(tiny_llama)}
+    with HubServer() as hub:
+        old = hub.add_repo("org/tiny-llama", files)
+        head = hub.repos["org/tiny-llama"].commit("main", "a newer card", {"README.md": b"# newer"}).sha
+        assert head != old
+        settings = Settings(home=tmp_path / "home", lease_seconds=30, hf_endpoint=hub.endpoint)
+        job_id = submit(db, {"model": {"source": "hub", "repo_id": "org/tiny-llama"}, "method": "rtn",
+                             "options": {"group_size": 32}, "evaluate": False})
+        assert JobRunner(settings, db, store).run(job_id) == "succeeded"
+    job, _, (art,) = load(db, job_id)
+    source = job.metrics["source"]
+    assert source["revision"] == head
+    shards = sorted(p.name for p in tiny_llama.glob("*.safetensors"))
+    assert shards and set(shards) <= set(source["files"])
+    for name in shards:
+        assert source["files"][name] == hashlib.sha256((tiny_llama / name).read_bytes()).hexdigest()
+    card = store.get_bytes(f"{artifact_prefix(job_id)}/README.md").decode()
+    assert f"- revision: `{head}`" in card and all(source["files"][n] in card for n in shards)
+    assert any(f["path"] == "README.md" for f in art.files)
+    meta = card_metadata(card)
+    assert meta["base_model"] == "org/tiny-llama" and meta["base_model_relation"] == "quantized"
+    assert len(meta["tags"]) == len(set(meta["tags"])) and "gptq" in meta["tags"]  # rtn writes gptq: named once

@@ -161,9 +161,10 @@ def quantize_bnb(
         metrics.update(evaluation)
         metrics["evaluate_seconds"] = round(time.monotonic() - t1, 3)
 
+    metrics["source"] = {"revision": req.source_revision, "files": ShardReader(req.source_dir).file_hashes()}
     card = model_card(
         base_model=req.base_model, method=method.name, fmt=method.format, options=req.options.model_dump(mode="json"),
-        quantization_config=qconfig, calibration=None,
+        quantization_config=qconfig, calibration=None, source=metrics["source"],
         evaluation={**evaluation, **{k: metrics[k] for k in ("size_bytes_before", "size_bytes_after", "memory_footprint_before", "memory_footprint_after")}} if evaluation else None,
     )
     (out_dir / "README.md").write_text(card)

@@ -46,6 +46,7 @@ class QuantizeRequest:
     evaluation: Any = None  # quantfarm.spec.Evaluation
     base_model: str = ""
     read_upload: Callable[[str], str] | None = None
+    source_revision: str | None = None  # the Hub commit (or S3 listing digest) the source was fetched at
 
 
 @dataclass

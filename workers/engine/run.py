@@ -57,7 +57,9 @@ def quantize(
     t0 = time.monotonic()
     stage("calibrating")
     model, method, tokenizer, calib = prepare(req, device)
-    ckpt = Checkpoints(checkpoint_store, fingerprint_parts(model, method, calib))
+    parts = fingerprint_parts(model, method, calib)
+    ckpt = Checkpoints(checkpoint_store, parts)
+    source = {"revision": req.source_revision, "files": parts["source_files"]}
     stats = run_layers(model, method, calib, ckpt, on_layer)
     t_quant = time.monotonic() - t0
 
@@ -67,6 +69,7 @@ def quantize(
         "size_bytes_before": model.shards.total_bytes(),
         "size_bytes_after": _weights_bytes(out_dir),
         "quantize_seconds": round(t_quant, 3),
+        "source": source,
     }
     experts = {str(i): m["expert_tokens"] for i, m in sorted(ckpt.layers.items()) if m.get("expert_tokens")}
     if experts:  # tokens the router sent each expert, per layer and sparse block
@@ -92,6 +95,7 @@ def quantize(
         base_model=req.base_model, method=method.name, fmt=method.format, options=options,
         quantization_config=method.quantization_config(), calibration=calib_desc,
         evaluation={**evaluation, "size_bytes_before": metrics["size_bytes_before"], "size_bytes_after": metrics["size_bytes_after"]} if evaluation else None,
+        source=source,
     )
     (out_dir / "README.md").write_text(card)
     return EngineResult(
