@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib", help="builtin:<name>, hub:<dataset>[:<config>][:<split>], upload:<id>, or a local text file to upload")
     s.add_argument("--samples", type=int, help="calibration samples")
     s.add_argument("--seq-len", type=int, help="calibration sequence length")
-    s.add_argument("--evaluate", action="store_true", help="measure perplexity before and after")
+    s.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure perplexity before and after (on by default)")
     s.add_argument("--hub-repo", help="also publish to this Hub repo (org/name)")
     s.add_argument("--webhook", action="append", default=[], metavar="URL", help="URL to call when the job ends (repeatable)")
     s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the job (repeatable)")

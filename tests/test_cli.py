@@ -201,6 +201,17 @@ def test_submit_sends_every_option(live, tmp_path):
     assert spec["webhooks"] == [{"url": "https://hooks.example/q"}]
 
 
+def test_submit_turns_default_on_options_off(live):
+    """Act-order and evaluation are on by default; --no-desc-act and --no-evaluate send them off."""
+    res = cli(live, "submit", "/models/x", "--method", "gptq", "--no-desc-act", "--no-evaluate")
+    assert res.returncode == 0, res.stderr
+    spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
+    assert spec["options"]["desc_act"] is False and spec["evaluate"] is False
+    res = cli(live, "submit", "/models/x", "--method", "gptq")
+    spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
+    assert spec["options"]["desc_act"] is True and spec["evaluate"] is True
+
+
 def test_submit_validation_error_names_the_field(live):
     res = cli(live, "submit", "/models/tiny", "--method", "gptq", "--bits", "5")
     assert res.returncode == 1
