@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: run test install services browser clean bench
+.PHONY: run test install services browser tools clean bench
 
 run: install
 	$(VENV)/bin/quantfarm run
 
-test: install services browser
+test: install services browser tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -30,6 +30,10 @@ services:
 browser:
 	@test -x /usr/bin/chromium || (echo "installing chromium for the browser tests" && \
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+tools:
+	@command -v docker-compose >/dev/null || (echo "installing docker-compose (validates the compose file in the tests)" && \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null)
 
 bench: install
 	$(PY) -m bench.run_all

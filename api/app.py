@@ -6,20 +6,20 @@ import importlib
 import logging
 import signal
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from quantfarm.settings import Settings
-from quantfarm.store import BlobStore
+from api.context import Services
 
 log = logging.getLogger(__name__)
 
 # Each module exposes ``bp``; adding the web pages is one line here ("api.web").
 BLUEPRINT_MODULES = (
     "api.jobs",
+    "api.access",
     "api.artifacts",
     "api.uploads",
     "api.webhooks",
@@ -31,36 +31,21 @@ BLUEPRINT_MODULES = (
 DEFAULT_CONFIG: dict[str, Any] = {
     # Largest calibration file POST /v1/uploads accepts.
     "MAX_UPLOAD_BYTES": 64 * 1024 * 1024,
-    # Largest JSON body (calibration texts can be long); uploads set their own limit.
-    "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,
+    # Largest JSON body or form; big calibration sets go through POST /v1/uploads, which sets its own limit.
+    "MAX_CONTENT_LENGTH": 1024 * 1024,
     "JOBS_PAGE_MAX": 200,
 }
 
 
-@dataclass
-class Services:
-    """What the views need, built once per app so tests can inject their own."""
-
-    settings: Settings
-    db: Any  # storage.db.Database
-    dispatcher: Any  # quantfarm.queue.Dispatcher or a stand-in with the same methods
-    store: BlobStore
-
-
-def services() -> Services:
-    """Return the current app's services."""
-    return current_app.extensions["quantfarm"]
-
-
 def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, store=None) -> Flask:
     """Build the API app; missing services are built from ``settings``."""
-    from api import crosssite, errors, service
+    from api import auth, crosssite, errors, service
 
     settings = settings or Settings()
     if db is None:
         from storage.db import Database
 
-        db = Database(settings.resolved_database_url)
+        db = Database.from_settings(settings)
     if dispatcher is None:
         from quantfarm.queue import Dispatcher
 
@@ -78,6 +63,7 @@ def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, st
     app.extensions["quantfarm"] = Services(settings=settings, db=db, dispatcher=dispatcher, store=store)
     errors.register(app)
     crosssite.register(app)
+    auth.register(app)
     service.register_request_metrics(app)
     for name in BLUEPRINT_MODULES:
         app.register_blueprint(importlib.import_module(name).bp)

@@ -10,9 +10,11 @@ from urllib.parse import quote
 from flask import Blueprint, Response, redirect, request
 from werkzeug.wsgi import wrap_file
 
-from api.app import services
+from api import auth
+from api.context import services
 from quantfarm.errors import BadRequest, NotFound
-from storage.models import Artifact
+from storage.models import Artifact, Job
+from storage.teams import Role
 from storage.views import artifact_view
 
 bp = Blueprint("artifacts", __name__)
@@ -32,7 +34,11 @@ def file_url(artifact_id: str, path: str) -> str:
 
 
 def _get_artifact(s, artifact_id: str) -> Artifact:
+    """Return the caller's artifact (any team's for an admin) or raise NotFound."""
+    scope = auth.require(Role.VIEWER).scope
     art = s.get(Artifact, artifact_id)
+    if art is not None and scope is not None and s.get(Job, art.job_id).team_id != scope:
+        art = None  # another team's artifact: the same 404 as an unknown id
     if art is None:
         raise NotFound(f"No artifact with id {artifact_id!r}.", details={"resource": "artifact", "id": artifact_id})
     return art

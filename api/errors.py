@@ -49,7 +49,10 @@ def _quantfarm_error(exc: QuantfarmError) -> Response:
     status = exc.http_status if 400 <= exc.http_status < 600 else 500
     if status >= 500:
         log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
-    return error_response(status, exc.code, exc.message, exc.details)
+    resp = error_response(status, exc.code, exc.message, exc.details)
+    if "retry_after" in exc.details:  # 429 and 503 say when to come back
+        resp.headers["Retry-After"] = str(int(exc.details["retry_after"]))
+    return resp
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -126,7 +129,21 @@ def json_body() -> dict[str, Any]:
         raise InvalidJSON("The request body nests too deeply; send a plain JSON object.") from None
     if where is not None:  # no database text column takes a NUL, and no name or path needs one
         raise ValidationFailed({where or "body": "must not contain NUL (\\u0000) characters"})
+    try:
+        where = _bad_text_at(data, "", _is_surrogate)
+    except RecursionError:
+        raise InvalidJSON("The request body nests too deeply; send a plain JSON object.") from None
+    if where is not None:  # "\\ud800" alone parses, but cannot be stored or encoded as UTF-8
+        raise ValidationFailed({where or "body": "must be valid Unicode text (a lone surrogate escape such as \\ud800 is not)"})
     return data
+
+
+def _is_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class _NotFinite(ValueError):
@@ -146,14 +163,19 @@ def _finite_float(text: str) -> float:
 
 def _nul_at(value: Any, path: str) -> str | None:
     """Return the dotted path of the first string (or key) holding a NUL, else None."""
+    return _bad_text_at(value, path, lambda text: "\x00" in text)
+
+
+def _bad_text_at(value: Any, path: str, bad) -> str | None:
+    """Return the dotted path of the first string (or key) for which ``bad`` holds, else None."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return path if bad(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         sub = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and "\x00" in key:
+        if isinstance(key, str) and bad(key):
             return path or "body"
-        found = _nul_at(item, sub)
+        found = _bad_text_at(item, sub, bad)
         if found is not None:
             return found
     return None

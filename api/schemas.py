@@ -7,8 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-StageName = Literal["fetching", "calibrating", "exporting", "evaluating", "uploading"]
+from storage.jobs import JobStatus, Stage
+from storage.teams import CREDENTIAL_KINDS, ROLES
+
+JobStatusName = Literal[tuple(s.value for s in JobStatus)]  # type: ignore[valid-type]
+StageName = Literal[tuple(s.value for s in Stage)]  # type: ignore[valid-type]
+RoleName = Literal[ROLES]  # type: ignore[valid-type]
 
 
 class Out(BaseModel):
@@ -50,6 +54,8 @@ class ArtifactOut(Out):
 
 class JobOut(Out):
     id: str
+    team_id: str = Field(description="The team the job belongs to")
+    created_by: str | None = Field(description="Id of the API key that submitted it; null for the local admin")
     status: JobStatusName
     stage: StageName | None
     method: str
@@ -106,6 +112,7 @@ class FileList(Out):
 
 class UploadOut(Out):
     id: str
+    team_id: str
     filename: str
     size_bytes: int
     sha256: str
@@ -145,6 +152,62 @@ class Health(Out):
     details: dict[str, str] = Field(default_factory=dict, description="Why each part is down")
 
 
+class MeOut(Out):
+    key_id: str | None
+    team_id: str
+    team: str | None
+    role: RoleName
+    local_admin: bool = Field(description="True when no key was needed (QUANTFARM_AUTH=auto on loopback with no keys, or off)")
+
+
+class TeamOut(Out):
+    id: str
+    name: str
+    max_queued: int | None = Field(description="Queued-job quota; null: the farm's QUANTFARM_TEAM_MAX_QUEUED")
+    max_running: int | None = Field(description="Running-job limit the scheduler enforces; null: none")
+    created_at: datetime | None
+
+
+class TeamList(Out):
+    items: list[TeamOut]
+
+
+class KeyOut(Out):
+    id: str
+    team_id: str
+    team: str | None
+    name: str
+    role: RoleName
+    created_at: datetime | None
+    created_by: str | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    revoked: bool
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The API key. Shown this once: only its hash is stored")
+
+
+class KeyList(Out):
+    items: list[KeyOut]
+
+
+class CredentialOut(Out):
+    id: str
+    team_id: str
+    name: str
+    kind: Literal[CREDENTIAL_KINDS]  # type: ignore[valid-type]
+    created_at: datetime | None
+    updated_at: datetime | None
+    created_by: str | None
+
+
+class CredentialList(Out):
+    items: list[CredentialOut]
+
+
 RESPONSE_MODELS: tuple[type[Out], ...] = (
     ErrorBody, JobOut, JobPage, EventList, ArtifactList, ArtifactOut, FileList, UploadOut, DeliveryList, DeliveryOut, Health,
+    MeOut, TeamOut, TeamList, KeyOut, KeyCreated, KeyList, CredentialOut, CredentialList,
 )

@@ -10,7 +10,7 @@ from collections import Counter
 from flask import Blueprint, Flask, Response, current_app, request
 from sqlalchemy import func, select
 
-from api.app import services
+from api.context import services
 from storage.jobs import TERMINAL, JobStatus
 from storage.models import Job
 

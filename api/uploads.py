@@ -15,11 +15,13 @@ from typing import BinaryIO
 from flask import Blueprint, current_app, request
 from werkzeug.utils import secure_filename
 
-from api.app import services
+from api import auth
+from api.context import services
 from api.errors import PayloadTooLarge
 from quantfarm.errors import NotFound, ValidationFailed
 from quantfarm.store import BlobStore
-from storage.models import new_id, utcnow
+from storage.models import DEFAULT_TEAM_ID, new_id, utcnow
+from storage.teams import Role
 from storage.views import iso
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,25 @@ def upload_prefix(upload_id: str) -> str:
     return f"uploads/{upload_id}"
 
 
-def upload_exists(store: BlobStore, upload_id: str) -> bool:
-    """Return whether a finished upload with this id exists (its meta.json is written last)."""
-    return bool(_UPLOAD_ID.match(upload_id)) and store.exists(f"{upload_prefix(upload_id)}/{META}")
+def read_meta(store: BlobStore, upload_id: str, team_id: str | None) -> dict | None:
+    """Return a finished upload's metadata (its meta.json is written last), or None.
+
+    None too for another team's upload when ``team_id`` is given.
+    """
+    if not _UPLOAD_ID.match(upload_id):
+        return None
+    try:
+        meta = json.loads(store.get_bytes(f"{upload_prefix(upload_id)}/{META}"))
+    except KeyError:
+        return None
+    if team_id is not None and meta.get("team_id", DEFAULT_TEAM_ID) != team_id:
+        return None
+    return meta
+
+
+def upload_exists(store: BlobStore, upload_id: str, team_id: str | None = None) -> bool:
+    """Return whether a finished upload with this id exists (and belongs to ``team_id`` when given)."""
+    return read_meta(store, upload_id, team_id) is not None
 
 
 def _receive(src: BinaryIO, limit: int, field: str) -> tuple[Path, int, str]:
@@ -78,16 +96,17 @@ def _too_large(limit: int) -> PayloadTooLarge:
 def _clean_filename(raw: str | None, field: str) -> str:
     if not raw:
         raise ValidationFailed({field: "field required"}, "Name the file: a multipart 'file' part, or ?filename= with a raw body.")
-    name = secure_filename(raw)
+    name = secure_filename(raw)[-200:]  # keep the end: the extension says what it is
     if not name:
         raise ValidationFailed({field: "must contain letters or digits"})
-    if name == META:
+    if name.lower() == META:
         raise ValidationFailed({field: f"{META} is reserved; rename the file"})
-    return name[:200]
+    return name
 
 
 @bp.post("/v1/uploads")
 def create_upload():
+    who = auth.require(Role.MEMBER)
     limit = int(current_app.config["MAX_UPLOAD_BYTES"])
     request.max_content_length = limit + MULTIPART_OVERHEAD
     if (request.content_length or 0) > limit + MULTIPART_OVERHEAD:
@@ -103,7 +122,8 @@ def create_upload():
         src, field = request.stream, "body"
     path, size, sha = _receive(src, limit, field)
     upload_id = new_id("upl")
-    meta = {"id": upload_id, "filename": filename, "size_bytes": size, "sha256": sha, "created_at": iso(utcnow())}
+    meta = {"id": upload_id, "team_id": who.team_id, "filename": filename, "size_bytes": size, "sha256": sha,
+            "created_at": iso(utcnow())}
     store = services().store
     try:
         store.put_file(f"{upload_prefix(upload_id)}/{filename}", path)
@@ -116,10 +136,7 @@ def create_upload():
 
 @bp.get("/v1/uploads/<upload_id>")
 def get_upload(upload_id: str):
-    missing = NotFound(f"No upload with id {upload_id!r}.", details={"resource": "upload", "id": upload_id})
-    if not _UPLOAD_ID.match(upload_id):
-        raise missing
-    try:
-        return json.loads(services().store.get_bytes(f"{upload_prefix(upload_id)}/{META}"))
-    except KeyError:
-        raise missing from None
+    meta = read_meta(services().store, upload_id, auth.require(Role.VIEWER).scope)
+    if meta is None:
+        raise NotFound(f"No upload with id {upload_id!r}.", details={"resource": "upload", "id": upload_id})
+    return meta

@@ -19,14 +19,16 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 from sqlalchemy import select
 from werkzeug.datastructures import MultiDict
 
-from api.app import services
-from quantfarm.errors import InvalidState, NotFound, ValidationFailed
+from api import auth, job_service
+from api.context import services
+from quantfarm.errors import Forbidden, InvalidState, NotFound, Unauthorized, ValidationFailed
 from quantfarm.spec import (
     BUILTIN_DATASETS, METHOD_OPTIONS, METHODS, Calibration, Destination, GPTQJob, HubDestination, HubSource,
     parse_spec,
 )
 from storage import jobs as job_store
 from storage.models import Artifact, JobEvent
+from storage.teams import Role
 from storage.views import event_view, job_view
 
 log = logging.getLogger(__name__)
@@ -216,9 +218,7 @@ def field_errors(fields: dict[str, str], form: MultiDict) -> dict[str, str]:
 
 def create_from_spec(spec) -> str:
     """Create the job exactly as POST /v1/jobs does; return its id."""
-    from api.jobs import submit
-
-    return submit(spec, via="web form")["id"]
+    return job_service.submit(spec, via="web form")["id"]
 
 
 # --- pages -----------------------------------------------------------------------------
@@ -272,9 +272,7 @@ def jobs_page():
     if cursor is not None and not _CURSOR.match(cursor):
         cursor = None
     limit = min(max(request.args.get("limit", PAGE_SIZE, type=int), 1), 100)
-    with services().db.session() as s:
-        rows, nxt = job_store.list_jobs(s, status=status, limit=limit, cursor=cursor)
-        items = [job_view(j, artifacts=[]) for j in rows]
+    items, nxt = job_service.page(status=status, limit=limit, cursor=cursor, with_artifacts=False)
     for item in items:
         item["duration"] = _duration(item)
     return render_template(
@@ -301,9 +299,10 @@ def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @bp.get("/jobs/<job_id>")
 def job_page(job_id: str):
+    who = auth.require(Role.VIEWER)
     with services().db.session() as s:
         try:
-            job = job_store.get_job(s, job_id)
+            job = job_store.get_job(s, job_id, team_id=who.scope)
         except NotFound:
             return render_template("web/404.html", job_id=job_id), 404
         view = job_view(job)
@@ -330,18 +329,64 @@ def spec_for_display(spec: dict[str, Any], limit: int = 2000) -> dict[str, Any]:
 @bp.post("/jobs/<job_id>/<action>")
 def job_action(job_id: str, action: str):
     """No-script fallback of the Cancel and Retry buttons (the script calls the JSON API)."""
-    from api import jobs as api_jobs
-
-    endpoint = {"cancel": api_jobs.cancel_job, "retry": api_jobs.retry_job}.get(action)
+    endpoint = {"cancel": job_service.cancel, "retry": job_service.retry}.get(action)
     if endpoint is None:
         abort(404)
     try:
-        endpoint(job_id)  # the API's own view: same transitions, enqueueing and logging
+        endpoint(job_id)  # the same service the JSON API calls: same checks, transitions and enqueueing
     except NotFound:
         return render_template("web/404.html", job_id=job_id), 404
-    except InvalidState as exc:
+    except (InvalidState, Forbidden) as exc:
         log.info("Web %s of job %s refused: %s", action, job_id, exc.message)
     return redirect(url_for("web.job_page", job_id=job_id), code=303)
+
+
+# --- sign-in ----------------------------------------------------------------------------
+
+
+def _safe_next(target: str | None) -> str:
+    # Only a path on this site: never an absolute URL a crafted link could bounce the user to.
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("web.jobs_page")
+
+
+@bp.get("/signin")
+def signin_page():
+    return render_template("web/signin.html", next=_safe_next(request.args.get("next")), error=None)
+
+
+@bp.post("/signin")
+def signin():
+    key = (request.form.get("key") or "").strip()
+    target = _safe_next(request.form.get("next"))
+    try:
+        auth.sign_in(key)
+    except Unauthorized as exc:
+        return render_template("web/signin.html", next=target, error=exc.message), 401
+    return redirect(target, code=303)
+
+
+@bp.post("/signout")
+def signout():
+    auth.sign_out()
+    return redirect(url_for("web.signin_page"), code=303)
+
+
+@bp.app_context_processor
+def _who():
+    from flask import g
+
+    p = g.get("principal")
+    signed_in = p is not None and p.key_id is not None
+    team = None
+    if signed_in:
+        from storage.models import Team
+
+        with services().db.session() as s:
+            row = s.get(Team, p.team_id)
+            team = row.name if row else p.team_id
+    return {"principal": p, "signed_in": signed_in, "team_name": team}
 
 
 # --- template helpers ----------------------------------------------------------------

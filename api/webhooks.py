@@ -8,10 +8,12 @@ from flask import Blueprint
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from api.app import services
+from api import auth
+from api.context import services
 from storage import jobs as job_store
 from storage import webhooks as webhook_store
 from storage.models import WebhookDelivery
+from storage.teams import Role
 from storage.views import delivery_view
 
 log = logging.getLogger(__name__)
@@ -20,8 +22,9 @@ bp = Blueprint("webhooks", __name__)
 
 @bp.get("/v1/jobs/<job_id>/webhooks")
 def job_webhooks(job_id: str):
+    who = auth.require(Role.VIEWER)
     with services().db.session() as s:
-        job_store.get_job(s, job_id)
+        job_store.get_job(s, job_id, team_id=who.scope)
         rows = s.scalars(
             select(WebhookDelivery)
             .where(WebhookDelivery.job_id == job_id)
@@ -34,7 +37,10 @@ def job_webhooks(job_id: str):
 @bp.post("/v1/webhook-deliveries/<delivery_id>/replay")
 def replay_delivery(delivery_id: str):
     svc = services()
+    who = auth.require(Role.VIEWER)
     with svc.db.session() as s:
+        d = webhook_store.get_delivery(s, delivery_id, team_id=who.scope)
+        who.require(Role.MEMBER)
         # A fresh attempt budget; the attempt log is kept and the same bytes go out
         # under the same webhook-id. 404 for an unknown id, 409 while still pending.
         d = webhook_store.replay(s, delivery_id)

@@ -1,6 +1,7 @@
 """The ``quantfarm`` command: submit and follow jobs through the API, and start the farm's processes.
 
-Job commands talk only to the HTTP API at QUANTFARM_URL (default http://127.0.0.1:8000).
+Job commands talk only to the HTTP API at QUANTFARM_URL (default http://127.0.0.1:8000), sending
+the API key in QUANTFARM_API_KEY.
 Exit codes: 0 success, 1 a failed job or an error, 2 a usage error, 3 a cancelled job,
 130 stopped watching (Ctrl-C).
 """
@@ -196,7 +197,7 @@ def wait_for(client: Client, job_id: str, interval: float) -> tuple[int, dict | 
 
 
 def cmd_submit(a, settings) -> int:
-    client = Client(settings.api_url)
+    client = Client.from_settings(settings)
     job = client.post("/v1/jobs", build_spec(client, a))
     if not a.json:
         print(job["id"], flush=True)
@@ -210,7 +211,7 @@ def cmd_submit(a, settings) -> int:
 
 
 def cmd_status(a, settings) -> int:
-    job = Client(settings.api_url).get(f"/v1/jobs/{a.job_id}")
+    job = Client.from_settings(settings).get(f"/v1/jobs/{a.job_id}")
     if a.json:
         print(json.dumps(job, indent=2))
     else:
@@ -219,7 +220,7 @@ def cmd_status(a, settings) -> int:
 
 
 def cmd_cancel(a, settings) -> int:
-    job = Client(settings.api_url).post(f"/v1/jobs/{a.job_id}/cancel")
+    job = Client.from_settings(settings).post(f"/v1/jobs/{a.job_id}/cancel")
     if job["status"] == "cancelled":
         print(f"{a.job_id} cancelled")
     else:
@@ -228,13 +229,13 @@ def cmd_cancel(a, settings) -> int:
 
 
 def cmd_retry(a, settings) -> int:
-    job = Client(settings.api_url).post(f"/v1/jobs/{a.job_id}/retry")
+    job = Client.from_settings(settings).post(f"/v1/jobs/{a.job_id}/retry")
     print(f"{a.job_id} queued again (attempt {job['attempt']})")
     return EXIT_OK
 
 
 def cmd_jobs(a, settings) -> int:
-    page = Client(settings.api_url).get("/v1/jobs", status=a.status, limit=a.limit, cursor=a.cursor)
+    page = Client.from_settings(settings).get("/v1/jobs", status=a.status, limit=a.limit, cursor=a.cursor)
     if a.json:
         print(json.dumps(page, indent=2))
     else:
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("migrate", cmd_migrate, "bring the database schema up to date"), ("api", cmd_api, "serve the HTTP API"),
                              ("run", cmd_run, "run the embedded stack: API, worker and sweeper"), ("worker", cmd_worker, "run a worker")):
         sub.add_parser(name, help=text).set_defaults(func=func)
+    from quantfarm.cli_access import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -23,10 +23,21 @@ class CliError(Exception):
 class Client:
     """A thin JSON client for the farm's HTTP API."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0):
+    def __init__(self, base_url: str, timeout: float = 30.0, api_key: str | None = None):
         import requests
 
         self.base, self.timeout, self.http = base_url.rstrip("/"), timeout, requests.Session()
+        if api_key:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"
+
+    @classmethod
+    def from_settings(cls, settings) -> "Client":
+        """Return a client for QUANTFARM_URL that sends QUANTFARM_API_KEY."""
+        key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        return cls(settings.api_url, api_key=key)
+
+    def delete(self, path: str) -> Any:
+        return self.call("DELETE", path)
 
     def call(self, method: str, path: str, **kwargs) -> Any:
         """Send a request and return its JSON body; raises CliError for API and connection errors."""

@@ -22,7 +22,30 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[..., list]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT; not "private" to ipaddress on 3.11
+
+# Special-purpose ranges that are not globally reachable (the IANA IPv4 and IPv6 special-purpose
+# registries, which Python 3.13's ``is_global`` follows; 3.11's lists are older and miss some),
+# plus IPv6 site-local (fec0::/10), deprecated but still routed inside some networks. Stricter
+# than 3.13 in one way: all of 2001::/23 is refused (bar Teredo, judged by the IPv4 it carries).
+_NOT_GLOBAL = [(ipaddress.ip_network(net), label) for net, label in (
+    ("0.0.0.0/8", "a 'this network' address"),
+    ("100.64.0.0/10", "a shared (carrier-grade NAT) address"),
+    ("192.0.0.0/24", "an IETF protocol assignment address"),
+    ("192.0.2.0/24", "a documentation address"),
+    ("192.88.99.0/24", "a 6to4 relay anycast address"),
+    ("198.18.0.0/15", "a benchmarking address"),
+    ("198.51.100.0/24", "a documentation address"),
+    ("203.0.113.0/24", "a documentation address"),
+    ("240.0.0.0/4", "a reserved address"),
+    ("64:ff9b:1::/48", "a local-use NAT64 address"),
+    ("100::/64", "a discard-only address"),
+    ("2001::/23", "an IETF protocol assignment address"),
+    ("2001:db8::/32", "a documentation address"),
+    ("3fff::/20", "a documentation address"),
+    ("5f00::/16", "a segment-routing (SRv6) address"),
+    ("fc00::/7", "a private address"),
+    ("fec0::/10", "a site-local address"),
+)]
 
 
 class URLRefused(ValidationFailed):
@@ -35,7 +58,7 @@ class URLRefused(ValidationFailed):
 
 
 def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    # An IPv6 address can carry an IPv4 one that the network stack will reach.
+    # An IPv6 address can carry an IPv4 one that the network stack (or a translator) will reach.
     if addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     if addr.sixtofour is not None:
@@ -47,6 +70,17 @@ def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+_CHECKS = (
+    ("is_unspecified", "an unspecified address"),
+    ("is_loopback", "a loopback address"),
+    ("is_link_local", "a link-local address"),
+    ("is_multicast", "a multicast address"),
+    ("is_site_local", "a site-local address"),
+    ("is_private", "a private address"),
+    ("is_reserved", "a reserved address"),
+)
+
+
 def address_problem(ip: str | IPAddress) -> str | None:
     """Return why ``ip`` is not a public unicast address, or None if it is."""
     addr = ip if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else ipaddress.ip_address(str(ip).split("%", 1)[0])
@@ -55,19 +89,12 @@ def address_problem(ip: str | IPAddress) -> str | None:
         if inner is not None:
             why = address_problem(inner)
             return f"{why} (embedded in {addr})" if why else None
-    checks = (
-        ("is_unspecified", "an unspecified address"),
-        ("is_loopback", "a loopback address"),
-        ("is_link_local", "a link-local address"),
-        ("is_multicast", "a multicast address"),
-        ("is_private", "a private address"),
-        ("is_reserved", "a reserved address"),
-    )
-    for attr, label in checks:
-        if getattr(addr, attr):
+    for attr, label in _CHECKS:
+        if getattr(addr, attr, False):
             return f"{addr} is {label}"
-    if addr in _SHARED:
-        return f"{addr} is a shared (carrier-grade NAT) address"
+    for net, label in _NOT_GLOBAL:
+        if addr.version == net.version and addr in net:
+            return f"{addr} is {label}"
     if not addr.is_global:
         return f"{addr} is not a public address"
     return None

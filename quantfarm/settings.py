@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     url: str | None = None  # what the CLI talks to; defaults to http://host:port
+    api_key: SecretStr | None = None  # what the CLI sends as its Bearer key
     max_upload_bytes: int = 64 * 1024 * 1024  # largest calibration file POST /v1/uploads takes
 
     # Artifact store
@@ -73,6 +74,36 @@ class Settings(BaseSettings):
     # Hub
     hf_endpoint: str | None = None
 
+    # Identity and trust
+    # auto: while no API key exists and the API listens on a loopback address, requests act as
+    # a local admin; on: every request needs a key; off: nobody needs one (loopback only).
+    auth: Literal["auto", "on", "off"] = "auto"
+    # Fernet keys, newest first, comma-separated (see quantfarm.secrets); the embedded stack makes its own.
+    secret_key: SecretStr | None = None
+    # Host names the API answers to (Flask TRUSTED_HOSTS); empty: loopback names when bound to loopback.
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Folders a `local` model source may name (a job can read nothing else on a worker's disk).
+    local_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Queued jobs one team may have at once; over it, submit is a 429.
+    team_max_queued: int = Field(default=100, ge=1)
+    # Days a failed or cancelled job stays retryable; its encrypted secrets are erased after it.
+    retry_window: float = Field(default=7.0, gt=0)
+    # Seconds a verified API key is trusted without reading its row again (revocation lag).
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
+
+    @field_validator("trusted_hosts", "local_roots", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        # QUANTFARM_LOCAL_ROOTS=/models,/data reads as a list; a JSON list works too.
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -102,6 +133,18 @@ class Settings(BaseSettings):
     @property
     def heartbeat_interval(self) -> float:
         return self.heartbeat_seconds or max(self.lease_seconds / 3.0, 0.5)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the API listens only on a loopback address."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     @property
     def embedded(self) -> bool:

@@ -26,7 +26,9 @@ from quantfarm.errors import ValidationFailed
 
 BUILTIN_DATASETS = ("code",)
 METHODS = ("gptq", "awq", "bnb-4bit", "bnb-8bit", "rtn")
+CREDENTIALS_REF = Field(None, description="Name of a team credential (POST /v1/credentials) to use instead of a pasted secret")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_DATASET_PART = re.compile(r"^[A-Za-z0-9._\-\[\]%+]*$")  # a config or split, e.g. wikitext-2-raw-v1, validation
 
 
 class Strict(BaseModel):
@@ -36,11 +38,20 @@ class Strict(BaseModel):
 # --- model sources ----------------------------------------------------------
 
 
+def _one_secret(model):
+    if getattr(model, "token", None) is not None and model.credentials_ref is not None:
+        raise ValueError("give either token or credentials_ref, not both")
+    return model
+
+
 class HubSource(Strict):
     source: Literal["hub"]
     repo_id: str = Field(description="Hub model id, e.g. org/name")
     revision: str = Field("main", description="Branch, tag or commit")
     token: SecretStr | None = Field(None, description="Hub token for private models (write-only)")
+    credentials_ref: str | None = CREDENTIALS_REF
+
+    _secret = model_validator(mode="after")(_one_secret)
 
     @field_validator("repo_id")
     @classmethod
@@ -53,6 +64,7 @@ class HubSource(Strict):
 class S3Source(Strict):
     source: Literal["s3"]
     uri: str = Field(description="s3://bucket/prefix/ holding the model files")
+    credentials_ref: str | None = Field(None, description="Name of a team S3 credential; without one the bucket is read anonymously")
 
     @field_validator("uri")
     @classmethod
@@ -150,6 +162,7 @@ class Calibration(Strict):
     dataset: str | None = Field(None, description="builtin:<name> or hub:<dataset>[:<config>][:<split>]")
     texts: list[str] | None = Field(None, min_length=1, max_length=100_000)
     upload_id: str | None = None
+    credentials_ref: str | None = Field(None, description="Name of a team Hub credential for a private hub: dataset")
     num_samples: int = Field(128, ge=1, le=4096)
     seq_len: int = Field(512, ge=16, le=16384)
 
@@ -162,7 +175,13 @@ class Calibration(Strict):
             if v.split(":", 1)[1] not in BUILTIN_DATASETS:
                 raise ValueError(f"unknown built-in set; choose from: {', '.join('builtin:' + b for b in BUILTIN_DATASETS)}")
             return v
-        if v.startswith("hub:") and len(v) > 4 and all(v.split(":")[1:2]):
+        if v.startswith("hub:"):
+            parts = v.split(":")[1:]
+            if len(parts) > 3 or not _REPO_ID.match(parts[0]) or ".." in parts[0]:
+                raise ValueError("hub:<dataset> must name a Hub dataset id like 'org/name' (never a path), "
+                                 "optionally followed by :<config> and :<split>")
+            if not all(_DATASET_PART.match(p) for p in parts[1:]):
+                raise ValueError("the config and split after hub:<dataset> may hold only letters, digits and ._-[]%+")
             return v
         raise ValueError("must be builtin:<name> or hub:<dataset>[:<config>][:<split>]")
 
@@ -173,6 +192,8 @@ class Calibration(Strict):
             raise ValueError(f"give exactly one of dataset, texts, upload_id (got {', '.join(given)})")
         if not given:
             self.dataset = "builtin:code"
+        if self.credentials_ref is not None and not (self.dataset or "").startswith("hub:"):
+            raise ValueError("credentials_ref only applies to a hub: dataset")
         return self
 
 
@@ -181,8 +202,10 @@ class HubDestination(Strict):
     private: bool = True
     branch: str | None = None
     token: SecretStr | None = None
+    credentials_ref: str | None = CREDENTIALS_REF
 
     _repo = field_validator("repo_id")(HubSource._repo.__func__)
+    _secret = model_validator(mode="after")(_one_secret)
 
 
 class Destination(Strict):
@@ -362,7 +385,20 @@ def public_spec(spec: BaseModel) -> dict:
         hub.pop("token", None)
     for hook in data.get("webhooks", []):
         hook.pop("secret", None)
+        hook["url"] = mask_url(hook["url"])
     return data
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with only its scheme and host: paths and queries often carry tokens."""
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{p.port}" if p.port else ""
+    return f"{p.scheme}://{host}{port}/***"
 
 
 def spec_secrets(spec: BaseModel) -> dict[str, str]:
@@ -374,6 +410,7 @@ def spec_secrets(spec: BaseModel) -> dict[str, str]:
     if spec.destination.hub is not None and spec.destination.hub.token is not None:
         out["destination.hub.token"] = spec.destination.hub.token.get_secret_value()
     for i, hook in enumerate(spec.webhooks):
+        out[f"webhooks.{i}.url"] = hook.url
         if hook.secret is not None:
             out[f"webhooks.{i}.secret"] = hook.secret.get_secret_value()
     return out

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from quantfarm.paths import safe_join
+
 CHUNK = 1024 * 1024
 
 
@@ -93,7 +95,7 @@ class BlobStore(ABC):
         prefix = prefix.rstrip("/") + "/"
         out = []
         for key in self.list(prefix):
-            target = dest / key[len(prefix):]
+            target = safe_join(dest, key[len(prefix):])  # a listed key never writes outside dest
             self.get_file(key, target)
             out.append(target)
         return out

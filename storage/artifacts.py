@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from quantfarm.errors import BadRequest
+from quantfarm.paths import UnsafePath, safe_join
 from quantfarm.settings import Settings
 from quantfarm.store import BlobStore
 
 
-def _safe_key(key: str) -> str:
-    parts = [p for p in key.split("/") if p]
-    if not parts or any(p in (".", "..") for p in parts) or "\\" in key or "\x00" in key:
-        raise BadRequest(f"Invalid artifact path {key!r}.", code="invalid_path")
-    return "/".join(parts)
+def _inside(root: Path, key: str) -> Path:
+    try:
+        return safe_join(root, key)
+    except UnsafePath as exc:
+        raise BadRequest(f"Invalid artifact path {key!r}: it {exc.why}.", code="invalid_path") from None
 
 
 class LocalStore(BlobStore):
@@ -28,7 +29,7 @@ class LocalStore(BlobStore):
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        return self.root / _safe_key(key)
+        return _inside(self.root, key)
 
     def _atomic_write(self, key: str, writer) -> None:
         target = self._path(key)
@@ -81,7 +82,7 @@ class LocalStore(BlobStore):
             raise KeyError(key) from None
 
     def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        base = _inside(self.root, prefix.strip("/")) if prefix.strip("/") else self.root
         if base.is_file():
             return [prefix.strip("/")]
         if not base.is_dir():

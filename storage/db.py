@@ -36,12 +36,21 @@ def after_commit(s: Session, fn) -> None:
 class Database:
     """An engine plus a session factory; one per process."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, keyring=None):
         self.url = url
         # Called with a delivery id after a commit that created it (set by processes that can enqueue).
         self.notify_webhook = None
         self.engine = make_engine(url)
+        # Encrypts job secrets and team credentials (storage.models.EncryptedJSON reads it here).
+        self.engine.dialect.quantfarm_keyring = keyring
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def from_settings(cls, settings) -> "Database":
+        """Open the farm's database with the key ring its settings name."""
+        from quantfarm.secrets import keyring_from_settings
+
+        return cls(settings.resolved_database_url, keyring=keyring_from_settings(settings))
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

@@ -181,13 +181,13 @@ def publish_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from storage.sources import hub_endpoint
+    from storage.sources import hub_auth, hub_endpoint
 
     out_dir = Path(out_dir)
     qconfig = check_quantization_config(out_dir)
     check_card(out_dir, qconfig)
     endpoint = hub_endpoint(settings)
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=endpoint, token=hub_auth(token))
     retry = dict(attempts=attempts, backoff=backoff, endpoint=endpoint)
 
     _with_retries("create_repo", lambda: api.create_repo(dest.repo_id, private=dest.private, exist_ok=True), **retry)

@@ -66,6 +66,7 @@ def transition(
     owner: str | None = None,
     message: str | None = None,
     data: dict[str, Any] | None = None,
+    actor: str | None = None,
     **changes: Any,
 ) -> Job:
     """Move ``job`` to ``to`` if the table allows it and nobody moved it first.
@@ -95,7 +96,7 @@ def transition(
         if owner is not None:
             raise LeaseLost(f"Job {job.id} is no longer held by {owner}.")
         raise InvalidState(f"Job {job.id} changed while it was being updated; try again.")
-    add_event(s, job.id, "status", from_status=frm.value, to_status=to.value, message=message, data=data)
+    add_event(s, job.id, "status", from_status=frm.value, to_status=to.value, message=message, data=data, actor=actor)
     s.flush()
     s.refresh(job)
     if to in TERMINAL:
@@ -122,9 +123,11 @@ def _safe_notify(notify, delivery_id: str) -> None:
         logging.getLogger(__name__).exception("could not enqueue webhook delivery %s", delivery_id)
 
 
-def get_job(s: Session, job_id: str, *, lock: bool = False) -> Job:
-    """Return the job or raise NotFound."""
+def get_job(s: Session, job_id: str, *, lock: bool = False, team_id: str | None = None) -> Job:
+    """Return the job or raise NotFound (also for another team's job when ``team_id`` is given)."""
     stmt = select(Job).where(Job.id == job_id)
+    if team_id is not None:
+        stmt = stmt.where(Job.team_id == team_id)
     if lock:
         stmt = stmt.with_for_update()
     job = s.scalars(stmt).one_or_none()
@@ -133,11 +136,19 @@ def get_job(s: Session, job_id: str, *, lock: bool = False) -> Job:
     return job
 
 
-def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int = 0) -> Job:
-    """Insert a queued job and its 'created' event (the caller commits, then enqueues)."""
+def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int = 0,
+               team_id: str | None = None, created_by: str | None = None) -> Job:
+    """Insert a queued job and its 'created' event (the caller commits, then enqueues).
+
+    ``team_id`` None puts the job in the default team (the local admin's).
+    """
+    from storage.teams import ensure_default_team
+
     now = utcnow()
     job = Job(
         id=new_id("job"),
+        team_id=team_id or ensure_default_team(s),
+        created_by=created_by,
         status=JobStatus.QUEUED.value,
         method=method,
         model_ref=model_ref[:500],
@@ -152,7 +163,7 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
     )
     s.add(job)
     s.flush()
-    add_event(s, job.id, "status", to_status=JobStatus.QUEUED.value, message="Job created")
+    add_event(s, job.id, "status", to_status=JobStatus.QUEUED.value, message="Job created", actor=created_by)
     return job
 
 
@@ -226,12 +237,12 @@ def set_progress(
     add_event(s, job_id, "progress", message=f"Layer {done} of {total}", data={"layers_done": done, "layers_total": total, "eta_seconds": eta, **(data or {})})
 
 
-def request_cancel(s: Session, job_id: str) -> Job:
+def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None) -> Job:
     """Cancel a queued job at once, or flag a running one to stop at the next layer."""
-    job = get_job(s, job_id)
+    job = get_job(s, job_id, team_id=team_id)
     status = JobStatus(job.status)
     if status == JobStatus.QUEUED:
-        return transition(s, job, JobStatus.CANCELLED, message="Cancelled before it started", stage=None)
+        return transition(s, job, JobStatus.CANCELLED, message="Cancelled before it started", actor=actor, stage=None)
     if status == JobStatus.RUNNING:
         if not job.cancel_requested:
             # Guarded on the status: a job that ends between the read and this write keeps its end.
@@ -240,21 +251,22 @@ def request_cancel(s: Session, job_id: str) -> Job:
             if res.rowcount != 1:
                 s.refresh(job)
                 raise InvalidState(f"Job {job_id} is {job.status}; only queued or running jobs can be cancelled.", details={"status": job.status})
-            add_event(s, job_id, "status", message="Cancel requested; the job stops at the next layer boundary", data={"cancel_requested": True})
+            add_event(s, job_id, "status", message="Cancel requested; the job stops at the next layer boundary",
+                      data={"cancel_requested": True}, actor=actor)
             s.flush()
             s.refresh(job)
         return job
     raise InvalidState(f"Job {job_id} is {status.value}; only queued or running jobs can be cancelled.", details={"status": status.value})
 
 
-def retry(s: Session, job_id: str) -> Job:
+def retry(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None) -> Job:
     """Queue a failed or cancelled job again; it resumes from its checkpoints."""
-    job = get_job(s, job_id)
+    job = get_job(s, job_id, team_id=team_id)
     status = JobStatus(job.status)
     if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise InvalidState(f"Job {job_id} is {status.value}; only failed or cancelled jobs can be retried.", details={"status": status.value})
     return transition(
-        s, job, JobStatus.QUEUED, message="Retry requested",
+        s, job, JobStatus.QUEUED, message="Retry requested", actor=actor,
         attempt=job.attempt + 1, error_code=None, error_message=None, cancel_requested=False,
         finished_at=None, stage=None, enqueued_at=utcnow(),
     )
@@ -292,9 +304,12 @@ def stale_queued(s: Session, older_than: float, now: datetime | None = None) -> 
     return list(s.scalars(select(Job).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)))
 
 
-def list_jobs(s: Session, *, status: str | None = None, limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
-    """Return one page of jobs, newest first, and the cursor of the next page."""
+def list_jobs(s: Session, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
+              team_id: str | None = None) -> tuple[list[Job], str | None]:
+    """Return one page of jobs, newest first, and the cursor of the next page (one team's when given)."""
     stmt = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if team_id is not None:
+        stmt = stmt.where(Job.team_id == team_id)
     if status:
         stmt = stmt.where(Job.status == status)
     if cursor:

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: jobs, events, artifacts, webhook deliveries."""
+"""SQLAlchemy 2 models: teams, API keys, credentials, jobs, events, artifacts, webhook deliveries."""
 
 from __future__ import annotations
 
@@ -56,20 +56,92 @@ class UTCDateTime(TypeDecorator):
         return None if value is None else value.replace(tzinfo=timezone.utc)
 
 
+class EncryptedJSON(TypeDecorator):
+    """A JSON value encrypted at rest with the engine's key ring (see quantfarm.secrets).
+
+    The key ring rides on the engine's dialect (``storage.db.Database`` puts it there),
+    so every process encrypts with the key its settings name and nothing is global.
+    Writing a non-empty value through an engine without a key ring raises.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect) -> Any:
+        if not value:
+            return value
+        ring = getattr(dialect, "quantfarm_keyring", None)
+        if ring is None:
+            raise RuntimeError("No secret key ring on this database engine; build it with Database(url, keyring=...).")
+        return ring.seal(value)
+
+    def process_result_value(self, value: Any, dialect) -> Any:
+        if not value:
+            return value
+        ring = getattr(dialect, "quantfarm_keyring", None)
+        if ring is None:
+            raise RuntimeError("No secret key ring on this database engine; build it with Database(url, keyring=...).")
+        return ring.open(value)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+DEFAULT_TEAM_ID = "team_default"  # jobs made before teams existed, and the local admin's
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer)  # None: the farm's QUANTFARM_TEAM_MAX_QUEUED
+    max_running: Mapped[int | None] = mapped_column(Integer)  # None: no limit (enforced by the scheduler's claim)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(20))  # admin | member | viewer
+    secret_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the secret part; the key itself is never stored
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Credential(Base):
+    __tablename__ = "credentials"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(20))  # hub | s3
+    secret: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(40))
+
+    __table_args__ = (UniqueConstraint("team_id", "name", name="uq_credentials_team_name"),)
 
 
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), index=True)
+    created_by: Mapped[str | None] = mapped_column(String(40))  # the API key's id (None: the local admin)
     status: Mapped[str] = mapped_column(String(20), index=True)
     stage: Mapped[str | None] = mapped_column(String(20))
     method: Mapped[str] = mapped_column(String(20))
     model_ref: Mapped[str] = mapped_column(String(500))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    secrets: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    secrets: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON, default=dict)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -105,6 +177,7 @@ class JobEvent(Base):
     stage: Mapped[str | None] = mapped_column(String(20))
     message: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actor: Mapped[str | None] = mapped_column(String(40))  # the id of the API key that acted, never the key
 
     job: Mapped[Job] = relationship(back_populates="events")
 

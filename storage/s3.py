@@ -68,17 +68,21 @@ class S3Store(BlobStore):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, bucket: str | None = None, prefix: str | None = None, create_bucket: bool | None = None
+        cls, settings: Settings, *, bucket: str | None = None, prefix: str | None = None, create_bucket: bool | None = None,
+        anonymous: bool = False,
     ) -> "S3Store":
         """Build a store from the ``s3_*`` settings; ``bucket``/``prefix`` override theirs.
 
         The farm's own bucket is created on first write if missing; a bucket
-        named explicitly (a model source) never is.
+        named explicitly (a model source) never is. ``anonymous`` sends unsigned
+        requests: no key of the farm's (nor of the environment's) is used.
         """
+        from botocore import UNSIGNED
+
         secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
         config = Config(
             region_name=settings.s3_region,
-            signature_version="s3v4",  # presigned URLs would otherwise use the retired SigV2
+            signature_version=UNSIGNED if anonymous else "s3v4",  # presigned URLs would otherwise use the retired SigV2
             connect_timeout=settings.s3_connect_timeout,
             read_timeout=settings.s3_read_timeout,
             # total_max_attempts counts the first try too, so the setting means what its name says.

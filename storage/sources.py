@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from quantfarm.errors import JobError, ModelNotFound, NotAModel, StorageUnavailable
+from quantfarm.errors import JobError, ModelNotFound, NotAModel, StorageUnavailable, ValidationFailed
+from quantfarm.paths import UnsafePath, is_inside, safe_join, safe_relpath
 from quantfarm.settings import Settings
 from quantfarm.spec import HubSource, LocalSource, ModelSource, S3Source
 from quantfarm.store import walk_files
@@ -65,17 +67,30 @@ def fetch(source: Any, secrets: dict[str, str], settings: Settings, scratch: Pat
 
         source = TypeAdapter(ModelSource).validate_python(source)
     if isinstance(source, LocalSource):
-        path = Path(source.path)
-        if not path.is_dir():
-            raise ModelNotFound(f"Model path {path}: no such directory on this worker.")
-        return FetchedModel(path, "local")
+        return _checked(FetchedModel(_local_folder(source.path, settings), "local"))
     cache = ModelCache(model_cache_dir(settings), settings.model_cache_bytes) if settings.model_cache_bytes > 0 else None
     if isinstance(source, S3Source):
-        return _fetch_s3(source, settings, cache, scratch, hold)
+        return _checked(_fetch_s3(source, secrets.get("model.s3"), settings, cache, scratch, hold))
     if isinstance(source, HubSource):
-        return _fetch_hub(source, secrets.get("model.token"), settings, cache, scratch, hold)
+        return _checked(_fetch_hub(source, secrets.get("model.token"), settings, cache, scratch, hold))
     raise ModelNotFound(f"Model source {getattr(source, 'source', source)!r} is not supported yet; use hub, s3 or local.",
                         code="unsupported_source")
+
+
+def _checked(model: FetchedModel) -> FetchedModel:
+    """Refuse a shard index naming files outside the folder: every loader joins those names to it."""
+    try:
+        weight_map = json.loads((model.path / "model.safetensors.index.json").read_text())["weight_map"]
+        names = list(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return model  # no index, or a malformed one the engine reports as not a model
+    for name in names:
+        try:
+            safe_join(model.path, name)
+        except (UnsafePath, TypeError):
+            raise NotAModel(f"model.safetensors.index.json names shard {name!r}, which is not a file inside the model folder.",
+                            details={"file": str(name)}) from None
+    return model
 
 
 def _place(cache: "ModelCache | None", key: str, fill: Callable[[Path], None], scratch: Path,
@@ -89,15 +104,70 @@ def _place(cache: "ModelCache | None", key: str, fill: Callable[[Path], None], s
     return cache.get(key, fill, hold)
 
 
+# --- local ---------------------------------------------------------------------------------
+
+
+def check_local_path(path: str, roots: list[Path]) -> Path:
+    """Return ``path`` with symlinks resolved if it lies under one of ``roots``; raise ValidationFailed otherwise."""
+    if not roots:
+        raise ValidationFailed({"model.path": "local model sources are off on this farm: an operator must list the "
+                                              "folders jobs may read in QUANTFARM_LOCAL_ROOTS"})
+    try:
+        real = Path(os.path.realpath(path)) if path.startswith("/") else None
+    except (OSError, ValueError):  # a NUL in the path
+        real = None
+    if real is None or not any(is_inside(real, root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ValidationFailed({"model.path": f"must be a folder under one of the local roots ({allowed})"})
+    return real
+
+
+def _local_folder(path: str, settings: Settings) -> Path:
+    """Check a ``local`` source again on the worker: under a root, a real folder, no links leaving it."""
+    try:
+        real = check_local_path(path, settings.local_roots)
+    except ValidationFailed as exc:
+        raise ModelNotFound(f"Model path {path} is refused on this worker: {exc.fields['model.path']}.") from None
+    if not real.is_dir():
+        raise ModelNotFound(f"Model path {path}: no such directory on this worker.")
+    try:
+        entries = list(os.scandir(real))  # the engine reads the folder's top level only
+    except OSError as exc:
+        raise ModelNotFound(f"Model path {path} cannot be read on this worker ({exc.strerror}).") from None
+    for entry in entries:
+        if entry.is_symlink() and not is_inside(entry.path, real):
+            raise ModelNotFound(f"Model path {path}: {entry.name} is a symlink to a file outside the model folder; "
+                                "copy the file into the folder instead.", details={"file": entry.name})
+        if not (entry.is_file() or entry.is_dir()):  # a device, FIFO, socket or dangling link
+            raise ModelNotFound(f"Model path {path}: {entry.name} is not a regular file or folder; remove it.",
+                                details={"file": entry.name})
+    return real
+
+
 # --- S3 -----------------------------------------------------------------------------------
 
 
-def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) -> FetchedModel:
+def source_store(settings: Settings, bucket: str, creds: dict[str, str] | None):
+    """The store a job's ``s3://`` source is read through: with the job's own keys, else unsigned.
+
+    Never the farm's keys: with them any caller could read whatever bucket the farm can (its own
+    artifact bucket, other teams' results included).
+    """
+    from pydantic import SecretStr
+
     from storage.s3 import S3Store
 
+    if not creds:
+        return S3Store.from_settings(settings, bucket=bucket, prefix="", create_bucket=False, anonymous=True)
+    own = settings.model_copy(update={"s3_access_key_id": creds["access_key_id"],
+                                      "s3_secret_access_key": SecretStr(creds["secret_access_key"])})
+    return S3Store.from_settings(own, bucket=bucket, prefix="", create_bucket=False)
+
+
+def _fetch_s3(source: S3Source, creds: dict[str, str] | None, settings: Settings, cache, scratch: Path, hold) -> FetchedModel:
     bucket, _, prefix = source.uri[len("s3://"):].partition("/")
     prefix = prefix.strip("/")
-    store = S3Store.from_settings(settings, bucket=bucket, prefix="", create_bucket=False)
+    store = source_store(settings, bucket, creds)
     try:
         objects = store.list_objects(prefix)
         if not objects:
@@ -105,11 +175,11 @@ def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) 
         digest = hashlib.sha256(
             "\n".join(f"{o['key']}\0{o['size']}\0{o['etag']}" for o in objects).encode()
         ).hexdigest()[:16]
-        strip = len(prefix) + 1 if prefix else 0
+        names = _object_names(source.uri, objects, len(prefix) + 1 if prefix else 0)
 
         def fill(tmp: Path) -> None:
-            for o in objects:
-                store.get_file(o["key"], tmp / o["key"][strip:])
+            for key, name in names:
+                store.get_file(key, safe_join(tmp, name))
 
         key = _safe(f"s3--{bucket}--{prefix}") + f"--{digest}"
         return FetchedModel(_place(cache, key, fill, scratch, hold), "s3", digest)
@@ -119,6 +189,23 @@ def _fetch_s3(source: S3Source, settings: Settings, cache, scratch: Path, hold) 
         raise
 
 
+def _object_names(uri: str, objects: list[dict], strip: int) -> list[tuple[str, str]]:
+    """Pair each object key with its path below the model folder; refuse keys that would leave it."""
+    out = []
+    for o in objects:
+        if o["key"].endswith("/") and o["size"] == 0:  # a console's "folder" marker, not a file
+            continue
+        try:
+            out.append((o["key"], safe_relpath(o["key"][strip:])))
+        except UnsafePath as exc:
+            raise ModelNotFound(
+                f"Refusing the model at {uri}: object key {o['key']!r} is not a safe relative file name "
+                f"({exc.why}); rename it in the bucket.",
+                details={"key": o["key"]},
+            ) from None
+    return out
+
+
 # --- the Hub ----------------------------------------------------------------------------------
 
 
@@ -126,6 +213,15 @@ def hub_endpoint(settings: Settings) -> str:
     from huggingface_hub import constants
 
     return (settings.hf_endpoint or constants.ENDPOINT).rstrip("/")
+
+
+def hub_auth(token: str | None) -> str | bool:
+    """The ``token`` argument for huggingface_hub and datasets: the job's token, or False, never the worker's own.
+
+    ``None`` would make them fall back to the worker's ``HF_TOKEN`` or cached login, so a job that brings
+    no credential could read gated models or push wherever the farm's account may.
+    """
+    return token if token else False
 
 
 @contextlib.contextmanager
@@ -158,13 +254,14 @@ def _fetch_hub(source: HubSource, token: str | None, settings: Settings, cache, 
     from huggingface_hub import HfApi, snapshot_download
 
     endpoint = hub_endpoint(settings)
+    auth = hub_auth(token)
     with _hub_errors(source.repo_id, source.revision, endpoint, token is not None):
-        sha = HfApi(endpoint=endpoint).model_info(source.repo_id, revision=source.revision, token=token).sha
+        sha = HfApi(endpoint=endpoint, token=auth).model_info(source.repo_id, revision=source.revision, token=auth).sha
 
     def fill(tmp: Path) -> None:
         with _hub_errors(source.repo_id, source.revision, endpoint, token is not None):
             snapshot_download(
-                source.repo_id, revision=sha, local_dir=tmp, token=token, endpoint=endpoint,
+                source.repo_id, revision=sha, local_dir=tmp, token=auth, endpoint=endpoint,
                 allow_patterns=MODEL_FILES, ignore_patterns=_HUB_IGNORE, max_workers=4,
             )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local-dir bookkeeping

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from quantfarm.spec import mask_url
 from storage.models import Artifact, Job, JobEvent, WebhookDelivery
 
 
@@ -45,6 +46,8 @@ def job_view(job: Job, artifacts: list[Artifact] | None = None) -> dict[str, Any
     arts = job.artifacts if artifacts is None else artifacts
     return {
         "id": job.id,
+        "team_id": job.team_id,
+        "created_by": job.created_by,
         "status": job.status,
         "stage": job.stage,
         "method": job.method,
@@ -81,7 +84,7 @@ def delivery_view(d: WebhookDelivery) -> dict[str, Any]:
     return {
         "id": d.id,
         "job_id": d.job_id,
-        "url": d.url,
+        "url": mask_url(d.url),  # rows from before URLs were secrets hold the full URL
         "event_type": d.event_type,
         "status": d.status,
         "attempts": d.attempts,

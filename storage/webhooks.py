@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, NotFound
+from quantfarm.spec import mask_url
 from storage.models import Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
 from storage.views import iso
 
@@ -104,7 +105,8 @@ def create_deliveries(session: Session, job: Job, payload_job: dict[str, Any], s
             ids.append(existing[i])
             continue
         delivery = WebhookDelivery(
-            id=new_id("msg"), job_id=job.id, job_attempt=job.attempt, hook_index=i, url=hook["url"], event_type=event, payload=body,
+            # The row keeps the masked URL; the real one (it may carry a token) stays with the job's encrypted secrets.
+            id=new_id("msg"), job_id=job.id, job_attempt=job.attempt, hook_index=i, url=mask_url(hook["url"]), event_type=event, payload=body,
             status=PENDING, attempts=0, next_attempt_at=now, created_at=now,
         )
         session.add(delivery)
@@ -124,9 +126,11 @@ class Claim:
     secret: str | None
 
 
-def get_delivery(session: Session, delivery_id: str) -> WebhookDelivery:
-    """Return the delivery or raise NotFound."""
+def get_delivery(session: Session, delivery_id: str, *, team_id: str | None = None) -> WebhookDelivery:
+    """Return the delivery or raise NotFound (also for another team's when ``team_id`` is given)."""
     d = session.get(WebhookDelivery, delivery_id)
+    if d is not None and team_id is not None and session.get(Job, d.job_id).team_id != team_id:
+        d = None
     if d is None:
         raise NotFound(f"No webhook delivery with id {delivery_id!r}.", details={"resource": "webhook_delivery", "id": delivery_id})
     return d
@@ -152,8 +156,11 @@ def claim_attempt(session: Session, delivery: WebhookDelivery, now: datetime, *,
     if res.rowcount != 1:
         return None
     job = session.get(Job, delivery.job_id)
-    secret = (job.secrets or {}).get(f"webhooks.{delivery.hook_index}.secret") if job is not None else None
-    return Claim(delivery.id, seen + 1, delivery.url, delivery.payload.encode("utf-8"), secret)
+    secrets = (job.secrets or {}) if job is not None else {}
+    hooks = ((job.spec or {}).get("webhooks") or []) if job is not None else []
+    spec_url = hooks[delivery.hook_index]["url"] if delivery.hook_index < len(hooks) else delivery.url
+    url = secrets.get(f"webhooks.{delivery.hook_index}.url") or spec_url  # jobs from before URLs were secrets
+    return Claim(delivery.id, seen + 1, url, delivery.payload.encode("utf-8"), secrets.get(f"webhooks.{delivery.hook_index}.secret"))
 
 
 def record_attempt(

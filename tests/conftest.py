@@ -13,6 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PG_ADMIN = os.environ.get("QUANTFARM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QUANTFARM_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# The key ring of every test database (any process of a test that reads secrets sets QUANTFARM_SECRET_KEY to it).
+TEST_SECRET_KEY = "quantfarm-test-secret-key-0001"
+
+
+def test_keyring():
+    """The key ring of TEST_SECRET_KEY (what a test's own Database objects encrypt with)."""
+    from quantfarm.secrets import KeyRing
+
+    return KeyRing([TEST_SECRET_KEY])
+
+
+test_keyring.__test__ = False  # a helper, not a test
 CACHE = Path(os.environ.get("QUANTFARM_TEST_CACHE", Path(__file__).resolve().parent.parent / "test-output" / "cache"))
 
 
@@ -23,6 +35,18 @@ def _admin_exec(sql: str) -> None:
     with eng.connect() as c:
         c.execute(sa.text(sql))
     eng.dispose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_roots(tmp_path_factory):
+    """Let `local` model sources name the test models (under CACHE and pytest's temp folders), and nothing else.
+
+    Set in the environment, so in-process ``Settings()`` and every spawned API and worker process see it.
+    """
+    roots = [CACHE.resolve(), tmp_path_factory.getbasetemp().resolve()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTFARM_LOCAL_ROOTS", ",".join(str(r) for r in roots))
+        yield roots
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +82,11 @@ def _truncate(db) -> None:
 @pytest.fixture(params=["postgresql", "sqlite"])
 def db(request, tmp_path):
     """A migrated, empty database: each test runs on PostgreSQL and on SQLite."""
+    from quantfarm.secrets import KeyRing
     from storage.db import Database
 
     url = request.getfixturevalue("pg_url") if request.param == "postgresql" else request.getfixturevalue("sqlite_url")
-    database = Database(url)
+    database = Database(url, keyring=KeyRing([TEST_SECRET_KEY]))
     _truncate(database)
     yield database
     database.dispose()

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import test_keyring
 import requests
 from sqlalchemy import select as sql_select
 
@@ -48,7 +50,7 @@ class Live:
 
 @pytest.fixture
 def live(sqlite_url, tmp_path):
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     store = LocalStore(tmp_path / "store")
     app = make_app(db, store, RecordingDispatcher(db), tmp_path)
     server = build_server(app, "127.0.0.1", 0)
@@ -198,7 +200,7 @@ def test_submit_sends_every_option(live, tmp_path):
     assert (spec["calibration"]["num_samples"], spec["calibration"]["seq_len"]) == (16, 64)
     assert spec["evaluate"] is True and spec["priority"] == 2 and spec["labels"] == {"team": "nlp"}
     assert spec["destination"]["hub"]["repo_id"] == "team/llama-gptq"
-    assert spec["webhooks"] == [{"url": "https://hooks.example/q"}]
+    assert spec["webhooks"] == [{"url": "https://hooks.example/***"}]
 
 
 def test_submit_turns_default_on_options_off(live):
@@ -350,3 +352,30 @@ def test_submit_wait_on_a_terminal_draws_stage_layers_and_eta(live):
     assert "calibrating (attempt 1)" in screen
     assert "layer 1/4" in screen and "ETA 4m30s" in screen  # 3 layers left x 90 s
     assert "layer 3/4" in screen and "ETA 1m30s" in screen
+
+
+def test_keys_and_teams_from_the_cli(live, sqlite_url, tmp_path):
+    """The first admin key is made with --local; then teams and keys go through the API with QUANTFARM_API_KEY."""
+    local_env = {**live.env, "QUANTFARM_DATABASE_URL": sqlite_url, "QUANTFARM_SECRET_KEY": "quantfarm-test-secret-key-0001"}
+    made = cli(live, "keys", "create", "--local", "--team", "ops", "--role", "admin", "--name", "root", env=local_env)
+    assert made.returncode == 0, made.stderr
+    admin_key = made.stdout.splitlines()[0]
+    assert admin_key.startswith("qf_key_") and "not shown again" in made.stdout
+    # A key now exists: the loopback API stops acting as the local admin for keyless callers.
+    denied = cli(live, "jobs")
+    assert denied.returncode == 1 and "unauthorized" in denied.stderr
+    env = {**live.env, "QUANTFARM_API_KEY": admin_key}
+    assert cli(live, "teams", "create", "nlp", "--max-queued", "3", env=env).returncode == 0
+    listed = cli(live, "teams", "list", "--json", env=env)
+    assert {t["name"]: t["max_queued"] for t in json.loads(listed.stdout)["items"]}["nlp"] == 3
+    member = cli(live, "keys", "create", "--team", "nlp", "--role", "member", env=env)
+    assert member.returncode == 0, member.stderr
+    member_key = member.stdout.splitlines()[0]
+    keys = json.loads(cli(live, "keys", "list", "--json", env=env).stdout)["items"]
+    nlp_key = next(k for k in keys if k["team"] == "nlp")
+    assert member_key not in json.dumps(keys)
+    member_env = {**live.env, "QUANTFARM_API_KEY": member_key}
+    assert cli(live, "jobs", env=member_env).returncode == 0
+    assert cli(live, "keys", "revoke", nlp_key["id"], env=env).returncode == 0
+    gone = cli(live, "jobs", env=member_env)
+    assert gone.returncode == 1 and "unknown or revoked" in gone.stderr

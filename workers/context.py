@@ -41,7 +41,7 @@ _context: WorkerContext | None = None
 def init_context(settings: Settings) -> WorkerContext:
     """Build the process's context once (a worker, beat or the embedded sweeper)."""
     global _context
-    db = Database(settings.resolved_database_url)
+    db = Database.from_settings(settings)
     dispatcher = Dispatcher(settings)
     db.notify_webhook = dispatcher.deliver_webhook
     _context = WorkerContext(settings, db, make_store(settings), dispatcher)

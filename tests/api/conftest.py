@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from tests.conftest import test_keyring
 from sqlalchemy import func, select
 
 from api.app import create_app
@@ -69,6 +73,9 @@ class RecordingDispatcher:
 def make_app(db, store, dispatcher, tmp_path, **settings):
     # The bodies' webhook hosts (ci.example) do not resolve offline; the SSRF guard has its own tests.
     settings.setdefault("webhook_allow_private", True)
+    # No worker runs these apps' jobs, and their bodies name made-up folders (/m, /models/...): any absolute
+    # path passes the submit-side root check here. tests/api/test_local_roots.py checks it with real roots.
+    settings.setdefault("local_roots", [Path("/")])
     app = create_app(Settings(home=tmp_path / "home", **settings), db=db, dispatcher=dispatcher, store=store)
     app.config["TESTING"] = True
     return app
@@ -100,7 +107,7 @@ def lite(sqlite_url, store, tmp_path):
     """The app on SQLite only, for checks that do not depend on the database engine."""
     from storage.db import Database
 
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     yield make_app(db, store, RecordingDispatcher(db), tmp_path)
     db.dispose()
 

@@ -6,6 +6,8 @@ import hashlib
 import os
 
 import pytest
+
+from tests.conftest import test_keyring
 import requests
 
 from api.schemas import ArtifactList, FileList
@@ -127,7 +129,7 @@ def test_s3_downloads_stream_or_redirect_to_a_presigned_url(moto, sqlite_url, tm
     """A real S3Store against moto_server, a real S3 endpoint over HTTP."""
     settings = s3_settings_for(tmp_path, moto.url, presign_downloads=presign)
     store = make_store(settings)
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     client = make_app(db, store, RecordingDispatcher(db), tmp_path, presign_downloads=presign).test_client()
     job_id = client.post("/v1/jobs", json={"model": {"source": "local", "path": "/m"}, "method": "rtn"}).get_json()["id"]
     art_id = _put_artifact(db, store, job_id)
@@ -149,7 +151,7 @@ def test_presigned_urls_use_the_public_endpoint_when_one_is_set(moto, sqlite_url
     public = moto.url.replace("127.0.0.1", "localhost")
     settings = s3_settings_for(tmp_path, moto.url, presign_downloads=True, s3_public_endpoint_url=public)
     store = make_store(settings)
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     client = make_app(db, store, RecordingDispatcher(db), tmp_path, presign_downloads=True).test_client()
     job_id = client.post("/v1/jobs", json={"model": {"source": "local", "path": "/m"}, "method": "rtn"}).get_json()["id"]
     art_id = _put_artifact(db, store, job_id)  # written through the farm's own endpoint

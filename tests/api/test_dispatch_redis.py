@@ -7,6 +7,8 @@ import json
 import uuid
 
 import pytest
+
+from tests.conftest import test_keyring
 import redis
 
 from api.schemas import Health
@@ -30,7 +32,7 @@ def queue():
 
 def test_submitted_job_lands_in_the_redis_queue(sqlite_url, store, tmp_path, queue):
     r, name = queue
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     dispatcher = Dispatcher(Settings(home=tmp_path / "home", broker_url=REDIS, queue=name))
     client = make_app(db, store, dispatcher, tmp_path).test_client()
 

@@ -231,11 +231,11 @@ def test_secrets_never_leave_the_api(client, db, dispatcher, caplog):
         assert secret not in caplog.text
     spec = resp.get_json()["spec"]
     assert spec["model"] == {"source": "hub", "repo_id": "org/name", "revision": "v1"}
-    assert spec["webhooks"] == [{"url": "https://ci.example/hooks/quantfarm"}]
+    assert spec["webhooks"] == [{"url": "https://ci.example/***"}]  # webhook URLs are secrets too
     with db.session() as s:  # kept for the worker, nowhere else
         job = s.get(Job, job_id)
         assert job.secrets == {"model.token": FULL["model"]["token"], "destination.hub.token": FULL["destination"]["hub"]["token"],
-                               "webhooks.0.secret": FULL["webhooks"][0]["secret"]}
+                               "webhooks.0.secret": FULL["webhooks"][0]["secret"], "webhooks.0.url": FULL["webhooks"][0]["url"]}
         assert not any(secret in json.dumps(e.data) + (e.message or "") for e in job.events for secret in SECRETS)
 
 

@@ -6,6 +6,8 @@ import logging
 import re
 
 import pytest
+
+from tests.conftest import test_keyring
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
@@ -26,7 +28,7 @@ def test_healthz_ok(lite):
 
 def test_healthz_503_when_the_broker_is_unreachable(sqlite_url, store, tmp_path):
     """A real Dispatcher pointed at a port where nothing listens."""
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     broker = Dispatcher(Settings(home=tmp_path / "home", broker_url="redis://127.0.0.1:1/0"))
     resp = make_app(db, store, broker, tmp_path).test_client().get("/healthz")
     assert resp.status_code == 503
@@ -178,7 +180,7 @@ def test_http_errors_have_the_error_shape(lite):
 def test_unexpected_errors_are_500_without_leaking(sqlite_url, store, tmp_path, caplog):
     from sqlalchemy.exc import StatementError
 
-    db = Database(sqlite_url)
+    db = Database(sqlite_url, keyring=test_keyring())
     app = make_app(db, store, RecordingDispatcher(), tmp_path)
 
     secret = "hf_" + "LEAKME"  # built at run time so the traceback's source line cannot show it

@@ -189,7 +189,8 @@ def test_cancel_a_running_job_with_the_button(page, stack, deep_model, shots):
     expect(cancel).to_be_visible()
     expect(page.get_by_role("button", name="Retry from checkpoints")).to_be_hidden()
     # Wait, on the same page, until the worker reports a finished layer.
-    page.wait_for_function("Number(document.getElementById('progress').getAttribute('aria-valuenow')) > 0", timeout=LONG)
+    # A function, not an expression string: Playwright evals expression strings, which the pages' CSP forbids.
+    page.wait_for_function("() => Number(document.getElementById('progress').getAttribute('aria-valuenow')) > 0", timeout=LONG)
     expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Layer \d+ of 12"))
     expect(page.locator("figure[data-chart=layer-losses] svg")).to_be_visible()  # drawn from the progress events
     page.screenshot(path=shots / "02-running-job.png", full_page=True, animations="disabled")
@@ -207,7 +208,7 @@ def test_cancel_a_running_job_with_the_button(page, stack, deep_model, shots):
 @pytest.fixture(scope="module")
 def finished_pair(stack, small_model):
     """One failed job (its model path does not exist) and one succeeded job."""
-    failed = stack.submit({"model": {"source": "local", "path": "/nonexistent/model"}, "method": "rtn"})
+    failed = stack.submit({"model": {"source": "local", "path": str(small_model.parent / "nonexistent-model")}, "method": "rtn"})
     ok = stack.submit({"model": {"source": "local", "path": str(small_model)}, "method": "rtn"})
     return stack.wait(failed), stack.wait(ok)
 

@@ -62,9 +62,12 @@ def stack(tmp_path_factory, proxy, moto, hub):
 
 @pytest.fixture(scope="module")
 def s3_model(moto, tiny_llama):
-    """The tiny Llama uploaded to s3://models/tiny-llama/."""
+    """The tiny Llama uploaded to s3://models/tiny-llama/, a public bucket (a job without credentials reads unsigned)."""
     c = s3(moto.url)
     c.create_bucket(Bucket="models")
+    c.put_bucket_policy(Bucket="models", Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+         "Resource": ["arn:aws:s3:::models", "arn:aws:s3:::models/*"]}]}))
     for f in tiny_llama.iterdir():
         c.upload_file(str(f), "models", f"tiny-llama/{f.name}")
     return "s3://models/tiny-llama/"

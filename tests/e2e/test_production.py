@@ -20,7 +20,7 @@ import redis
 from quantfarm.queue import Dispatcher
 from quantfarm.settings import Settings
 from storage.db import Database
-from tests.conftest import REDIS_URL, _truncate
+from tests.conftest import REDIS_URL, TEST_SECRET_KEY, _truncate, test_keyring
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +43,11 @@ def _prod(pg_url, tmp_path, extra_env):
         "QUANTFARM_LEASE_SECONDS": "4",
         "QUANTFARM_HEARTBEAT_SECONDS": "1",
         "QUANTFARM_TORCH_THREADS": "1",
+        "QUANTFARM_SECRET_KEY": TEST_SECRET_KEY,
         **extra_env,
     }
     settings = Settings(**{k[len("QUANTFARM_"):].lower(): v for k, v in env.items()})
-    db = Database(pg_url)
+    db = Database(pg_url, keyring=test_keyring())
     _truncate(db)
     workers: list[subprocess.Popen] = []
 

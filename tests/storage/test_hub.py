@@ -164,3 +164,12 @@ def test_a_token_without_write_access_is_refused(out, hub, tmp_path):
         publish_to_hub(out, HubDestination(repo_id="team/nope"), "hf_readonly", "job_7", settings_for(hub, tmp_path))
     assert "lacks write access" in err.value.message and "hf_readonly" not in err.value.message
     assert hub.repos == {}
+
+
+def test_publish_without_a_token_never_uses_the_workers_own(out, hub, tmp_path, monkeypatch):
+    """HF_TOKEN on the worker can write anywhere the farm's account can; a tokenless job must not borrow it."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(PublishError, match="the destination token lacks write access"):
+        publish_to_hub(out, HubDestination(repo_id="team/borrowed"), None, "job_01abc", settings_for(hub, tmp_path))
+    assert hub.created == [] and "team/borrowed" not in hub.repos
+    assert hub.requests and {tok for _, _, tok in hub.requests} == {None}

@@ -102,6 +102,7 @@ class FaultProxy:
         self.upstream_port = upstream_port
         self.port = port or free_port()
         self.requests = 0  # requests seen (forwarded or faulted)
+        self.authorizations: list[str | None] = []  # each request's Authorization header (None: unsigned)
         self.faulted = 0
         self._lock = threading.Lock()
         self._fail: list[int] = []
@@ -212,6 +213,8 @@ class FaultProxy:
 
             def _proxy(self) -> None:
                 body = self._body()
+                with proxy._lock:
+                    proxy.authorizations.append(self.headers.get("authorization"))
                 fault = proxy._fault()
                 if fault and fault[0] == "stall":
                     time.sleep(fault[1])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
+import re
 import sysconfig
 import zlib
 from pathlib import Path
@@ -12,6 +14,8 @@ from typing import Callable
 import torch
 
 from quantfarm.errors import CalibrationError
+
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # org/name, as spec checks
 
 # Held-out split of the built-in code set: files whose name hashes to 0 mod 10.
 _HOLDOUT_MOD = 10
@@ -48,16 +52,21 @@ def builtin_code_texts(*, holdout: bool, max_chars: int, seed: int = 0) -> list[
     return texts
 
 
-def hub_texts(spec: str, max_chars: int) -> list[str]:
-    """Load ``hub:<dataset>[:<config>][:<split>]`` through ``datasets``."""
+def hub_texts(spec: str, max_chars: int, token: str | None = None) -> list[str]:
+    """Load ``hub:<dataset>[:<config>][:<split>]`` through ``datasets``, with the job's token or none at all."""
     parts = spec.split(":")[1:]
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
+    if not _HUB_DATASET.match(name) or ".." in name or os.path.lexists(name) or os.path.lexists(f"{name}.py"):
+        # datasets reads a folder or script of that name from the working directory before asking the Hub.
+        raise CalibrationError(f"Hub dataset {name!r} is not a Hub dataset id, or names a path on this worker; "
+                               "calibration sets come from the Hub, never from a worker's disk.", details={"dataset": spec})
     try:
         import datasets
     except ImportError:
         raise CalibrationError("Hub calibration sets need the 'datasets' package: pip install datasets.") from None
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        # token=False, not None: without the job's token, never the worker's HF_TOKEN or cached login.
+        ds = datasets.load_dataset(name, config, split=split, streaming=True, token=token or False)
         texts, total = [], 0
         for row in ds:
             t = row.get("text") or next((v for v in row.values() if isinstance(v, str)), None)
@@ -104,7 +113,8 @@ def token_windows(texts: list[str], tokenizer, *, num_samples: int, seq_len: int
     return ids[idx]
 
 
-def calibration_ids(calibration, tokenizer, *, read_upload: Callable[[str], str] | None = None) -> torch.Tensor:
+def calibration_ids(calibration, tokenizer, *, read_upload: Callable[[str], str] | None = None,
+                    hub_token: str | None = None) -> torch.Tensor:
     """Token windows for a job's ``calibration`` spec."""
     budget = calibration.num_samples * calibration.seq_len * 8
     if calibration.texts is not None:
@@ -116,7 +126,7 @@ def calibration_ids(calibration, tokenizer, *, read_upload: Callable[[str], str]
     elif calibration.dataset.startswith("builtin:"):
         texts = builtin_code_texts(holdout=False, max_chars=budget)
     else:
-        texts = hub_texts(calibration.dataset, budget)
+        texts = hub_texts(calibration.dataset, budget, hub_token)
     return token_windows(texts, tokenizer, num_samples=calibration.num_samples, seq_len=calibration.seq_len)
 
 

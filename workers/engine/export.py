@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from quantfarm.paths import UnsafePath, copy_regular_file, safe_join
 from workers.engine.checkpoint import Checkpoints
 from workers.engine.methods import Method
 from workers.engine.model import StreamedModel
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -105,10 +108,15 @@ def write_config(model: StreamedModel, method: Method, out_dir: Path) -> dict:
 
 
 def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files that are regular files inside ``source`` (never a device, FIFO or outside link)."""
     copied = []
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out_dir / name)
+        try:
+            src = safe_join(source, name).resolve()  # a link may point within the folder, never out of it
+        except UnsafePath:
+            log.warning("not copying %s: it links outside the model folder", name)
+            continue
+        if copy_regular_file(src, out_dir / name):
             copied.append(name)
     return copied
 

@@ -10,7 +10,16 @@ import torch
 from safetensors import safe_open
 
 from quantfarm.errors import NotAModel
+from quantfarm.paths import UnsafePath, safe_join
 from quantfarm.store import sha256_file
+
+
+def _shard_path(model_dir: Path, fname) -> Path:
+    """Return the shard's path; refuse a name (from the index file) that would leave the model folder."""
+    try:
+        return safe_join(model_dir, fname)
+    except (UnsafePath, TypeError):
+        raise NotAModel(f"model.safetensors.index.json names shard {fname!r}, which is not a file inside the model folder.") from None
 
 
 class ShardReader:
@@ -31,6 +40,8 @@ class ShardReader:
                 "convert the model to safetensors first.",
                 details={"files": found},
             )
+        for fname in set(weight_map.values()):
+            _shard_path(self.dir, fname)
         self.weight_map: dict[str, str] = weight_map
         self._dtypes: dict[str, torch.dtype] | None = None
         self.stored: dict[str, str] = {}  # name we use -> name in the files, where they differ

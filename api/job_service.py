@@ -1,0 +1,193 @@
+"""The jobs application service: submit, enqueue, cancel, retry, read; REST and pages both call it.
+
+Submit checks, in this order for everyone who adds to it: body and schema (the
+caller parsed the spec: 400/422) → auth (401/403) → quota (429) → admission (422)
+→ create → enqueue after commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from sqlalchemy import func, select
+
+from api import auth
+from api.context import services
+from api.uploads import upload_exists
+from quantfarm.errors import QuantfarmError, ValidationFailed
+from quantfarm.netguard import check_webhook_urls
+from quantfarm.spec import public_spec, spec_secrets
+from storage import jobs as job_store
+from storage import teams as team_store
+from storage.models import Artifact, Job, Team
+from storage.sources import check_local_path
+from storage.teams import Role
+from storage.views import job_view
+
+log = logging.getLogger(__name__)
+
+QUOTA_RETRY_AFTER = 30  # seconds a client over its queued-job quota is told to wait
+
+
+class QuotaExceeded(QuantfarmError):
+    code = "quota_exceeded"
+    http_status = 429
+
+
+def model_ref(model) -> str:
+    """Return a readable one-line name for a spec's model source."""
+    if model.source == "hub":
+        return f"hub:{model.repo_id}@{model.revision}"
+    if model.source == "s3":
+        return model.uri
+    if model.source == "local":
+        return f"local:{model.path}"
+    return f"upload:{model.upload_id}"
+
+
+def _credential_refs(spec) -> dict[str, tuple[str, str]]:
+    """Return {field: (credential name, kind it must be)} for every credentials_ref in the spec."""
+    refs = {}
+    if getattr(spec.model, "credentials_ref", None):
+        refs["model.credentials_ref"] = (spec.model.credentials_ref, "s3" if spec.model.source == "s3" else "hub")
+    if spec.destination.hub is not None and spec.destination.hub.credentials_ref:
+        refs["destination.hub.credentials_ref"] = (spec.destination.hub.credentials_ref, "hub")
+    if spec.calibration.credentials_ref:
+        refs["calibration.credentials_ref"] = (spec.calibration.credentials_ref, "hub")
+    return refs
+
+
+def check_references(s, spec, team_id: str) -> None:
+    """Raise ValidationFailed for uploads, credentials or local paths the team may not use."""
+    store = services().store
+    bad = {}
+    if spec.calibration.upload_id is not None and not upload_exists(store, spec.calibration.upload_id, team_id):
+        bad["calibration.upload_id"] = "no upload with this id; upload the file with POST /v1/uploads first"
+    if spec.model.source == "upload" and not upload_exists(store, spec.model.upload_id, team_id):
+        bad["model.upload_id"] = "no upload with this id; upload it with POST /v1/uploads first"
+    if spec.model.source == "local":
+        try:
+            check_local_path(spec.model.path, services().settings.local_roots)
+        except ValidationFailed as exc:
+            bad.update(exc.fields)
+    for field, (name, kind) in _credential_refs(spec).items():
+        try:
+            cred = team_store.get_credential(s, team_id, name)
+        except QuantfarmError:
+            bad[field] = f"your team has no credential named {name!r}; add it with POST /v1/credentials"
+            continue
+        if cred.kind != kind:
+            bad[field] = f"credential {name!r} is a {cred.kind} credential; this needs a {kind} one"
+    if bad:
+        raise ValidationFailed(bad)
+
+
+def check_quota(s, team_id: str) -> None:
+    """Raise QuotaExceeded (429) when the team already has its limit of queued jobs."""
+    team = s.get(Team, team_id)
+    limit = (team.max_queued if team is not None and team.max_queued is not None else services().settings.team_max_queued)
+    queued = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team_id, Job.status == job_store.JobStatus.QUEUED.value))
+    if queued >= limit:
+        raise QuotaExceeded(
+            f"Your team has {queued} queued jobs, its limit; wait for some to start or cancel some.",
+            details={"queued": queued, "limit": limit, "retry_after": QUOTA_RETRY_AFTER},
+        )
+
+
+def enqueue(job_id: str) -> bool:
+    """Send the job to the workers; if the broker is down, leave it queued for the sweeper."""
+    try:
+        services().dispatcher.run_job(job_id)
+        return True
+    except Exception as exc:  # any broker failure: the DB row is the truth, the sweeper re-sends
+        log.warning("Could not enqueue job %s (%s); it stays queued and the sweeper will send it again.", job_id, type(exc).__name__)
+        try:
+            with services().db.session() as s:
+                job_store.add_event(s, job_id, "log", message="The queue was unreachable; the job will be sent again automatically.")
+        except Exception:
+            log.warning("Could not record the enqueue failure of job %s", job_id, exc_info=True)
+        return False
+
+
+def submit(spec, via: str = "api") -> dict:
+    """Create the queued job for the caller's team and enqueue it after the commit; return its view.
+
+    Raises Unauthorized/Forbidden, QuotaExceeded, or ValidationFailed for an unknown upload or
+    credential, a path outside the local roots or a refused webhook URL (nothing is stored then).
+    """
+    svc = services()
+    who = auth.require(Role.MEMBER)
+    team_id = who.team_id
+    with svc.db.session() as s:
+        if who.key_id is None:
+            team_store.ensure_default_team(s)
+        check_quota(s, team_id)
+        check_references(s, spec, team_id)
+        check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
+        job = job_store.create_job(
+            s, method=spec.method, model_ref=model_ref(spec.model), spec=public_spec(spec),
+            secrets=spec_secrets(spec), priority=spec.priority, team_id=team_id, created_by=who.key_id,
+        )
+        view = job_view(job, artifacts=[])
+    enqueue(job.id)  # only after the commit, so a worker always finds the row
+    log.info("Created job %s via %s (%s, %s) for team %s", job.id, via, job.method, job.model_ref, team_id)
+    return view
+
+
+def get(job_id: str) -> dict:
+    who = auth.require(Role.VIEWER)
+    with services().db.session() as s:
+        return job_view(job_store.get_job(s, job_id, team_id=who.scope))
+
+
+def page(*, status: str | None, limit: int, cursor: str | None, with_artifacts: bool = True) -> tuple[list[dict], str | None]:
+    """Return one page of the caller's jobs (every team's for an admin), calibration texts left out."""
+    who = auth.require(Role.VIEWER)
+    with services().db.session() as s:
+        rows, nxt = job_store.list_jobs(s, status=status, limit=limit, cursor=cursor, team_id=who.scope)
+        arts = _artifacts_by_job(s, [j.id for j in rows]) if with_artifacts else defaultdict(list)
+        items = [summary_view(job_view(j, artifacts=arts[j.id])) for j in rows]
+    return items, nxt
+
+
+def summary_view(view: dict) -> dict:
+    """Return a job view for lists: calibration and evaluation texts (megabytes) become counts."""
+    spec = dict(view.get("spec") or {})
+    for section in ("calibration", "evaluation"):
+        part = spec.get(section)
+        if isinstance(part, dict) and isinstance(part.get("texts"), list):
+            part = dict(part)
+            part["texts_count"] = len(part.pop("texts"))
+            spec[section] = part
+    return {**view, "spec": spec}
+
+
+def _artifacts_by_job(s, job_ids: list[str]) -> dict[str, list[Artifact]]:
+    # One query for the page instead of one lazy load per job.
+    out: dict[str, list[Artifact]] = defaultdict(list)
+    if job_ids:
+        for a in s.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.created_at)):
+            out[a.job_id].append(a)
+    return out
+
+
+def cancel(job_id: str) -> dict:
+    who = auth.require(Role.VIEWER)
+    with services().db.session() as s:
+        job_store.get_job(s, job_id, team_id=who.scope)  # another team's job is a 404 before any 403
+        who.require(Role.MEMBER)
+        view = job_view(job_store.request_cancel(s, job_id, team_id=who.scope, actor=who.key_id))
+    log.info("Cancel of job %s: now %s%s", job_id, view["status"], " (cancel requested)" if view["cancel_requested"] else "")
+    return view
+
+
+def retry(job_id: str) -> dict:
+    who = auth.require(Role.VIEWER)
+    with services().db.session() as s:
+        job_store.get_job(s, job_id, team_id=who.scope)
+        who.require(Role.MEMBER)
+        view = job_view(job_store.retry(s, job_id, team_id=who.scope, actor=who.key_id))
+    enqueue(job_id)
+    log.info("Retry of job %s: attempt %s", job_id, view["attempt"])
+    return view
