@@ -57,7 +57,7 @@ def _ids(vocab: int = 1024) -> torch.Tensor:
 
 def assert_loads_like_engine(source, work, store, method, options):
     exported = load_exported(work / "out", options["bits"])
-    proj = next(m for n, m in exported.named_modules() if n.endswith("layers.0.self_attn.o_proj"))
+    proj = next(m for n, m in exported.named_modules() if n.endswith(("layers.0.self_attn.o_proj", "layers.0.self_attn.out_proj")))
     assert hasattr(proj, "qweight") and proj.qweight.dtype == torch.int32  # really a quantized kernel
     ours = fake_quantized(source, store, method, **options)
     ids = _ids(ours.config.vocab_size)
