@@ -22,6 +22,7 @@ BLUEPRINT_MODULES = (
     "api.access",
     "api.artifacts",
     "api.uploads",
+    "api.farm",
     "api.webhooks",
     "api.service",
     "api.openapi",

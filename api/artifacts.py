@@ -13,6 +13,7 @@ from werkzeug.wsgi import wrap_file
 from api import auth
 from api.context import services
 from quantfarm.errors import BadRequest, NotFound
+from storage.layout import stored_prefix
 from storage.models import Artifact, Job
 from storage.teams import Role
 from storage.views import artifact_view
@@ -21,8 +22,8 @@ bp = Blueprint("artifacts", __name__)
 
 
 def store_prefix(artifact: Artifact) -> str:
-    """Return the store key prefix holding an artifact's files (the worker's layout)."""
-    return f"jobs/{artifact.job_id}/artifact"
+    """Return the store key prefix holding an artifact's files (storage.layout)."""
+    return stored_prefix(artifact)
 
 
 def store_key(artifact: Artifact, path: str) -> str:

@@ -16,8 +16,10 @@ from api import auth
 from api.context import services
 from api.uploads import upload_exists
 from quantfarm.errors import QuantfarmError, ValidationFailed
+from quantfarm.memory import estimate_at_submit
 from quantfarm.netguard import check_webhook_urls
 from quantfarm.spec import public_spec, spec_secrets
+from storage import farm
 from storage import jobs as job_store
 from storage import teams as team_store
 from storage.models import Artifact, Job, Team
@@ -125,9 +127,13 @@ def submit(spec, via: str = "api") -> dict:
         check_quota(s, team_id)
         check_references(s, spec, team_id)
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
+        public = public_spec(spec)
+        estimate = estimate_at_submit(public)
+        farm.admit(s, estimate, svc.settings.worker_ttl_seconds)  # 422 too_large when no live worker fits
         job = job_store.create_job(
-            s, method=spec.method, model_ref=model_ref(spec.model), spec=public_spec(spec),
+            s, method=spec.method, model_ref=model_ref(spec.model), spec=public,
             secrets=spec_secrets(spec), priority=spec.priority, team_id=team_id, created_by=who.key_id,
+            memory_estimate=estimate,
         )
         view = job_view(job, artifacts=[])
     enqueue(job.id)  # only after the commit, so a worker always finds the row
@@ -187,7 +193,7 @@ def retry(job_id: str) -> dict:
     with services().db.session() as s:
         job_store.get_job(s, job_id, team_id=who.scope)
         who.require(Role.MEMBER)
-        view = job_view(job_store.retry(s, job_id, team_id=who.scope, actor=who.key_id))
+        view = job_view(job_store.retry(s, job_id, team_id=who.scope, actor=who.key_id, retry_window_days=services().settings.retry_window))
     enqueue(job_id)
     log.info("Retry of job %s: attempt %s", job_id, view["attempt"])
     return view

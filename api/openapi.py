@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 import quantfarm
 from api import schemas
+from quantfarm import registry
 from quantfarm.spec import spec_schema
 from storage.jobs import JobStatus
 
@@ -114,7 +115,7 @@ def _paths() -> dict[str, dict]:
             "jobs", "List a job's events", (200, "EventList", "State changes, stages and progress, oldest first"), errors=(404, 422),
             params=(job, _param("after", "query", {"type": "integer", "minimum": 0}, "Only events with a larger id")), owned="job_id")},
         "/v1/jobs/{job_id}/cancel": {"post": _op(
-            "jobs", "Cancel a job", (202, "JobOut", "Queued jobs are cancelled at once; running ones stop at the next layer"),
+            "jobs", "Cancel a job", (202, "JobOut", "Queued jobs are cancelled at once; running ones stop within seconds, in any stage"),
             errors=(404, 409), params=(job,), role="member", owned="job_id")},
         "/v1/jobs/{job_id}/retry": {"post": _op(
             "jobs", "Retry a job", (202, "JobOut", "The job, queued again; it resumes from its checkpoints"), errors=(404, 409),
@@ -140,6 +141,7 @@ def _paths() -> dict[str, dict]:
         "/v1/uploads/{upload_id}": {"get": _op("uploads", "Get an upload", (200, "UploadOut", "The upload's metadata"), errors=(404,),
                                                params=(upl,), owned="upload_id")},
         "/v1/me": {"get": _op("access", "Who am I", (200, "MeOut", "The key's team and role"))},
+        "/v1/workers": {"get": _op("farm", "List workers", (200, "FarmOut", "Utilization and queue depth; admins also see each worker's job and team"))},
         "/v1/teams": {
             "post": _op("access", "Create a team", (201, "TeamOut", "The team"), errors=(400, 409, 422), body=any_json, role="admin"),
             "get": _op("access", "List teams", (200, "TeamList", "Every team"), role="admin"),
@@ -183,18 +185,23 @@ def _components() -> dict[str, dict]:
     return out
 
 
-@lru_cache(maxsize=1)
 def build_openapi() -> dict[str, Any]:
-    """Return the OpenAPI 3.1 document of the API."""
+    """Return the OpenAPI 3.1 document of the API (rebuilt when the method registry changes)."""
+    return _build_openapi(registry.generation())
+
+
+@lru_cache(maxsize=2)
+def _build_openapi(_generation: int) -> dict[str, Any]:
+    names = ", ".join(registry.method_names())
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Quantfarm API",
             "version": quantfarm.__version__,
-            "description": "Submit and follow model quantization jobs (GPTQ, AWQ, bitsandbytes, RTN). "
+            "description": f"Submit and follow model quantization jobs (methods: {names}; formats: {', '.join(registry.format_names())}). "
             "Errors are `{error, message, details}`; a bad body is 422 with `details.fields`.",
         },
-        "tags": [{"name": t} for t in ("jobs", "artifacts", "uploads", "webhooks", "access", "service")],
+        "tags": [{"name": t} for t in ("jobs", "artifacts", "uploads", "webhooks", "access", "farm", "service")],
         "paths": _paths(),
         "security": BEARER,
         "components": {

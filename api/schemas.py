@@ -41,8 +41,8 @@ class JobErrorOut(Out):
 class ArtifactOut(Out):
     id: str
     job_id: str
-    kind: str = Field(description="model")
-    format: str = Field(description="gptq | awq | bnb")
+    kind: str = Field(description="model for the job's first format; the format's name for each further one")
+    format: str = Field(description="The output format: gptq | awq | bitsandbytes | compressed-tensors | ...")
     files: int = Field(description="Number of files")
     size_bytes: int
     sha256: str = Field(description="Digest over the artifact's file list")
@@ -62,6 +62,7 @@ class JobOut(Out):
     model: str = Field(description="Readable model reference: hub:org/name@rev, s3://..., local:/path, upload:id")
     progress: Progress | None
     attempt: int
+    memory_estimate_bytes: int | None = Field(description="Estimated peak memory (from config.json); null until known")
     cancel_requested: bool
     spec: dict[str, Any] = Field(description="The submitted job spec with secrets removed")
     error: JobErrorOut | None
@@ -160,6 +161,43 @@ class MeOut(Out):
     local_admin: bool = Field(description="True when no key was needed (QUANTFARM_AUTH=auto on loopback with no keys, or off)")
 
 
+class WorkerJobOut(Out):
+    id: str
+    team_id: str
+    team: str | None
+    method: str
+
+
+class WorkerOut(Out):
+    id: str
+    hostname: str
+    device: str
+    memory_bytes: int = Field(description="GPU memory, or RAM for a CPU worker")
+    methods: list[str]
+    formats: list[str]
+    engine_version: str
+    started_at: datetime | None
+    last_seen_at: datetime | None
+    job: WorkerJobOut | None
+
+
+class FarmMemory(Out):
+    largest: int | None
+    total: int
+
+
+class FarmOut(Out):
+    workers: int = Field(description="Workers seen within 3 beats")
+    busy: int
+    idle: int
+    utilization: float = Field(description="busy / workers")
+    queue_depth: int
+    running: int
+    memory_bytes: FarmMemory
+    devices: dict[str, int]
+    items: list[WorkerOut] | None = Field(None, description="Admins only: each worker and the job (and team) it runs")
+
+
 class TeamOut(Out):
     id: str
     name: str
@@ -209,5 +247,5 @@ class CredentialList(Out):
 
 RESPONSE_MODELS: tuple[type[Out], ...] = (
     ErrorBody, JobOut, JobPage, EventList, ArtifactList, ArtifactOut, FileList, UploadOut, DeliveryList, DeliveryOut, Health,
-    MeOut, TeamOut, TeamList, KeyOut, KeyCreated, KeyList, CredentialOut, CredentialList,
+    MeOut, FarmOut, TeamOut, TeamList, KeyOut, KeyCreated, KeyList, CredentialOut, CredentialList,
 )

@@ -20,6 +20,8 @@ from api.context import services
 from api.errors import PayloadTooLarge
 from quantfarm.errors import NotFound, ValidationFailed
 from quantfarm.store import BlobStore
+from storage.layout import UPLOAD_META as META
+from storage.layout import upload_prefix
 from storage.models import DEFAULT_TEAM_ID, new_id, utcnow
 from storage.teams import Role
 from storage.views import iso
@@ -28,13 +30,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("uploads", __name__)
 
 _UPLOAD_ID = re.compile(r"^upl_[0-9a-z]{26}$")
-META = "meta.json"
 CHUNK = 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
-
-
-def upload_prefix(upload_id: str) -> str:
-    return f"uploads/{upload_id}"
 
 
 def read_meta(store: BlobStore, upload_id: str, team_id: str | None) -> dict | None:

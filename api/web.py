@@ -22,9 +22,10 @@ from werkzeug.datastructures import MultiDict
 from api import auth, job_service
 from api.context import services
 from quantfarm.errors import Forbidden, InvalidState, NotFound, Unauthorized, ValidationFailed
+from quantfarm import registry
+from quantfarm.loading import artifact_loads
 from quantfarm.spec import (
-    BUILTIN_DATASETS, METHOD_OPTIONS, METHODS, Calibration, Destination, GPTQJob, HubDestination, HubSource,
-    parse_spec,
+    BUILTIN_DATASETS, Calibration, Destination, HubDestination, HubSource, JobBase, method_names, method_options, parse_spec,
 )
 from storage import jobs as job_store
 from storage.models import Artifact, JobEvent
@@ -47,10 +48,14 @@ _UNSET = object()
 # --- the form's fields, from the spec's JSON schema ----------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def option_fields(method: str) -> list[dict[str, Any]]:
     """Describe one method's option inputs from the schema the API validates with (read-only)."""
-    schema = METHOD_OPTIONS[method].model_json_schema()
+    return _option_fields(method, registry.generation())
+
+
+@functools.lru_cache(maxsize=256)
+def _option_fields(method: str, _generation: int) -> list[dict[str, Any]]:
+    schema = method_options()[method].model_json_schema()
     fields = []
     for name, prop in schema["properties"].items():
         choices = prop.get("enum") or ([prop["const"]] if "const" in prop else None)
@@ -72,6 +77,15 @@ def option_fields(method: str) -> list[dict[str, Any]]:
     return fields
 
 
+def format_fields(method: str) -> list[dict[str, Any]]:
+    """One checkbox per format the method can write (each becomes one artifact)."""
+    entry = registry.method_entry(method)
+    return [{
+        "name": f, "input": f"formats.{method}.{f}", "id": f"f-formats-{method}-{f}",
+        "help": "The method's own format" if i == 0 else f"Also write {f} from the same quantization",
+    } for i, f in enumerate(entry.formats if entry else ())]
+
+
 def calibration_limits() -> dict[str, dict[str, Any]]:
     props = Calibration.model_json_schema()["properties"]
     return {k: {"default": props[k]["default"], "min": props[k].get("minimum"), "max": props[k].get("maximum")} for k in ("num_samples", "seq_len")}
@@ -80,9 +94,9 @@ def calibration_limits() -> dict[str, dict[str, Any]]:
 def default_values() -> dict[str, Any]:
     """Return the form's initial values: the spec's defaults."""
     limits = calibration_limits()
-    job = GPTQJob.model_fields
+    job = JobBase.model_fields
     values: dict[str, Any] = {
-        "model.source": "hub", "model.revision": HubSource.model_fields["revision"].default, "method": METHODS[0],
+        "model.source": "hub", "model.revision": HubSource.model_fields["revision"].default, "method": method_names()[0],
         "calibration.kind": "builtin", "calibration.builtin": f"builtin:{BUILTIN_DATASETS[0]}",
         "calibration.num_samples": str(limits["num_samples"]["default"]),
         "calibration.seq_len": str(limits["seq_len"]["default"]),
@@ -90,7 +104,9 @@ def default_values() -> dict[str, Any]:
         "destination.store": Destination.model_fields["store"].default,
         "destination.hub.private": HubDestination.model_fields["private"].default,
     }
-    for m in METHODS:
+    for m in method_names():
+        for i, f in enumerate(format_fields(m)):
+            values[f["input"]] = i == 0
         for f in option_fields(m):
             d = f["default"]
             values[f["input"]] = d if f["kind"] == "checkbox" else (", ".join(d) if isinstance(d, list) else str(d))
@@ -100,7 +116,8 @@ def default_values() -> dict[str, Any]:
 def submitted_values(form: MultiDict) -> dict[str, Any]:
     """Return what the user typed, with checkboxes as booleans (for re-rendering)."""
     values: dict[str, Any] = {k: v for k, v in form.items()}
-    boxes = list(_FIXED_CHECKBOXES) + [f["input"] for m in METHODS for f in option_fields(m) if f["kind"] == "checkbox"]
+    boxes = list(_FIXED_CHECKBOXES) + [f["input"] for m in method_names() for f in option_fields(m) if f["kind"] == "checkbox"]
+    boxes += [f["input"] for m in method_names() for f in format_fields(m)]
     for name in boxes:
         values[name] = name in form
     return values
@@ -167,9 +184,12 @@ def form_to_body(form: MultiDict) -> dict[str, Any]:
     """Turn the submitted form into the JSON body POST /v1/jobs takes."""
     method = _text(form, "method")
     body: dict[str, Any] = {"model": _model(form), "method": method, "calibration": _calibration(form)}
-    if method in METHOD_OPTIONS:
+    if method in method_names():
         values = {f["name"]: _option_value(f, form) for f in option_fields(method)}
         body["options"] = {k: v for k, v in values.items() if v is not _UNSET}
+        formats = [f["name"] for f in format_fields(method) if f["input"] in form]
+        if formats:
+            body["formats"] = formats
     body["evaluate"] = "evaluate" in form
     dest: dict[str, Any] = {"store": "destination.store" in form}
     if _text(form, "destination.hub.repo_id"):
@@ -200,8 +220,10 @@ def field_errors(fields: dict[str, str], form: MultiDict) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, msg in fields.items():
         name = key
-        if key.startswith("options.") and method in METHOD_OPTIONS:
+        if key.startswith("options.") and method in method_names():
             name = f"options.{method}.{key.split('.')[1]}"
+        elif key.startswith("formats") and format_fields(method):
+            name = format_fields(method)[0]["input"]
         elif key == "calibration.dataset":
             name = "calibration.hub" if kind == "hub" else "calibration.builtin"
         elif key.startswith("calibration.texts"):
@@ -226,8 +248,9 @@ def create_from_spec(spec) -> str:
 
 def _render_form(values: dict[str, Any], errors: dict[str, str] | None = None, cleared: list[str] | None = None, status: int = 200):
     return render_template(
-        "web/form.html", values=values, errors=errors or {}, cleared=cleared or [], methods=METHODS,
-        option_fields={m: option_fields(m) for m in METHODS}, sources=SOURCES, calib_kinds=CALIB_KINDS,
+        "web/form.html", values=values, errors=errors or {}, cleared=cleared or [], methods=method_names(),
+        option_fields={m: option_fields(m) for m in method_names()},
+        format_fields={m: format_fields(m) for m in method_names()}, method_help={e.name: e.summary for e in registry.methods()}, sources=SOURCES, calib_kinds=CALIB_KINDS,
         builtins=[f"builtin:{b}" for b in BUILTIN_DATASETS], limits=calibration_limits(),
     ), status
 
@@ -310,7 +333,7 @@ def job_page(job_id: str):
         events = [event_view(e) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))]
     view["duration"] = _duration(view)
     return render_template(
-        "web/job.html", job=view, events=events, timeline=timeline(events), files=files,
+        "web/job.html", job=view, events=events, timeline=timeline(events), files=files, loads=artifact_loads(view),
         spec_json=json.dumps(spec_for_display(view["spec"]), indent=2),
         page_data={"job": {k: v for k, v in view.items() if k != "spec"}, "events": events, "files": files},
     )
@@ -349,6 +372,14 @@ def _safe_next(target: str | None) -> str:
     if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
         return target
     return url_for("web.jobs_page")
+
+
+@bp.get("/farm")
+def farm_page():
+    from api.farm import farm_state
+
+    state = farm_state()
+    return render_template("web/farm.html", farm=state, workers=state.get("items"))
 
 
 @bp.get("/signin")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench import (
     awq_peers,
+    formats,
     gptq_peers,
     memory_scaling,
     profile_ours,
@@ -28,7 +29,7 @@ from bench import (
 from bench.common import BENCH, CACHE, ROOT, THREADS, machine
 from bench.compare import goals_text, table
 
-SECTIONS = ("hessian", "gptq", "gptq3", "profile", "awq", "memory")
+SECTIONS = ("hessian", "gptq", "gptq3", "profile", "awq", "memory", "formats")
 
 
 def log(msg: str) -> None:
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in only:
         log("memory scaling bench")
         results["memory"] = memory_scaling.run(a.quick, not a.no_peer_memory, log)
+    if "formats" in only:
+        log("output formats bench")
+        results["formats"] = formats.run(a.quick, log)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["load_avg_end"] = os.getloadavg()
 
@@ -195,6 +199,21 @@ def render(r: dict) -> str:
             "Median of the runs; ratio < 1 means shared is faster. \"incl. Hessian\" adds the accumulation (once vs once per linear)."),
             "",
             shared_hessian.table(r["hessian"]),
+            "",
+        ]
+    if "formats" in r:
+        f = r["formats"]
+        parts += [
+            "## Output formats: size and perplexity",
+            "",
+            (f"Model `{f['model']}`. Each method ran once through the engine (as a worker runs a job) and wrote every format "
+             "listed for it from that one quantization; each folder was then loaded by its own client in a fresh process "
+             "(gptq: transformers + gptqmodel `gptq_torch`; awq: transformers + gptqmodel; compressed-tensors: transformers + "
+             "compressed-tensors, decompressed; gguf: transformers' GGUF loader; bitsandbytes and LoftQ: transformers + "
+             f"bitsandbytes, LoftQ with its PEFT adapter) and scored on {f['eval_windows']} held-out windows. Size counts the "
+             "weight files (.safetensors, .gguf). FP8 is scored with its weights decompressed (no activation rounding)."),
+            "",
+            formats.table(f),
             "",
         ]
     parts += [METHOD_NOTES]

@@ -179,7 +179,7 @@ def wait_for(client: Client, job_id: str, interval: float) -> tuple[int, dict | 
                     raise
                 job = {"status": "ended"}  # it finished meanwhile; the next poll shows how
             if job["status"] == "running":
-                console.print("Cancel requested; the job stops at the next layer boundary. Ctrl-C again only stops watching.")
+                console.print("Cancel requested; the job stops within seconds. Ctrl-C again only stops watching.")
     if job["status"] == "succeeded":
         console.print(f"[green]succeeded[/]: {job_id} in {_duration(_elapsed(job))}")
         for art in job.get("artifacts") or []:
@@ -224,7 +224,7 @@ def cmd_cancel(a, settings) -> int:
     if job["status"] == "cancelled":
         print(f"{a.job_id} cancelled")
     else:
-        print(f"{a.job_id} cancel requested; it stops at the next layer boundary")
+        print(f"{a.job_id} cancel requested; it stops within seconds")
     return EXIT_OK
 
 
@@ -251,6 +251,22 @@ def cmd_migrate(a, settings) -> int:
     url = settings.resolved_database_url
     upgrade(url)
     print(f"database {make_url(url).render_as_string(hide_password=True)} is at the latest schema")
+    return EXIT_OK
+
+
+def cmd_gc(a, settings) -> int:
+    from storage.artifacts import make_store
+    from storage.db import Database
+    from storage.retention import GcAges, collect
+
+    db = Database.from_settings(settings)
+    try:
+        report = collect(db, make_store(settings), settings, GcAges.from_settings(settings, a.artifacts_older_than))
+    finally:
+        db.dispose()
+    out = report.as_dict()
+    print(json.dumps(out, indent=2) if a.json else "\n".join(
+        f"{k}: {len(v) if isinstance(v, list) else v}" for k, v in out.items()))
     return EXIT_OK
 
 
@@ -289,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric quantization")
     s.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order (on by default)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option (repeatable)")
+    s.add_argument("--format", action="append", default=[], metavar="FORMAT",
+                   help="output format, one artifact each (repeatable; default: the method's own)")
     s.add_argument("--calib", help="builtin:<name>, hub:<dataset>[:<config>][:<split>], upload:<id>, or a local text file to upload")
     s.add_argument("--samples", type=int, help="calibration samples")
     s.add_argument("--seq-len", type=int, help="calibration sequence length")
@@ -316,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cursor", help="next page, as printed under the table")
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_jobs)
+
+    g = sub.add_parser("gc", help="delete what the retention settings say has expired (QUANTFARM_GC_*, QUANTFARM_RETRY_WINDOW)")
+    g.add_argument("--artifacts-older-than", type=float, metavar="DAYS",
+                   help="also delete succeeded jobs' artifacts older than this (never without it)")
+    g.add_argument("--json", action="store_true", help="print what was removed as JSON")
+    g.set_defaults(func=cmd_gc)
 
     for name, func, text in (("migrate", cmd_migrate, "bring the database schema up to date"), ("api", cmd_api, "serve the HTTP API"),
                              ("run", cmd_run, "run the embedded stack: API, worker and sweeper"), ("worker", cmd_worker, "run a worker")):

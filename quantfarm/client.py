@@ -152,4 +152,6 @@ def build_spec(client: Client, a: argparse.Namespace) -> dict[str, Any]:
         spec["labels"] = _pairs(a.label, "--label")
     if a.priority is not None:
         spec["priority"] = a.priority
+    if a.format:
+        spec["formats"] = a.format
     return spec

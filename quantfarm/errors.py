@@ -58,6 +58,13 @@ class NotFound(QuantfarmError):
     http_status = 404
 
 
+class TooLarge(QuantfarmError):
+    """The job needs more memory than any worker on the farm has (HTTP 422, or a failed job)."""
+
+    code = "too_large"
+    http_status = 422
+
+
 class InvalidState(QuantfarmError):
     """The job is in the wrong state for the action (HTTP 409)."""
 

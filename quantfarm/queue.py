@@ -12,6 +12,7 @@ from quantfarm.settings import Settings
 RUN_JOB = "quantfarm.run_job"
 SWEEP = "quantfarm.sweep"
 DELIVER_WEBHOOK = "quantfarm.deliver_webhook"
+GC = "quantfarm.gc"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -29,6 +30,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             RUN_JOB: {"queue": settings.queue},
             SWEEP: {"queue": settings.service_queue},
             DELIVER_WEBHOOK: {"queue": settings.service_queue},
+            GC: {"queue": settings.service_queue},
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -66,6 +68,7 @@ class Dispatcher:
         self.app.conf.update(celery_config(settings))
 
     def run_job(self, job_id: str) -> None:
+        """Wake a worker (the id is a hint: the worker claims the best runnable job)."""
         self.app.send_task(RUN_JOB, args=[job_id])
 
     def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     port: int = 8000
     url: str | None = None  # what the CLI talks to; defaults to http://host:port
     api_key: SecretStr | None = None  # what the CLI sends as its Bearer key
+    # `quantfarm run`: how long children get to stop after SIGTERM, and to come up at start.
+    stop_grace_seconds: float = Field(default=30.0, gt=0)
+    startup_timeout_seconds: float = Field(default=120.0, gt=0)
     max_upload_bytes: int = 64 * 1024 * 1024  # largest calibration file POST /v1/uploads takes
 
     # Artifact store
@@ -57,7 +60,18 @@ class Settings(BaseSettings):
     lease_seconds: float = 60.0
     heartbeat_seconds: float | None = None  # default: a third of the lease
     sweep_seconds: float = 10.0
+    # Scheduler: a queued job waiting this long gets a wake-up from the sweeper (at most
+    # wakeup_batch per interval, never one per job); fair share looks back this far.
     requeue_queued_after_seconds: float = 600.0
+    wakeup_batch: int = Field(default=4, ge=1)
+    # What this worker offers the scheduler (None: the GPU's memory, or RAM on CPU), and how
+    # often it says it lives; a worker unseen for 3 beats is not counted by admission.
+    worker_memory_bytes: int | None = Field(default=None, gt=0)
+    worker_beat_seconds: float = Field(default=15.0, gt=0)
+    # A running job none of whose progress signals (stage, layer, bytes) moved for this long,
+    # though its heartbeat runs, is stalled: requeued (spending an attempt), or failed `stalled`.
+    stall_seconds: float = Field(default=1800.0, gt=0)
+    fair_share_window_seconds: float = Field(default=24 * 3600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_shard_bytes: int = 2 * 1024**3
     model_cache_bytes: int = 50 * 1024**3
@@ -88,6 +102,14 @@ class Settings(BaseSettings):
     team_max_queued: int = Field(default=100, ge=1)
     # Days a failed or cancelled job stays retryable; its encrypted secrets are erased after it.
     retry_window: float = Field(default=7.0, gt=0)
+    # Garbage collection (`quantfarm gc`, and the service every gc_every_seconds): ages past which
+    # uploads no job can still read, scratch folders of jobs not running, progress events of ended
+    # jobs and finished webhook deliveries are removed.
+    gc_every_seconds: float = Field(default=3600.0, gt=0)
+    gc_uploads_days: float = Field(default=7.0, gt=0)
+    gc_scratch_hours: float = Field(default=24.0, gt=0)
+    gc_events_days: float = Field(default=90.0, gt=0)
+    gc_deliveries_days: float = Field(default=30.0, gt=0)
     # Seconds a verified API key is trusted without reading its row again (revocation lag).
     auth_cache_seconds: float = Field(default=5.0, ge=0)
 
@@ -133,6 +155,10 @@ class Settings(BaseSettings):
     @property
     def heartbeat_interval(self) -> float:
         return self.heartbeat_seconds or max(self.lease_seconds / 3.0, 0.5)
+
+    @property
+    def worker_ttl_seconds(self) -> float:
+        return 3 * self.worker_beat_seconds
 
     @property
     def loopback(self) -> bool:

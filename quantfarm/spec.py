@@ -8,31 +8,30 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from quantfarm import registry
 from quantfarm.errors import ValidationFailed
+from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, GGUFOptions, GPTQOptions, LoftQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
 
 BUILTIN_DATASETS = ("code",)
-METHODS = ("gptq", "awq", "bnb-4bit", "bnb-8bit", "rtn")
 CREDENTIALS_REF = Field(None, description="Name of a team credential (POST /v1/credentials) to use instead of a pasted secret")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _DATASET_PART = re.compile(r"^[A-Za-z0-9._\-\[\]%+]*$")  # a config or split, e.g. wikitext-2-raw-v1, validation
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # --- model sources ----------------------------------------------------------
@@ -92,67 +91,6 @@ class UploadSource(Strict):
 
 
 ModelSource = Annotated[Union[HubSource, S3Source, LocalSource, UploadSource], Field(discriminator="source")]
-
-
-# --- method options -------------------------------------------------------------
-
-
-class GPTQOptions(Strict):
-    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
-    group_size: Literal[-1, 32, 64, 128] = Field(128, description="Columns sharing one scale; -1 for per-channel")
-    sym: bool = Field(True, description="Symmetric quantization (zero point fixed at the middle)")
-    desc_act: bool = Field(True, description="Act-order: quantize columns by decreasing Hessian diagonal")
-    static_groups: bool = Field(
-        True, description="With act-order, fix group parameters before the solve (groups stay in column order: no inference cost)",
-    )
-    damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening added to the Hessian diagonal, as a fraction of its mean")
-    true_sequential: bool = Field(True, description="Quantize sub-modules in order, feeding quantized outputs forward")
-    moe_calibration: Literal["all_experts", "routed"] = Field(
-        "all_experts", description="MoE models: every calibration token feeds every expert's statistics (the router "
-                                   "still decides the output), or only the tokens the router sends it",
-    )
-    min_expert_tokens: int = Field(
-        64, ge=1, le=1_000_000, description="MoE with routed calibration: an expert sent fewer tokens is rounded to nearest (with a warning)",
-    )
-
-
-class RTNOptions(Strict):
-    bits: Literal[4, 8] = Field(4, description="Bits per weight")
-    group_size: Literal[-1, 32, 64, 128] = Field(128, description="Columns sharing one scale; -1 for per-channel")
-    sym: bool = Field(True, description="Symmetric quantization")
-
-
-class AWQOptions(Strict):
-    bits: Literal[4] = Field(4, description="Bits per weight (AWQ kernels take 4)")
-    group_size: Literal[32, 64, 128] = Field(128, description="Columns sharing one scale")
-    zero_point: bool = Field(True, description="Asymmetric quantization with a zero point")
-    version: Literal["gemm", "gemv"] = Field("gemm", description="Kernel packing the checkpoint is written for")
-    alpha_search: Literal["coarse-to-fine", "full"] = Field(
-        "coarse-to-fine",
-        description="Scale-exponent search: every 4th of AutoAWQ's 20 grid points, then the best one's neighbours "
-                    "(about half the time), or all 20",
-    )
-
-
-class BnB4Options(Strict):
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too")
-    compute_dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Matmul dtype")
-    skip_modules: list[str] = Field(default_factory=list, description="Module names kept in full precision")
-
-
-class BnB8Options(Strict):
-    threshold: float = Field(6.0, ge=0, description="LLM.int8() outlier threshold")
-    skip_modules: list[str] = Field(default_factory=list, description="Module names kept in full precision")
-
-
-METHOD_OPTIONS: dict[str, type[Strict]] = {
-    "gptq": GPTQOptions,
-    "awq": AWQOptions,
-    "bnb-4bit": BnB4Options,
-    "bnb-8bit": BnB8Options,
-    "rtn": RTNOptions,
-}
 
 
 # --- calibration, destination, webhooks -------------------------------------------
@@ -280,48 +218,89 @@ class _JobBase(Strict):
     priority: int = Field(0, ge=-10, le=10)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
 
-
     @model_validator(mode="after")
     def _gate_needs_evaluation(self):
         if self.gate is not None and not self.evaluate:
             raise ValueError("a gate needs evaluate: true (it compares perplexity before and after)")
         return self
 
-
-class GPTQJob(_JobBase):
-    method: Literal["gptq"]
-    options: GPTQOptions = Field(default_factory=GPTQOptions)
-
-
-class AWQJob(_JobBase):
-    method: Literal["awq"]
-    options: AWQOptions = Field(default_factory=AWQOptions)
-
-
-class BnB4Job(_JobBase):
-    method: Literal["bnb-4bit"]
-    options: BnB4Options = Field(default_factory=BnB4Options)
-
-
-class BnB8Job(_JobBase):
-    method: Literal["bnb-8bit"]
-    options: BnB8Options = Field(default_factory=BnB8Options)
+    @field_validator("formats", check_fields=False)
+    @classmethod
+    def _formats(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each format at most once")
+        options = info.data.get("options")
+        method = registry.method_entry(info.data.get("method", ""))
+        for fmt in v:
+            if method and fmt == method.natural_format:
+                continue  # the method's own format takes every option it accepts
+            entry = registry.format_entry(fmt)
+            why = entry.accepts(options) if (entry and entry.accepts and options is not None) else None
+            if why:
+                raise ValueError(f"{fmt}: {why}")
+        return v
 
 
-class RTNJob(_JobBase):
-    method: Literal["rtn"]
-    options: RTNOptions = Field(default_factory=RTNOptions)
+JobBase = _JobBase  # the fields every method's job shares
 
 
-JobSpec = Annotated[Union[GPTQJob, AWQJob, BnB4Job, BnB8Job, RTNJob], Field(discriminator="method")]
-_ADAPTER: TypeAdapter = TypeAdapter(JobSpec)
-_TAGS = {"gptq": "GPTQJob", "awq": "AWQJob", "bnb-4bit": "BnB4Job", "bnb-8bit": "BnB8Job", "rtn": "RTNJob"}
+def _job_model(entry: registry.MethodEntry) -> type[_JobBase]:
+    """Build the job model of one registered method: its tag, options and formats."""
+    fmts = Literal[entry.formats]  # type: ignore[valid-type]
+    return create_model(
+        f"{entry.schema_name}Job",
+        __base__=_JobBase,
+        __doc__=entry.summary,
+        method=(Literal[entry.name], ...),  # type: ignore[valid-type]
+        options=(entry.options, Field(default_factory=entry.options)),
+        formats=(list[fmts], Field([entry.natural_format], min_length=1, max_length=len(entry.formats),
+                                   description=f"Output formats, one artifact each; {entry.natural_format} by default")),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _models(_generation: int) -> tuple[dict[str, type[_JobBase]], TypeAdapter]:
+    models = {e.name: _job_model(e) for e in registry.methods()}
+    union = Annotated[Union[tuple(models.values())], Field(discriminator="method")]  # type: ignore[valid-type]
+    return models, TypeAdapter(union)
+
+
+def job_models() -> dict[str, type[_JobBase]]:
+    """Return the job model of every registered method, by method name."""
+    return _models(registry.generation())[0]
+
+
+def _adapter() -> TypeAdapter:
+    return _models(registry.generation())[1]
+
+
+def method_names() -> tuple[str, ...]:
+    """Return the registered methods' names, in registry order."""
+    return registry.method_names()
+
+
+def method_options() -> dict[str, type[BaseModel]]:
+    """Return each registered method's options model."""
+    return {e.name: e.options for e in registry.methods()}
+
+
+def __getattr__(name: str):
+    # Live views of the registry under their historical names.
+    if name == "METHODS":
+        return method_names()
+    if name == "METHOD_OPTIONS":
+        return method_options()
+    if name.endswith("Job"):
+        for model in job_models().values():
+            if model.__name__ == name:
+                return model
+    raise AttributeError(name)
 
 
 def _field_path(loc: tuple) -> str:
     # Pydantic puts the discriminators' tags ("gptq", "hub") into the location; drop them.
     parts = list(loc)
-    if parts and parts[0] in _TAGS:
+    if parts and parts[0] in registry.method_names():
         parts = parts[1:]
     if len(parts) > 1 and parts[0] == "model" and parts[1] in ("hub", "s3", "local", "upload"):
         del parts[1]
@@ -354,11 +333,14 @@ def validation_fields(exc: ValidationError) -> dict[str, str]:
             loc = loc + (name,)
         path = _field_path(loc)
         msg = _message(err)
+        entry = registry.method_entry(str(loc[0])) if loc else None
+        if err["type"] == "literal_error" and entry and len(loc) > 1 and loc[1] == "formats":
+            msg = f"{entry.name} cannot write {err.get('input')!r}; it writes: {', '.join(entry.formats)}"
         fields[path] = f"{fields[path]}; {msg}" if path in fields else msg
     return fields
 
 
-def parse_spec(data: Any) -> "GPTQJob | AWQJob | BnB4Job | BnB8Job | RTNJob":
+def parse_spec(data: Any) -> _JobBase:
     """Validate a request body into a job spec.
 
     Raises ValidationFailed with a per-field map when the body is wrong.
@@ -366,14 +348,14 @@ def parse_spec(data: Any) -> "GPTQJob | AWQJob | BnB4Job | BnB8Job | RTNJob":
     if not isinstance(data, dict):
         raise ValidationFailed({"body": "must be a JSON object"}, "The request body must be a JSON object.")
     try:
-        return _ADAPTER.validate_python(data)
+        return _adapter().validate_python(data)
     except ValidationError as exc:
         raise ValidationFailed(validation_fields(exc)) from None
 
 
 def spec_schema() -> dict:
     """Return the JSON schema of the job spec (for OpenAPI and the web form)."""
-    return _ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
+    return _adapter().json_schema(ref_template="#/components/schemas/{model}")
 
 
 def public_spec(spec: BaseModel) -> dict:
@@ -427,4 +409,4 @@ def load_spec(public: dict, secrets: dict[str, str] | None = None):
         for p in parts[:-1]:
             node = node[int(p)] if isinstance(node, list) else node[p]
         node[parts[-1]] = value
-    return _ADAPTER.validate_python(data)
+    return _adapter().validate_python(data)

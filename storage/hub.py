@@ -45,8 +45,13 @@ def expected_bits(qconfig: dict[str, Any]) -> int | None:
 
 
 def check_quantization_config(out_dir: Path) -> dict[str, Any]:
-    """Return ``config.json``'s ``quantization_config``; raise PublishError if it is missing."""
+    """Return ``config.json``'s ``quantization_config``; raise PublishError if it is missing.
+
+    A GGUF artifact carries its quantization inside the ``.gguf`` file and has no config.json.
+    """
     path = out_dir / "config.json"
+    if not path.exists() and any(out_dir.glob("*.gguf")):
+        return {"quant_method": "gguf"}
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

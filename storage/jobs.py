@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import enum
 import logging
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
-from storage.models import Job, JobEvent, new_id, utcnow
+from storage.models import Job, JobEvent, JobRun, new_id, utcnow
 
 
 class JobStatus(str, enum.Enum):
@@ -58,12 +59,59 @@ def add_event(s: Session, job_id: str, kind: str, *, message: str | None = None,
     return ev
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a running job, and the claim (fencing token) it was given; None: any claim."""
+
+    owner: str
+    claim: int | None = None
+
+
+def db_now(s: Session) -> ColumnElement:
+    """The database clock as naive UTC (leases are judged by it, never by a worker's clock)."""
+    return db_later(s, 0.0)
+
+
+def db_later(s: Session, seconds: float) -> ColumnElement:
+    """The database clock plus ``seconds``, as naive UTC in the column's stored form."""
+    if s.get_bind().dialect.name == "sqlite":
+        # SQLAlchemy stores 'YYYY-MM-DD HH:MM:SS.ffffff'; %f gives milliseconds, so pad to micro.
+        return func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{float(seconds):+.3f} seconds").op("||")("000")
+    now = func.timezone("UTC", func.clock_timestamp())
+    return now + func.make_interval(0, 0, 0, 0, 0, 0, float(seconds)) if seconds else now
+
+
+def _held(stmt, lease: Lease):
+    stmt = stmt.where(Job.status == JobStatus.RUNNING.value, Job.lease_owner == lease.owner)
+    return stmt if lease.claim is None else stmt.where(Job.claim == lease.claim)
+
+
+def _holds(job: Job, lease: Lease) -> bool:
+    return job.status == JobStatus.RUNNING.value and job.lease_owner == lease.owner and lease.claim in (None, job.claim)
+
+
+def owned_update(s: Session, job_id: str, lease: Lease, **values: Any) -> None:
+    """Update a running job only while ``lease`` still holds it; raise LeaseLost otherwise."""
+    stmt = _held(update(Job).where(Job.id == job_id), lease)
+    res = s.execute(stmt.values(**values).execution_options(synchronize_session=False))
+    if res.rowcount != 1:
+        raise LeaseLost(f"Job {job_id} is no longer held by {lease.owner} (claim {lease.claim}).")
+
+
+def check_fence(s: Session, job_id: str, lease: Lease) -> None:
+    """Raise LeaseLost unless ``lease`` still holds the job (before a write outside the DB)."""
+    owned_update(s, job_id, lease, updated_at=utcnow())
+
+
 def transition(
     s: Session,
     job: Job,
     to: JobStatus,
     *,
     owner: str | None = None,
+    lease: Lease | None = None,
+    take: tuple[str, float] | None = None,
+    expired: bool = False,
     message: str | None = None,
     data: dict[str, Any] | None = None,
     actor: str | None = None,
@@ -71,34 +119,54 @@ def transition(
 ) -> Job:
     """Move ``job`` to ``to`` if the table allows it and nobody moved it first.
 
-    ``owner``, when given, must still hold the lease. Raises InvalidState for a
-    move the table forbids or a row changed under us, LeaseLost when ``owner``
-    no longer holds the job.
+    ``lease`` (or just ``owner``) must still hold the job; ``take=(owner, seconds)``
+    claims a queued job (the claim counter rises); ``expired`` requires the lease
+    to have run out by the database clock (the sweeper). Raises InvalidState for a
+    move the table forbids or a row changed under us, LeaseLost when the lease is gone.
     """
     frm = JobStatus(job.status)
+    lease = lease or (Lease(owner) if owner is not None else None)
+    if lease is not None and not _holds(job, lease):
+        raise LeaseLost(f"Job {job.id} is no longer held by {lease.owner} (claim {lease.claim}).")
     if to not in ALLOWED[frm]:
         raise InvalidState(
             f"Job {job.id} is {frm.value}; it cannot become {to.value}.",
             details={"status": frm.value, "wanted": to.value},
         )
+    if (to == JobStatus.RUNNING) != (take is not None):
+        raise ValueError("a job becomes running only by a claim (take=(owner, lease_seconds))")
     now = utcnow()
     values: dict[str, Any] = {"status": to.value, "updated_at": now, **changes}
-    if to in TERMINAL:
-        values.setdefault("finished_at", now)
+    if take is not None:
+        values.update(claim=Job.claim + 1, lease_owner=take[0], lease_expires_at=db_later(s, take[1]),
+                      started_at=now, finished_at=None)
+    if to in TERMINAL or to == JobStatus.QUEUED:
         values.setdefault("lease_owner", None)
         values.setdefault("lease_expires_at", None)
+    if to in TERMINAL:
+        values.setdefault("finished_at", now)
     stmt = update(Job).where(Job.id == job.id, Job.status == frm.value)
-    if owner is not None:
-        stmt = stmt.where(Job.lease_owner == owner)
+    if lease is not None:
+        stmt = _held(stmt, lease)
+    if expired:
+        stmt = stmt.where(Job.claim == job.claim, Job.lease_expires_at < db_now(s))
     res = s.execute(stmt.values(**values).execution_options(synchronize_session=False))
     if res.rowcount != 1:
         s.rollback()
-        if owner is not None:
-            raise LeaseLost(f"Job {job.id} is no longer held by {owner}.")
+        if lease is not None:
+            raise LeaseLost(f"Job {job.id} is no longer held by {lease.owner} (claim {lease.claim}).")
         raise InvalidState(f"Job {job.id} changed while it was being updated; try again.")
-    add_event(s, job.id, "status", from_status=frm.value, to_status=to.value, message=message, data=data, actor=actor)
+    if frm == JobStatus.RUNNING:
+        s.execute(update(JobRun).where(JobRun.job_id == job.id, JobRun.claim == job.claim, JobRun.ended_at.is_(None))
+                  .values(ended_at=now, outcome=to.value).execution_options(synchronize_session=False))
     s.flush()
     s.refresh(job)
+    if take is not None:
+        s.add(JobRun(job_id=job.id, team_id=job.team_id, claim=job.claim, owner=take[0], started_at=now))
+        data = {"owner": take[0], "attempt": job.attempt, "claim": job.claim, **(data or {})}
+        message = message or f"Claimed by {take[0]}"
+    add_event(s, job.id, "status", from_status=frm.value, to_status=to.value, message=message, data=data, actor=actor)
+    s.flush()
     if to in TERMINAL:
         _notify_ended(s, job)
     return job
@@ -137,7 +205,7 @@ def get_job(s: Session, job_id: str, *, lock: bool = False, team_id: str | None 
 
 
 def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int = 0,
-               team_id: str | None = None, created_by: str | None = None) -> Job:
+               team_id: str | None = None, created_by: str | None = None, memory_estimate: int | None = None) -> Job:
     """Insert a queued job and its 'created' event (the caller commits, then enqueues).
 
     ``team_id`` None puts the job in the default team (the local admin's).
@@ -155,6 +223,7 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
         spec=spec,
         secrets=secrets,
         priority=priority,
+        memory_estimate=memory_estimate,
         attempt=1,
         metrics={},
         created_at=now,
@@ -168,77 +237,38 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
 
 
 def claim(s: Session, job_id: str, owner: str, lease_seconds: float) -> Job | None:
-    """Take a queued job for ``owner`` by compare-and-set; None if someone else has it."""
-    now = utcnow()
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-        .values(
-            status=JobStatus.RUNNING.value,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-            finished_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        s.rollback()
-        return None
-    job = s.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
-    add_event(
-        s, job_id, "status", from_status=JobStatus.QUEUED.value, to_status=JobStatus.RUNNING.value,
-        message=f"Claimed by {owner}", data={"owner": owner, "attempt": job.attempt},
-    )
-    return job
+    """Take this queued job for ``owner`` (tests and tools; workers use scheduler.claim_next)."""
+    from storage.scheduler import claim_next
+
+    return claim_next(s, owner, lease_seconds, only=job_id)
 
 
-def heartbeat(s: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
-    """Extend ``owner``'s lease; return whether a cancel was requested.
+def heartbeat(s: Session, job_id: str, owner: str | Lease, lease_seconds: float) -> bool:
+    """Extend the lease (by the database clock); return whether a cancel was requested.
 
     Raises LeaseLost when the job is no longer running under ``owner``.
     """
-    now = utcnow()
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        raise LeaseLost(f"Job {job_id} is no longer held by {owner}.")
+    lease = owner if isinstance(owner, Lease) else Lease(owner)
+    owned_update(s, job_id, lease, lease_expires_at=db_later(s, lease_seconds))
     return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def set_stage(s: Session, job_id: str, owner: str, stage: Stage, message: str | None = None) -> None:
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
-        .values(stage=stage.value, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        raise LeaseLost(f"Job {job_id} is no longer held by {owner}.")
+def set_stage(s: Session, job_id: str, owner: str | Lease, stage: Stage, message: str | None = None) -> None:
+    lease = owner if isinstance(owner, Lease) else Lease(owner)
+    owned_update(s, job_id, lease, stage=stage.value, updated_at=utcnow())
     add_event(s, job_id, "stage", stage=stage.value, message=message or f"Stage: {stage.value}")
 
 
 def set_progress(
-    s: Session, job_id: str, owner: str, *, done: int, total: int, eta: float | None, data: dict | None = None
+    s: Session, job_id: str, owner: str | Lease, *, done: int, total: int, eta: float | None, data: dict | None = None
 ) -> None:
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
-        .values(layers_done=done, layers_total=total, eta_seconds=eta, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        raise LeaseLost(f"Job {job_id} is no longer held by {owner}.")
+    lease = owner if isinstance(owner, Lease) else Lease(owner)
+    owned_update(s, job_id, lease, layers_done=done, layers_total=total, eta_seconds=eta, updated_at=utcnow())
     add_event(s, job_id, "progress", message=f"Layer {done} of {total}", data={"layers_done": done, "layers_total": total, "eta_seconds": eta, **(data or {})})
 
 
 def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None) -> Job:
-    """Cancel a queued job at once, or flag a running one to stop at the next layer."""
+    """Cancel a queued job at once, or flag a running one (its worker stops it within seconds, in any stage)."""
     job = get_job(s, job_id, team_id=team_id)
     status = JobStatus(job.status)
     if status == JobStatus.QUEUED:
@@ -251,7 +281,7 @@ def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor
             if res.rowcount != 1:
                 s.refresh(job)
                 raise InvalidState(f"Job {job_id} is {job.status}; only queued or running jobs can be cancelled.", details={"status": job.status})
-            add_event(s, job_id, "status", message="Cancel requested; the job stops at the next layer boundary",
+            add_event(s, job_id, "status", message="Cancel requested; the job stops within seconds",
                       data={"cancel_requested": True}, actor=actor)
             s.flush()
             s.refresh(job)
@@ -259,12 +289,19 @@ def request_cancel(s: Session, job_id: str, *, team_id: str | None = None, actor
     raise InvalidState(f"Job {job_id} is {status.value}; only queued or running jobs can be cancelled.", details={"status": status.value})
 
 
-def retry(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None) -> Job:
-    """Queue a failed or cancelled job again; it resumes from its checkpoints."""
+def retry(s: Session, job_id: str, *, team_id: str | None = None, actor: str | None = None,
+          retry_window_days: float | None = None) -> Job:
+    """Queue a failed or cancelled job again; it resumes from its checkpoints.
+
+    Refused (409 retry_window_passed) once the job's retry window has passed.
+    """
+    from storage.retention import check_retryable
+
     job = get_job(s, job_id, team_id=team_id)
     status = JobStatus(job.status)
     if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise InvalidState(f"Job {job_id} is {status.value}; only failed or cancelled jobs can be retried.", details={"status": status.value})
+    check_retryable(job, retry_window_days)
     return transition(
         s, job, JobStatus.QUEUED, message="Retry requested", actor=actor,
         attempt=job.attempt + 1, error_code=None, error_message=None, cancel_requested=False,
@@ -272,36 +309,57 @@ def retry(s: Session, job_id: str, *, team_id: str | None = None, actor: str | N
     )
 
 
-def expired_leases(s: Session, now: datetime | None = None) -> list[Job]:
-    now = now or utcnow()
-    return list(s.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)))
+def expired_leases(s: Session) -> list[str]:
+    """Ids of running jobs whose lease has run out by the database clock."""
+    return list(s.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < db_now(s))))
 
 
 def requeue_lost(s: Session, job: Job, max_attempts: int) -> JobStatus:
-    """Handle a running job whose lease expired: requeue, cancel, or fail it."""
+    """Handle a running job whose lease expired: requeue, cancel, or fail it.
+
+    Every move is a compare-and-set on the claim read and on the lease still being
+    expired by the database clock: a lease renewed an instant ago wins (InvalidState).
+    """
     if job.cancel_requested:
-        transition(s, job, JobStatus.CANCELLED, message="Worker lost while cancelling", stage=None)
+        transition(s, job, JobStatus.CANCELLED, expired=True, message="Worker lost while cancelling", stage=None)
         return JobStatus.CANCELLED
     if job.attempt >= max_attempts:
         transition(
-            s, job, JobStatus.FAILED, message="Worker lost too many times",
-            error_code="worker_lost",
+            s, job, JobStatus.FAILED, expired=True, message="Worker lost too many times",
+            error_code="worker_lost", stage=None,
             error_message=f"The job's worker stopped responding on all {job.attempt} attempts; retry it or check the workers' logs.",
         )
         return JobStatus.FAILED
     transition(
-        s, job, JobStatus.QUEUED, message=f"Lease of {job.lease_owner} expired; requeued",
-        data={"previous_owner": job.lease_owner}, attempt=job.attempt + 1,
-        lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(),
+        s, job, JobStatus.QUEUED, expired=True, message=f"Lease of {job.lease_owner} expired; requeued",
+        data={"previous_owner": job.lease_owner}, attempt=job.attempt + 1, stage=None, enqueued_at=utcnow(),
     )
     return JobStatus.QUEUED
 
 
-def stale_queued(s: Session, older_than: float, now: datetime | None = None) -> list[Job]:
-    """Queued jobs whose broker message may be lost (queued longer than ``older_than`` s)."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=older_than)
-    return list(s.scalars(select(Job).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)))
+def give_up_stalled(s: Session, job: Job, lease: Lease, max_attempts: int, quiet_seconds: float) -> JobStatus:
+    """Requeue a stalled job spending an attempt, or fail it `stalled` on its last one (fenced by ``lease``)."""
+    why = f"No progress for {quiet_seconds:.0f}s though the worker's heartbeat ran"
+    if job.attempt >= max_attempts:
+        transition(s, job, JobStatus.FAILED, lease=lease, message=why, error_code="stalled", stage=None,
+                   error_message=f"{why}, on all {job.attempt} attempts; retry it or check the worker's logs.")
+        return JobStatus.FAILED
+    transition(s, job, JobStatus.QUEUED, lease=lease, message=f"{why}; requeued", data={"stalled": True, "previous_owner": lease.owner},
+               attempt=job.attempt + 1, stage=None, enqueued_at=utcnow())
+    return JobStatus.QUEUED
+
+
+def release(s: Session, job: Job, lease: Lease, reason: str, *, why: str = "preempted") -> Job:
+    """Hand a running job back to the queue at once, without spending an attempt (preempted, handed on)."""
+    return transition(s, job, JobStatus.QUEUED, lease=lease, message=reason,
+                      data={"previous_owner": lease.owner, why: True}, stage=None, enqueued_at=utcnow())
+
+
+def oldest_waiting(s: Session, older_than: float) -> list[str]:
+    """Ids of queued jobs waiting longer than ``older_than`` seconds, oldest first."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    return list(s.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)
+                          .order_by(Job.enqueued_at).limit(100)))
 
 
 def list_jobs(s: Session, *, status: str | None = None, limit: int = 50, cursor: str | None = None,

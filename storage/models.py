@@ -144,6 +144,8 @@ class Job(Base):
     secrets: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON, default=dict)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # Fencing token: rises with every claim (attempt is the retry budget); a worker's writes carry it.
+    claim: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -158,11 +160,50 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the retry window ended: checkpoints and secrets erased
+    memory_estimate: Mapped[int | None] = mapped_column(BigInteger)  # peak bytes (quantfarm.memory); None: not known yet
 
     events: Mapped[list["JobEvent"]] = relationship(back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan")
     artifacts: Mapped[list["Artifact"]] = relationship(back_populates="job", order_by="Artifact.created_at", cascade="all, delete-orphan")
 
-    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_queue", "status", "team_id", "priority", "created_at"),  # the scheduler's claim
+    )
+
+
+class JobRun(Base):
+    """One claim of a job: who ran it from when to when (fair share reads these)."""
+
+    __tablename__ = "job_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    team_id: Mapped[str] = mapped_column(String(40))
+    claim: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(20))  # the status it left running for
+
+    __table_args__ = (Index("ix_job_runs_team_ended", "team_id", "ended_at"),)
+
+
+class Worker(Base):
+    """A worker process that registered itself, with what it can do and what it runs now."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the lease owner name it claims with
+    hostname: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(40))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)  # GPU memory, or RAM for a CPU worker
+    methods: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    formats: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    engine_version: Mapped[str] = mapped_column(String(40))
+    current_job_id: Mapped[str | None] = mapped_column(String(40))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class JobEvent(Base):
@@ -190,6 +231,7 @@ class Artifact(Base):
     kind: Mapped[str] = mapped_column(String(20))  # model
     format: Mapped[str] = mapped_column(String(20))  # gptq | awq | bnb
     location: Mapped[str | None] = mapped_column(String(1000))
+    store_prefix: Mapped[str | None] = mapped_column(String(500))  # storage.layout key prefix; None: legacy layout
     files: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [{path, size, sha256}]
     file_count: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -54,6 +54,7 @@ def job_view(job: Job, artifacts: list[Artifact] | None = None) -> dict[str, Any
         "model": job.model_ref,
         "progress": progress_view(job),
         "attempt": job.attempt,
+        "memory_estimate_bytes": job.memory_estimate,
         "cancel_requested": job.cancel_requested,
         "spec": job.spec,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,

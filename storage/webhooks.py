@@ -217,6 +217,10 @@ def replay(session: Session, delivery_id: str) -> WebhookDelivery:
     d = get_delivery(session, delivery_id)
     if d.status == PENDING:
         raise InvalidState(f"Webhook delivery {delivery_id} is still pending; it is sent on schedule.", details={"status": d.status})
+    job = session.get(Job, d.job_id)
+    if job is not None and job.purged_at is not None:  # storage.retention erased its URL and signing secret
+        raise InvalidState(f"Webhook delivery {delivery_id} can no longer be replayed: its job's retry window ended and "
+                           "the webhook's URL and signing secret were erased.", code="retry_window_passed", details={"status": d.status})
     session.execute(
         update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(status=PENDING, attempts=0, next_attempt_at=utcnow())
     )

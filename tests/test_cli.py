@@ -205,13 +205,22 @@ def test_submit_sends_every_option(live, tmp_path):
 
 def test_submit_turns_default_on_options_off(live):
     """Act-order and evaluation are on by default; --no-desc-act and --no-evaluate send them off."""
-    res = cli(live, "submit", "/models/x", "--method", "gptq", "--no-desc-act", "--no-evaluate")
+    res = cli(live, "submit", "org/llama", "--method", "gptq", "--no-desc-act", "--no-evaluate")
     assert res.returncode == 0, res.stderr
     spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
     assert spec["options"]["desc_act"] is False and spec["evaluate"] is False
-    res = cli(live, "submit", "/models/x", "--method", "gptq")
+    res = cli(live, "submit", "org/llama", "--method", "gptq")
     spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
     assert spec["options"]["desc_act"] is True and spec["evaluate"] is True
+
+
+def test_submit_sends_formats_and_a_bad_pair_names_the_valid_ones(live):
+    res = cli(live, "submit", "org/llama", "--method", "rtn", "--format", "gptq", "--format", "compressed-tensors")
+    assert res.returncode == 0, res.stderr
+    spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
+    assert spec["formats"] == ["gptq", "compressed-tensors"]
+    bad = cli(live, "submit", "org/llama", "--method", "awq", "--format", "gptq")
+    assert bad.returncode != 0 and "awq cannot write 'gptq'; it writes: awq, compressed-tensors" in bad.stderr
 
 
 def test_submit_validation_error_names_the_field(live):

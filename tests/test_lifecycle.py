@@ -31,12 +31,13 @@ def test_every_move_outside_the_table_is_refused(db):
                 s.get(Job, job_id).status = frm.value
             with db.session() as s:
                 job = jobs.get_job(s, job_id)
+                take = ("w1", 60) if to == JobStatus.RUNNING else None  # running only by a claim
                 if to in ALLOWED[frm]:
-                    jobs.transition(s, job, to)
+                    jobs.transition(s, job, to, take=take)
                     assert job.status == to.value
                 else:
                     with pytest.raises(InvalidState):
-                        jobs.transition(s, job, to)
+                        jobs.transition(s, job, to, take=take)
             assert status(db, job_id) == (to.value if to in ALLOWED[frm] else frm.value)
 
 

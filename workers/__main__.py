@@ -11,6 +11,22 @@ import logging
 import sys
 
 
+def wake_on_start(ctx) -> None:
+    """Queue one wake-up for ourselves when jobs wait: a (re)started worker looks for work at once."""
+    from sqlalchemy import select
+
+    from storage.jobs import JobStatus
+    from storage.models import Job
+
+    try:
+        with ctx.db.session() as s:
+            waiting = s.scalar(select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at).limit(1))
+        if waiting is not None:
+            ctx.dispatcher.run_job(waiting)
+    except Exception:  # the sweeper's wake-ups cover a broker or database hiccup here
+        logging.getLogger(__name__).warning("could not send the start-up wake-up", exc_info=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from quantfarm.settings import Settings
     from workers.celery_app import configure
@@ -23,11 +39,18 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    init_context(settings)
+    ctx = init_context(settings)
     app = configure(settings)
     common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if role == "worker":
-        app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])
+        from workers.presence import Presence
+
+        presence = Presence(ctx.db, ctx.runner, settings.worker_beat_seconds).start()  # the farm sees us from now
+        wake_on_start(ctx)
+        try:
+            app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])
+        finally:
+            presence.stop()
     elif role == "service":
         settings.home.mkdir(parents=True, exist_ok=True)
         app.worker_main([

@@ -26,7 +26,7 @@ class WorkerContext:
     def runner(self):
         from workers.runner import JobRunner
 
-        return JobRunner(self.settings, self.db, self.store)
+        return JobRunner(self.settings, self.db, self.store, wake=self.dispatcher.run_job)
 
     @functools.cached_property
     def sweeper(self):

@@ -23,54 +23,147 @@ from quantfarm.spec import load_spec
 from quantfarm.store import BlobStore, PrefixedStore
 from storage import jobs
 from storage.db import Database
-from storage.jobs import JobStatus, Stage
+from storage.jobs import JobStatus, Lease, Stage
+from storage.layout import artifact_prefix, checkpoint_prefix, upload_meta_key, upload_prefix
 from storage.models import Artifact, new_id
+from storage.retention import erase_run_secrets
+from storage.teams import job_credentials
 from workers.heartbeat import Heartbeat
+from workers.watchdog import CancelledAnywhere, Interrupter, Stalled, Watchdog
 
 log = logging.getLogger(__name__)
-
-
-def artifact_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/artifact"
-
-
-def checkpoint_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoints"
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class JobRunner:
-    """Runs jobs for one worker process."""
+class Preempted(Exception):
+    """The worker was asked to stop (SIGTERM): hand the job back without spending an attempt."""
 
-    def __init__(self, settings: Settings, db: Database, store: BlobStore, *, owner: str | None = None):
+
+class HandOn(Exception):
+    """The job needs more memory than this worker has, but a bigger one exists: requeue it for that one."""
+
+
+class FencedStore(PrefixedStore):
+    """Writes under a prefix that stop as soon as the heartbeat knows the lease is gone; each is progress."""
+
+    def __init__(self, inner: BlobStore, prefix: str, hb: Heartbeat, pulse=None):
+        super().__init__(inner, prefix)
+        self.hb, self.pulse = hb, pulse
+
+    def put_file(self, key, path):
+        self._check()
+        super().put_file(key, path)
+        self._pulse()
+
+    def put_bytes(self, key, data):
+        self._check()
+        super().put_bytes(key, data)
+        self._pulse()
+
+    def _check(self) -> None:
+        if self.hb.lost:
+            raise LeaseLost(f"Job {self.hb.job_id}: lease lost; write refused")
+
+    def _pulse(self) -> None:
+        if self.pulse is not None:
+            self.pulse()
+
+
+class JobRunner:
+    """Runs jobs for one worker process: claims the best runnable job, runs it, looks for more."""
+
+    def __init__(self, settings: Settings, db: Database, store: BlobStore, *, owner: str | None = None, wake=None):
         self.settings = settings
         self.db = db
         self.store = store
         self.owner = owner or default_owner()
+        self.wake = wake  # sends a wake-up (a job id as hint) so another worker takes a job we hand back
+        self.lease: Lease | None = None  # the claim held now (its fencing token rides on every write)
+        self.current_job: str | None = None
+        self.interrupter = Interrupter()  # the watchdog stops the job mid-stage through it
+        self.last_progress = time.monotonic()
+        self.stage: Stage | None = None
+        self.device_name, self.memory = self._offer()
+        self.preempting = False  # set from a signal handler: a plain flag, no locks
 
-    # --- the one entry point -----------------------------------------------------
+    # --- entry points ----------------------------------------------------------------
+
+    def drain(self) -> list[tuple[str, str]]:
+        """Run the best runnable job, then the next, until none is left or we are preempted."""
+        done = []
+        while not self.preempting:
+            job = self._claim()
+            if job is None:
+                break
+            done.append((job.id, self._execute(job)))
+        return done
 
     def run(self, job_id: str) -> str:
-        """Claim and run ``job_id``; return the status it ended in (or 'skipped')."""
-        with self.db.session() as s:
-            job = jobs.claim(s, job_id, self.owner, self.settings.lease_seconds)
+        """Claim ``job_id`` itself and run it; return the status it ended in (or 'skipped')."""
+        job = self._claim(only=job_id)
         if job is None:
-            log.info("job %s: not claimable (already taken or not queued); skipping", job_id)
+            log.info("job %s: not claimable (already taken, not queued, or over its team's limit); skipping", job_id)
             return "skipped"
-        log.info("job %s: claimed by %s (attempt %d)", job_id, self.owner, job.attempt)
+        return self._execute(job)
+
+    def progress(self) -> None:
+        """Note that the job moved (a stage, a layer, bytes): the stall watchdog counts from here."""
+        self.last_progress = time.monotonic()
+
+    def mark_stalled(self, job_id: str, quiet_seconds: float) -> bool:
+        """Requeue (or fail) the stalled job under our lease; return whether it was still ours."""
+        try:
+            with self.db.session() as s:
+                to = jobs.give_up_stalled(s, jobs.get_job(s, job_id), self.lease, self.settings.max_attempts, quiet_seconds)
+        except (LeaseLost, InvalidState):
+            return False
+        if to == JobStatus.QUEUED and self.wake is not None:
+            try:
+                self.wake(job_id)
+            except Exception:
+                log.exception("job %s: could not send a wake-up", job_id)
+        return True
+
+    def _offer(self) -> tuple[str, int]:
+        from workers.presence import detect_memory
+
+        device, memory = detect_memory(self.settings.device)
+        return device, self.settings.worker_memory_bytes or memory
+
+    def _claim(self, only: str | None = None):
+        from storage.scheduler import claim_next
+
+        with self.db.session() as s:
+            return claim_next(s, self.owner, self.settings.lease_seconds, only=only, memory=self.memory,
+                              window_seconds=self.settings.fair_share_window_seconds)
+
+    def _execute(self, job) -> str:
+        """Run a claimed job; turn every way it can end into a state."""
+        job_id = job.id
+        self.lease, self.current_job = Lease(self.owner, job.claim), job_id
+        log.info("job %s: claimed by %s (attempt %d, claim %d)", job_id, self.owner, job.attempt, job.claim)
         scratch = self.settings.resolved_scratch_dir / job_id / uuid.uuid4().hex[:8]
-        hb = Heartbeat(self.db, job_id, self.owner, self.settings.lease_seconds, self.settings.heartbeat_interval)
+        self.progress()
+        hb = Watchdog(self.db, job_id, self.lease, self.settings.lease_seconds, self.settings.heartbeat_interval, runner=self)
         try:
             with hb, contextlib.ExitStack() as hold:
                 return self._run(job, scratch, hb, hold)
         except LeaseLost:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return "lease_lost"
-        except JobCancelled:
-            return self._end(job_id, JobStatus.CANCELLED, message="Cancelled at a layer boundary; checkpoints kept for retry")
+        except Stalled:
+            log.warning("job %s: stalled; handed back", job_id)
+            return "stalled"
+        except Preempted:
+            return self._release(job_id, f"Worker {self.owner} stopping; requeued without spending an attempt", "preempted")
+        except HandOn as exc:
+            return self._release(job_id, str(exc), "handed_on")
+        except JobCancelled as exc:
+            where = exc.message if isinstance(exc, CancelledAnywhere) else "Cancelled at a layer boundary; checkpoints kept for retry"
+            return self._end(job_id, JobStatus.CANCELLED, message=where)
         except QuantfarmError as exc:
             log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
             return self._end(job_id, JobStatus.FAILED, error_code=exc.code, error_message=exc.message)
@@ -82,33 +175,62 @@ class JobRunner:
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            self.lease = self.current_job = None
 
     # --- stages --------------------------------------------------------------------
 
     def _run(self, job, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack) -> str:
+        spec = load_spec(job.spec, job.secrets)
+        with self.db.session() as s:  # the team credentials its credentials_ref fields name, read now
+            secrets = {**(job.secrets or {}), **job_credentials(s, job)}
+        started = time.monotonic()
+        self.interrupter.arm()  # from here to the last upload, a cancel or a stall stops the job mid-stage
+        try:
+            result, published = self._produce(job, spec, secrets, scratch, hb, hold)
+        finally:
+            self.interrupter.disarm()
+        metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
+                   "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
+        verdict = result.metrics.get("gate")
+        if verdict is not None and not verdict["passed"]:  # kept and marked, never published
+            from workers.gate import gate_message
+
+            self._succeed(job.id, published, metrics, failed_gate=gate_message(verdict))
+            return JobStatus.FAILED.value
+        self._succeed(job.id, published, metrics)
+        try:
+            self.store.delete_prefix(checkpoint_prefix(job.id))
+        except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
+            log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
+        return JobStatus.SUCCEEDED.value
+
+    def _produce(self, job, spec, secrets: dict, scratch: Path, hb: Heartbeat, hold: contextlib.ExitStack):
+        """Fetch, quantize, export, evaluate, upload and publish; return what the success records."""
         import torch
 
         from workers.engine.model import resolve_device
         from workers.engine.pipeline import QuantizeRequest
         from workers.engine.run import quantize
 
-        spec = load_spec(job.spec, job.secrets)
-        started = time.monotonic()
         self._stage(job.id, Stage.FETCHING)
-        fetched = self._fetch(spec, scratch, hold)
+        fetched = self._fetch(spec, secrets, scratch, hold)
         source_dir = fetched.path
+        self._admit(job, source_dir)
 
         def on_layer(report) -> None:
             if hb.lost:
                 raise LeaseLost(f"Job {job.id} lease lost")
+            self.progress()
             hb.beat()  # renew and pick up cancel requests at every layer boundary
             with self.db.session() as s:
                 jobs.set_progress(
-                    s, job.id, self.owner, done=report.index + 1, total=report.total, eta=report.eta_seconds,
+                    s, job.id, self.lease, done=report.index + 1, total=report.total, eta=report.eta_seconds,
                     data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
                 )
             if hb.cancel_requested:
                 raise JobCancelled(f"Job {job.id} cancelled")
+            if self.preempting:  # this layer's checkpoint is written: hand the job on from here
+                raise Preempted(job.id)
 
         def on_stage(name: str) -> None:
             self._stage(job.id, Stage(name))
@@ -116,54 +238,59 @@ class JobRunner:
         req = QuantizeRequest(
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
-            read_upload=self._read_upload, source_revision=fetched.revision if fetched.source != "local" else None,
+            read_upload=self._read_upload, hub_token=secrets.get("calibration.token"), formats=list(spec.formats),
+            source_revision=fetched.revision if fetched.source != "local" else None,
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         result = quantize(
-            req, PrefixedStore(self.store, checkpoint_prefix(job.id)), out_dir,
+            req, FencedStore(self.store, checkpoint_prefix(job.id), hb, self.progress), out_dir,
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
             max_shard_bytes=self.settings.max_shard_bytes,
         )
-        from workers.gate import gate_message, gate_verdict
+        from workers.gate import gate_verdict
 
         verdict = gate_verdict(spec.gate, result.metrics)
+        if verdict is not None:
+            result.metrics["gate"] = verdict
         passed = verdict is None or verdict["passed"]
         self._stage(job.id, Stage.UPLOADING)
+        published = [self._publish(job, spec, secrets, hb, i, out, passed) for i, out in enumerate(result.outputs)]
+        return result, published
+
+    def _publish(self, job, spec, secrets: dict, hb: Heartbeat, index: int, out, passed: bool = True) -> dict:
+        """Store and/or push one format's folder under this claim; return the artifact row's fields."""
+        from quantfarm.store import FileEntry, sha256_file, walk_files
+
+        # A stale claim writes only under its own prefix; further formats sit beside the first.
+        prefix = artifact_prefix(job.id, self.lease.claim, None if index == 0 else out.format)
         keep = spec.destination.store or not passed  # a failed gate's artifact is always kept, never published
-        entries = self.store.upload_dir(artifact_prefix(job.id), out_dir) if keep else []
+        entries = FencedStore(self.store, prefix, hb, self.progress).upload_dir("", out.out_dir) if keep else []
         hub_url = hub_commit = None
         if spec.destination.hub is not None and passed:
             from storage.hub import publish_to_hub
 
-            hub_url, hub_commit = publish_to_hub(out_dir, spec.destination.hub, job.secrets.get("destination.hub.token"), job.id, self.settings)
+            dest = spec.destination.hub
+            if index:  # further formats go to their own branch of the same repo
+                dest = dest.model_copy(update={"branch": f"{dest.branch}-{out.format}" if dest.branch else out.format})
+            self._check_fence(job.id)  # a stale claim publishes nothing
+            hub_url, hub_commit = publish_to_hub(out.out_dir, dest, secrets.get("destination.hub.token"), job.id, self.settings)
             if not entries:
-                from quantfarm.store import FileEntry, sha256_file, walk_files
+                entries = [FileEntry(p.relative_to(out.out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out.out_dir)]
+        kind = ("model" if index == 0 else out.format) if passed else ("gate_failed" if index == 0 else f"gate_failed-{out.format}")[:20]
+        return {"kind": kind, "format": out.format, "entries": entries,
+                "prefix": prefix if keep else None, "hub_url": hub_url, "hub_commit": hub_commit}
 
-                entries = [FileEntry(p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out_dir)]
-        metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
-                   "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
-        if verdict is not None:
-            metrics["gate"] = verdict
-        if not passed:
-            self._record_artifact(job.id, result.quantization_config, entries, None, None, True, kind="gate_failed")
-            return self._end(job.id, JobStatus.FAILED, error_code="quality_gate", error_message=gate_message(verdict), metrics=metrics)
-        self._succeed(job.id, result.quantization_config, entries, metrics, hub_url, hub_commit, spec.destination.store)
-        try:
-            self.store.delete_prefix(checkpoint_prefix(job.id))
-        except Exception as exc:  # the job has succeeded; stale checkpoints only cost space
-            log.warning("job %s: succeeded, but its checkpoints could not be deleted (%s: %s)", job.id, type(exc).__name__, str(exc)[:200])
-        return JobStatus.SUCCEEDED.value
-
-    def _fetch(self, spec, scratch: Path, hold: contextlib.ExitStack):
+    def _fetch(self, spec, secrets: dict, scratch: Path, hold: contextlib.ExitStack):
         from storage.sources import fetch
 
-        secrets = {"model.token": spec.model.token.get_secret_value()} if getattr(spec.model, "token", None) else {}
-        return fetch(spec.model, secrets, self.settings, scratch, hold=hold)  # the path and the resolved revision
+        # Only the job's own credentials: a pasted token, or a team credential (model.token / model.s3).
+        return fetch(spec.model, {k: v for k, v in secrets.items() if k in ("model.token", "model.s3")},
+                     self.settings, scratch, hold=hold)  # the path and the resolved revision
 
     def _read_upload(self, upload_id: str) -> str:
-        keys = [k for k in self.store.list(f"uploads/{upload_id}/") if not k.endswith("/meta.json")]
+        keys = [k for k in self.store.list(upload_prefix(upload_id) + "/") if k != upload_meta_key(upload_id)]
         if not keys:
             raise ModelNotFound(f"Upload {upload_id} was not found in the store.", code="upload_not_found")
         return self.store.get_bytes(keys[0]).decode("utf-8", errors="replace")
@@ -176,43 +303,95 @@ class JobRunner:
     # --- DB writes -------------------------------------------------------------------
 
     def _stage(self, job_id: str, stage: Stage) -> None:
+        self.progress()
+        self.stage = stage
+        if self.preempting:
+            raise Preempted(job_id)
         with self.db.session() as s:
-            jobs.set_stage(s, job_id, self.owner, stage)
+            jobs.set_stage(s, job_id, self.lease, stage)
 
-    def _succeed(self, job_id, qconfig, entries, metrics, hub_url, hub_commit, stored: bool) -> None:
+    def _check_fence(self, job_id: str) -> None:
         with self.db.session() as s:
-            job = jobs.get_job(s, job_id)
-            s.add(self._artifact(job_id, qconfig, entries, hub_url, hub_commit, stored))
-            jobs.transition(s, job, JobStatus.SUCCEEDED, owner=self.owner, message="Quantized and stored", metrics=metrics, stage=None)
+            jobs.check_fence(s, job_id, self.lease)
 
-    def _artifact(self, job_id, qconfig, entries, hub_url, hub_commit, stored: bool, kind: str = "model") -> Artifact:
+    def _succeed(self, job_id, published: list[dict], metrics, *, failed_gate: str | None = None) -> None:
         import hashlib
 
-        digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
-        return Artifact(
-            id=new_id("art"), job_id=job_id, kind=kind, format=qconfig.get("quant_method", "unknown"),
-            location=self.store.uri(artifact_prefix(job_id)) if stored else None,
-            files=[e.to_dict() for e in entries], file_count=len(entries),
-            size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=hub_url, hub_commit=hub_commit,
-        )
-
-    def _record_artifact(self, job_id, qconfig, entries, hub_url, hub_commit, stored: bool, *, kind: str) -> None:
         with self.db.session() as s:
-            s.add(self._artifact(job_id, qconfig, entries, hub_url, hub_commit, stored, kind))
+            job = jobs.get_job(s, job_id)
+            for a in published:  # one artifact per format: kind "model" for the first, the format's name after
+                entries, prefix = a["entries"], a["prefix"]
+                digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
+                s.add(Artifact(
+                    id=new_id("art"), job_id=job_id, kind=a["kind"], format=a["format"],
+                    location=self.store.uri(prefix) if prefix else None, store_prefix=prefix,
+                    files=[e.to_dict() for e in entries], file_count=len(entries),
+                    size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=a["hub_url"], hub_commit=a["hub_commit"],
+                ))
+            # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
+            if failed_gate:  # the artifacts stay (marked gate_failed); the job fails with the numbers
+                jobs.transition(s, job, JobStatus.FAILED, lease=self.lease, message=failed_gate, metrics=metrics, stage=None,
+                                error_code="quality_gate", error_message=failed_gate)
+            else:
+                jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
+            erase_run_secrets(s, job_id)  # after the webhooks were made (they scrub with every secret)
 
-    def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None,
-             error_message: str | None = None, metrics: dict | None = None) -> str:
+    def _admit(self, job, source_dir: Path) -> None:
+        """Estimate the job's memory from its config.json; fail it if no worker fits, hand it on if we do not."""
+        import json
+
+        from quantfarm.errors import TooLarge
+        from quantfarm.memory import estimate_for_spec
+        from storage import farm
+
+        try:
+            estimate = estimate_for_spec(json.loads((source_dir / "config.json").read_text()), job.spec)
+        except (OSError, ValueError):
+            return  # the engine reports an unreadable model with its own error
+        if estimate is None:
+            return
+        with self.db.session() as s:
+            jobs.owned_update(s, job.id, self.lease, memory_estimate=estimate)
+            largest = max(farm.largest_memory(s, self.settings.worker_ttl_seconds) or 0, self.memory)
+        if estimate > largest:
+            raise TooLarge(f"The job needs about {estimate / 1024**3:.1f} GiB of memory; the largest worker on the farm has "
+                           f"{largest / 1024**3:.1f} GiB.", details={"estimate_bytes": estimate, "largest_worker_bytes": largest})
+        if estimate > self.memory:
+            raise HandOn(f"Needs about {estimate / 1024**3:.2f} GiB; worker {self.owner} has {self.memory / 1024**3:.2f} GiB: "
+                         "requeued for a bigger worker")
+
+    def _release(self, job_id: str, reason: str, why: str) -> str:
+        """Hand the job back to the queue at once (preempted, or too big for us); the next claim resumes it."""
+        try:
+            with self.db.session() as s:
+                jobs.release(s, jobs.get_job(s, job_id), self.lease, reason, why=why)
+        except (LeaseLost, InvalidState) as exc:
+            log.warning("job %s: not released: %s", job_id, exc)
+            return "lease_lost"
+        log.warning("job %s: %s; requeued", job_id, why)
+        try:
+            if self.wake is not None:
+                self.wake(job_id)
+        except Exception:  # broker down: the sweeper's wake-ups cover it
+            log.exception("job %s: could not send a wake-up", job_id)
+        return why
+
+    def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:
         try:
             with self.db.session() as s:
                 job = jobs.get_job(s, job_id)
-                changes = {"stage": None} if metrics is None else {"stage": None, "metrics": metrics}
+                changes = {"stage": None}
                 if error_code:
                     changes.update(error_code=error_code, error_message=error_message)
-                jobs.transition(s, job, status, owner=self.owner, message=message or error_message, **changes)
+                jobs.transition(s, job, status, lease=self.lease, message=message or error_message, **changes)
         except LeaseLost:
             log.warning("job %s: lease lost before it could be marked %s", job_id, status.value)
             return "lease_lost"
         except InvalidState as exc:  # it ended already (say, succeeded before a late error): keep that
             log.warning("job %s: not marked %s: %s", job_id, status.value, exc.message)
             return "already_ended"
+        try:
+            self.store.delete_prefix(artifact_prefix(job_id, self.lease.claim))  # what a cut-short upload left
+        except Exception:
+            log.warning("job %s: could not delete a partial upload", job_id, exc_info=True)
         return status.value

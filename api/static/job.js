@@ -20,7 +20,7 @@
     if (!p) return "Running" + (j.stage ? " · " + j.stage : "") + "…";
     return "Layer " + p.layers_done + " of " + p.layers_total + (j.stage ? " · " + j.stage : "") +
       (p.eta_seconds !== null && p.eta_seconds !== undefined ? " · about " + seconds(p.eta_seconds) + " left" : "") +
-      (j.cancel_requested ? " · cancelling at the next layer" : "");
+      (j.cancel_requested ? " · cancelling" : "");
   }
 
   function renderProgress(j) {
@@ -213,7 +213,7 @@
       try {
         const j = await fetchJSON("/v1/jobs/" + encodeURIComponent(job.id) + "/" + action, { method: "POST" });
         setMessage(action === "cancel"
-          ? (j.status === "cancelled" ? "Cancelled." : "Cancel requested; the job stops at the next layer boundary.")
+          ? (j.status === "cancelled" ? "Cancelled." : "Cancel requested; the job stops within seconds.")
           : "Queued again as attempt " + j.attempt + "; it resumes from its checkpoints.");
         apply(j);
       } catch (err) {

@@ -138,6 +138,32 @@ def test_kill_9_of_the_worker_resumes_to_identical_bytes(stack, deep_llama):
     assert any(eta is not None and eta > 0 for d, eta in seen if d < 10)
 
 
+def test_sigterm_to_the_worker_requeues_its_job_without_spending_an_attempt(stack, deep_llama):
+    """A spot GPU going away: the worker hands its job back at the next layer; another run resumes it."""
+    body = {"model": {"source": "local", "path": str(deep_llama)}, "method": "gptq", "options": {"group_size": 32}, "calibration": CAL}
+    reference = stack.wait(stack.submit(body))
+    assert reference["status"] == "succeeded", reference["error"]
+    job_id = stack.submit(body)
+    stack.wait(job_id, until=("running",))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = stack.get(f"/v1/jobs/{job_id}").json()
+        if job["progress"] and 2 <= job["progress"]["layers_done"] < job["progress"]["layers_total"] - 2:
+            break
+        time.sleep(0.05)
+    old_pid = stack.pid("worker")
+    os.kill(old_pid, signal.SIGTERM)
+    job = stack.wait(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 1  # preemption spends no attempt
+    assert stack.pid("worker") != old_pid  # it stopped; the supervisor started a new one
+    events = stack.get(f"/v1/jobs/{job_id}/events").json()
+    events = events["items"] if isinstance(events, dict) else events
+    handed_back = [e for e in events if e["from_status"] == "running" and e["to_status"] == "queued"]
+    assert len(handed_back) == 1 and handed_back[0]["data"].get("preempted") is True
+    assert file_hashes(job, stack) == file_hashes(reference, stack)  # byte-identical to the undisturbed run
+
+
 @pytest.mark.parametrize(
     "body,code,field",
     [

@@ -94,12 +94,13 @@ def test_s3_source_and_store_end_to_end(stack, moto, s3_model):
     job = stack.wait(stack.submit({"model": {"source": "s3", "uri": s3_model}, "method": "rtn"}))
     assert job["status"] == "succeeded", job["error"]
     (art,) = job["artifacts"]
-    assert art["location"] == f"s3://farm/jobs/{job['id']}/artifact"
+    prefix = f"jobs/{job['id']}/artifacts/1"  # written under the claim that made it (storage.layout)
+    assert art["location"] == f"s3://farm/{prefix}"
     files = stack.get(f"/v1/artifacts/{art['id']}/files").json()["items"]
-    stored = keys(moto, f"jobs/{job['id']}/artifact/")
-    assert set(stored) == {f"jobs/{job['id']}/artifact/{f['path']}" for f in files}
+    stored = keys(moto, f"{prefix}/")
+    assert set(stored) == {f"{prefix}/{f['path']}" for f in files}
     for f in files:  # the recorded sha256 is the stored object's
-        body = s3(moto.url).get_object(Bucket="farm", Key=f"jobs/{job['id']}/artifact/{f['path']}")["Body"].read()
+        body = s3(moto.url).get_object(Bucket="farm", Key=f"{prefix}/{f['path']}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == f["sha256"] and len(body) == f["size"]
     assert keys(moto, f"jobs/{job['id']}/checkpoints/") == {}  # dropped after success
 

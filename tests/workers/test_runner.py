@@ -18,7 +18,8 @@ from storage import jobs
 from storage.artifacts import LocalStore
 from storage.jobs import JobStatus
 from storage.models import Artifact, JobEvent
-from workers.runner import JobRunner, artifact_prefix, checkpoint_prefix
+from storage.layout import checkpoint_prefix, stored_prefix
+from workers.runner import JobRunner
 
 CAL = {"num_samples": 4, "seq_len": 64}
 
@@ -60,10 +61,11 @@ def test_rtn_job_succeeds_and_records_its_artifact(env, tiny_llama):
     assert [e.data["layers_done"] for e in events if e.kind == "progress"] == [1, 2]
     (art,) = arts
     assert art.format == "gptq" and art.file_count == len(art.files) > 3
+    assert art.store_prefix == f"jobs/{job_id}/artifacts/{job.claim}" and job.claim == 1
     for f in art.files:  # every recorded file is in the store with its size and sha256
-        blob = store.get_bytes(f"{artifact_prefix(job_id)}/{f['path']}")
+        blob = store.get_bytes(f"{stored_prefix(art)}/{f['path']}")
         assert len(blob) == f["size"] and hashlib.sha256(blob).hexdigest() == f["sha256"]
-    config = json.loads(store.get_bytes(f"{artifact_prefix(job_id)}/config.json"))
+    config = json.loads(store.get_bytes(f"{stored_prefix(art)}/config.json"))
     assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["group_size"] == 32
     assert store.list(checkpoint_prefix(job_id)) == []  # checkpoints are dropped after success
     assert job.metrics["size_bytes_after"] < job.metrics["size_bytes_before"]
@@ -115,6 +117,8 @@ class CancelAtCalibration(JobRunner):
 
 def test_cancel_stops_at_layer_boundary_and_retry_resumes(env, tiny_llama):
     settings, db, store = env
+    # The heartbeat thread never beats here, so the cancel is seen at the layer boundary (not mid-layer).
+    settings = settings.model_copy(update={"heartbeat_seconds": 600})
     job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq", "calibration": CAL})
     assert CancelAtCalibration(settings, db, store).run(job_id) == "cancelled"
     job, events, arts = load(db, job_id)
@@ -131,9 +135,8 @@ def test_cancel_stops_at_layer_boundary_and_retry_resumes(env, tiny_llama):
 
 
 def test_sweeper_requeues_expired_lease_and_fails_after_max_attempts(env, tiny_llama):
-    from datetime import timedelta
+    import time
 
-    from storage.models import utcnow
     from workers.sweeper import Sweeper
 
     settings, db, store = env
@@ -149,15 +152,16 @@ def test_sweeper_requeues_expired_lease_and_fails_after_max_attempts(env, tiny_l
     rec = Recorder()
     job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
     with db.session() as s:
-        jobs.claim(s, job_id, "dead-worker", 1)
-    later = utcnow() + timedelta(seconds=5)
-    out = Sweeper(settings, db, rec).sweep_once(now=later)
+        jobs.claim(s, job_id, "dead-worker", 0.2)
+    time.sleep(0.4)  # leases are judged by the database clock
+    out = Sweeper(settings, db, rec).sweep_once()
     assert out["requeued"] == [job_id] and rec.sent == [job_id]
     job, events, _ = load(db, job_id)
-    assert job.status == "queued" and job.attempt == 2 and job.lease_owner is None
+    assert job.status == "queued" and job.attempt == 2 and job.lease_owner is None and job.claim == 1
     with db.session() as s:
-        jobs.claim(s, job_id, "dead-again", 1)
-    out = Sweeper(settings, db, rec).sweep_once(now=utcnow() + timedelta(seconds=5))
+        assert jobs.claim(s, job_id, "dead-again", 0.2).claim == 2
+    time.sleep(0.4)
+    out = Sweeper(settings, db, rec).sweep_once()
     job, _, _ = load(db, job_id)
     assert out["failed"] == [job_id] and job.status == "failed" and job.error_code == "worker_lost"
     assert JobStatus(job.status).terminal

@@ -9,13 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from quantfarm import registry
+from quantfarm.loading import load_instructions
 from workers.engine import ENGINE_VERSION
-
-_LOADERS = {
-    "gptq": "pip install transformers optimum gptqmodel",
-    "awq": "pip install transformers gptqmodel",
-    "bitsandbytes": "pip install transformers bitsandbytes",
-}
 
 
 def _yaml_list(items: list[str]) -> str:
@@ -39,7 +35,9 @@ def model_card(
     weights were quantized: the Hub commit the job resolved and every source file's hash.
     """
     bits = options.get("bits") or (4 if method == "bnb-4bit" else 8 if method == "bnb-8bit" else None)
-    tags = list(dict.fromkeys(["quantfarm", method, fmt, "quantized"] + ([f"{bits}-bit"] if bits else [])))
+    entry = registry.method_entry(method)
+    tags = ["quantfarm", method, fmt, "quantized"] + list(entry.tags if entry else ()) + ([f"{bits}-bit"] if bits else [])
+    tags = list(dict.fromkeys(tags))  # each tag once (rtn writes gptq: method and format can agree)
     header = [
         "---",
         f"base_model: {json.dumps(base_model)}" if base_model else None,
@@ -83,20 +81,7 @@ def model_card(
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())]
     else:
         lines.append("Not evaluated.")
-    lines += [
-        "",
-        "## How to load",
-        "",
-        "```bash",
-        _LOADERS.get(fmt, "pip install transformers"),
-        "```",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("<this repo or folder>", device_map="auto")',
-        'tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")',
-        "```",
-        "",
-    ]
+    lines += ["", "## How to load", ""]
+    for how in load_instructions(fmt, "<this repo or folder>"):
+        lines += [f"With {how['runtime']}:", "", f"```{how['language']}", how["code"], "```", ""]
     return "\n".join(lines)

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from quantfarm.paths import UnsafePath, copy_regular_file, safe_join
 from workers.engine.checkpoint import Checkpoints
+from workers.engine.formats.base import FormatWriter
+from workers.engine.formats.native import NativeWriter
 from workers.engine.methods import Method
 from workers.engine.model import StreamedModel
 
@@ -36,10 +38,11 @@ def _layer_of(name: str, prefix: str) -> int | None:
     return int(name[len(prefix):].split(".", 1)[0])
 
 
-def output_tensor_names(model: StreamedModel, method: Method, ckpt: Checkpoints) -> list[tuple[str, int | None, str]]:
+def output_tensor_names(model: StreamedModel, method: Method, ckpt: Checkpoints, writer: FormatWriter | None = None) -> list[tuple[str, int | None, str]]:
     """Every output tensor as (name, layer or None, where it comes from: 'source' | 'ckpt')."""
+    writer = writer or NativeWriter(method.format)
     prefix = model.arch.layers + "."
-    dropped = method.replaced_weights(model.arch)
+    dropped = writer.replaced_weights(method, model.arch)
     out: dict[str, tuple[int | None, str]] = {}
     for name in model.shards.names():
         layer = _layer_of(name, prefix)
@@ -48,14 +51,17 @@ def output_tensor_names(model: StreamedModel, method: Method, ckpt: Checkpoints)
             continue
         out[name] = (layer, "source")
     for i, entry in ckpt.layers.items():
-        for rel in entry["tensors"]:
+        for rel in writer.tensor_names(method, model, list(entry["tensors"])):
             out[f"{model.layer_prefix(i)}{rel}"] = (i, "ckpt")
     return [(n, *out[n]) for n in sorted(out)]
 
 
-def write_weights(model: StreamedModel, method: Method, ckpt: Checkpoints, out_dir: Path, max_shard_bytes: int) -> dict[str, str]:
+def write_weights(
+    model: StreamedModel, method: Method, ckpt: Checkpoints, out_dir: Path, max_shard_bytes: int, writer: FormatWriter | None = None,
+) -> dict[str, str]:
     """Write sharded safetensors (with an index when there is more than one shard)."""
-    names = output_tensor_names(model, method, ckpt)
+    writer = writer or NativeWriter(method.format)
+    names = output_tensor_names(model, method, ckpt, writer)
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def tensor(name: str, layer: int | None, origin: str) -> torch.Tensor:
@@ -63,7 +69,7 @@ def write_weights(model: StreamedModel, method: Method, ckpt: Checkpoints, out_d
             return model.shards.get(name)
         if layer not in cache:
             cache.clear()
-            cache[layer] = ckpt.load(layer)
+            cache[layer] = writer.layer_tensors(method, model, ckpt.load(layer))
         return cache[layer][name[len(model.layer_prefix(layer)):]]
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -100,9 +106,9 @@ def write_weights(model: StreamedModel, method: Method, ckpt: Checkpoints, out_d
     return {k: final[v] for k, v in weight_map.items()}
 
 
-def write_config(model: StreamedModel, method: Method, out_dir: Path) -> dict:
+def write_config(model: StreamedModel, qconfig: dict, out_dir: Path) -> dict:
     config = json.loads((model.dir / "config.json").read_text())
-    config["quantization_config"] = method.quantization_config()
+    config["quantization_config"] = qconfig
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 
@@ -121,9 +127,14 @@ def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def export(model: StreamedModel, method: Method, ckpt: Checkpoints, out_dir: Path, *, max_shard_bytes: int) -> None:
-    """Write weights, config and tokenizer files into an empty ``out_dir``."""
+def export(
+    model: StreamedModel, method: Method, writer: FormatWriter, ckpt: Checkpoints, out_dir: Path, *, max_shard_bytes: int,
+) -> dict:
+    """Write one format's weights, config and tokenizer files into an empty ``out_dir``; return its quantization_config."""
+    writer.check(method)
+    qconfig = writer.quantization_config(method, model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_weights(model, method, ckpt, out_dir, max_shard_bytes)
-    write_config(model, method, out_dir)
+    write_weights(model, method, ckpt, out_dir, max_shard_bytes, writer)
+    write_config(model, qconfig, out_dir)
     copy_tokenizer(model.dir, out_dir)
+    return qconfig

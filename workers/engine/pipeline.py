@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from workers.engine import ENGINE_VERSION
 from workers.engine.calibration import calibration_ids
 from workers.engine.checkpoint import Checkpoints, tensor_digest
-from workers.engine.methods import LayerContext, Method, method_for
+from workers.engine.methods import LayerContext, Method
 from workers.engine.model import StreamedModel
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class QuantizeRequest:
     evaluation: Any = None  # quantfarm.spec.Evaluation
     base_model: str = ""
     read_upload: Callable[[str], str] | None = None
+    hub_token: str | None = None  # the job's own token for a hub: calibration dataset (never the worker's)
+    formats: list[str] | None = None  # None: the method's natural format
     source_revision: str | None = None  # the Hub commit (or S3 listing digest) the source was fetched at
 
 
@@ -162,19 +164,25 @@ def release_heap() -> None:
 def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:
     if on_layer is None:
         return
+    # From this attempt's computed layers only: replayed ones take a fraction of the time.
     n = len(stats.computed)
-    per = (time.monotonic() - t_start) / max(i + 1, 1) if n == 0 else sum(ckpt.layers[j].get("seconds", 0) for j in stats.computed) / n
-    eta = per * (total - i - 1)
-    on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, round(eta, 1)))
+    if n:
+        per = sum(ckpt.layers[j].get("seconds", 0) for j in stats.computed) / n
+    elif stats.replayed:
+        per = None  # only replays so far: nothing measured yet
+    else:
+        per = (time.monotonic() - t_start) / max(i + 1, 1)
+    eta = None if per is None else round(per * (total - i - 1), 1)
+    on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, eta))
 
 
-def prepare(req: QuantizeRequest, device: torch.device) -> tuple[StreamedModel, Method, Any, torch.Tensor | None]:
-    """Open the source, build the method, and tokenize the calibration set."""
+def prepare(req: QuantizeRequest, device: torch.device, method: Method) -> tuple[StreamedModel, torch.Tensor | None]:
+    """Open the source and tokenize the calibration set (when the method needs one)."""
     model = StreamedModel(req.source_dir, device)
-    method = method_for(req.method, req.options)
-    tokenizer = load_tokenizer(req.source_dir) if (method.requires_calibration or req.evaluate) else None
-    calib = calibration_ids(req.calibration, tokenizer, read_upload=req.read_upload) if method.requires_calibration else None
-    return model, method, tokenizer, calib
+    if not method.requires_calibration:
+        return model, None
+    return model, calibration_ids(req.calibration, load_tokenizer(req.source_dir), read_upload=req.read_upload,
+                                  hub_token=req.hub_token)
 
 
 def load_tokenizer(source_dir: Path):

@@ -9,15 +9,25 @@ from typing import Any, Callable
 
 import torch
 
+from quantfarm import registry
+from quantfarm.errors import BadRequest
 from quantfarm.store import BlobStore, walk_files
 from workers.engine.calibration import evaluation_ids
-from workers.engine.bnb import quantize_bnb
 from workers.engine.card import model_card
-from workers.engine.checkpoint import Checkpoints
-from workers.engine.evaluate import perplexity_pair
-from workers.engine.export import export
-from workers.engine.methods import METHODS
-from workers.engine.pipeline import LayerReport, QuantizeRequest, fingerprint_parts, load_tokenizer, prepare, run_layers
+from workers.engine.methods import EngineJob, Method, Quantized, method_for
+from workers.engine.model import read_config
+from workers.engine.pipeline import LayerReport, QuantizeRequest, load_tokenizer
+from workers.engine.shards import ShardReader
+
+
+@dataclass
+class FormatOutput:
+    """One written format: its folder and the quantization_config in its config.json."""
+
+    format: str
+    out_dir: Path
+    quantization_config: dict[str, Any]
+    size_bytes: int
 
 
 @dataclass
@@ -29,10 +39,25 @@ class EngineResult:
     metrics: dict[str, Any]
     layer_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     quantization_config: dict[str, Any] = field(default_factory=dict)
+    outputs: list[FormatOutput] = field(default_factory=list)  # the first is ``out_dir``
 
 
 def _weights_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in walk_files(d) if p.suffix == ".safetensors")
+    return sum(p.stat().st_size for p in walk_files(d) if p.suffix == ".safetensors" or p.suffix == ".gguf")
+
+
+def format_dirs(method: str, formats: list[str] | None, out_dir: Path) -> dict[str, Path]:
+    """Where each format goes: the first into ``out_dir``, the others beside it (``<out_dir>-<format>``).
+
+    Raises BadRequest for a format the method cannot write, listing the ones it can.
+    """
+    entry = registry.method_entry(method)
+    valid = entry.formats if entry else ()
+    wanted = list(formats or valid[:1])
+    bad = [f for f in wanted if f not in valid]
+    if bad or not wanted:
+        raise BadRequest(f"{method} writes {', '.join(valid) or 'nothing'}, not {', '.join(bad)}.", code="unsupported_format")
+    return {f: out_dir if i == 0 else out_dir.with_name(f"{out_dir.name}-{f}") for i, f in enumerate(wanted)}
 
 
 def quantize(
@@ -45,65 +70,61 @@ def quantize(
     on_stage: Callable[[str], None] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> EngineResult:
-    """Quantize ``req.source_dir`` into ``out_dir``, checkpointing into ``checkpoint_store``.
+    """Quantize ``req.source_dir`` into ``out_dir`` (and one folder per further format), checkpointing.
 
     Raises the farm's job errors (NotAModel, UnsupportedArchitecture,
     CalibrationError, CheckpointMismatch, ...) and whatever ``on_layer`` raises
     (JobCancelled) after the layer's checkpoint is safely written.
     """
-    if not METHODS[req.method].layerwise:  # bitsandbytes quantizes while transformers loads
-        return quantize_bnb(req, out_dir, device=device, on_stage=on_stage, max_shard_bytes=max_shard_bytes)
-    stage = on_stage or (lambda _s: None)
+    method = method_for(req.method, req.options)
+    job = EngineJob(req, checkpoint_store, format_dirs(req.method, req.formats, out_dir), device, on_layer, on_stage, max_shard_bytes)
     t0 = time.monotonic()
-    stage("calibrating")
-    model, method, tokenizer, calib = prepare(req, device)
-    parts = fingerprint_parts(model, method, calib)
-    ckpt = Checkpoints(checkpoint_store, parts)
-    source = {"revision": req.source_revision, "files": parts["source_files"]}
-    stats = run_layers(model, method, calib, ckpt, on_layer)
-    t_quant = time.monotonic() - t0
-
-    stage("exporting")
-    export(model, method, ckpt, out_dir, max_shard_bytes=max_shard_bytes)
+    q = method.quantize(job)
+    outputs = [FormatOutput(f, d, q.configs[f], _weights_bytes(d)) for f, d in job.outputs.items()]
     metrics: dict[str, Any] = {
-        "size_bytes_before": model.shards.total_bytes(),
-        "size_bytes_after": _weights_bytes(out_dir),
-        "quantize_seconds": round(t_quant, 3),
-        "source": source,
+        "size_bytes_before": ShardReader(req.source_dir).total_bytes(),
+        # Provenance: the Hub commit (or S3 listing digest) fetched and every source file's sha256.
+        "source": {"revision": req.source_revision, "files": ShardReader(req.source_dir).file_hashes()},
+        "size_bytes_after": outputs[0].size_bytes,
+        **q.metrics,
+        "quantize_seconds": round(time.monotonic() - t0, 3),
+        **q.job_metrics,
     }
-    experts = {str(i): m["expert_tokens"] for i, m in sorted(ckpt.layers.items()) if m.get("expert_tokens")}
-    if experts:  # tokens the router sent each expert, per layer and sparse block
-        metrics["expert_tokens"] = experts
-        metrics["rtn_experts"] = {str(i): m["rtn_experts"] for i, m in sorted(ckpt.layers.items()) if m.get("rtn_experts")}
-
-    evaluation = None
-    if req.evaluate:
-        stage("evaluating")
-        t1 = time.monotonic()
-        max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
-        seq_len = min(req.calibration.seq_len, max_pos)
-        tok = tokenizer or load_tokenizer(req.source_dir)
-        ids = evaluation_ids(req.evaluation, tok, seq_len)
-        before, after = perplexity_pair(model, method, ckpt, ids)
-        evaluation = {"perplexity_before": round(before, 4), "perplexity_after": round(after, 4), "eval_tokens": int(ids.numel())}
+    if len(outputs) > 1:
+        metrics["formats"] = {o.format: {"size_bytes": o.size_bytes} for o in outputs}
+    evaluation = _evaluate(req, q, job) if req.evaluate else None
+    if evaluation:
         metrics.update(evaluation)
-        metrics["evaluate_seconds"] = round(time.monotonic() - t1, 3)
-
-    options = req.options.model_dump(mode="json")
-    calib_desc = req.calibration.model_dump(mode="json", exclude_none=True) if method.requires_calibration else None
-    card = model_card(
-        base_model=req.base_model, method=method.name, fmt=method.format, options=options,
-        quantization_config=method.quantization_config(), calibration=calib_desc,
-        evaluation={**evaluation, "size_bytes_before": metrics["size_bytes_before"], "size_bytes_after": metrics["size_bytes_after"]} if evaluation else None,
-        source=source,
-    )
-    (out_dir / "README.md").write_text(card)
+    for o in outputs:
+        _write_card(req, method, o, q, metrics, evaluation)
     return EngineResult(
-        out_dir=out_dir,
-        layers_total=model.num_layers,
-        layers_computed=stats.computed,
-        layers_replayed=stats.replayed,
-        metrics=metrics,
-        layer_losses=ckpt.losses(),
-        quantization_config=method.quantization_config(),
+        out_dir=out_dir, layers_total=q.layers_total, layers_computed=q.layers_computed, layers_replayed=q.layers_replayed,
+        metrics=metrics, layer_losses=q.layer_losses, quantization_config=outputs[0].quantization_config, outputs=outputs,
     )
+
+
+def _evaluate(req: QuantizeRequest, q: Quantized, job: EngineJob) -> dict[str, Any]:
+    """Perplexity of the source and of the quantized model on the held-out windows."""
+    job.stage("evaluating")
+    t1 = time.monotonic()
+    max_pos = getattr(read_config(req.source_dir), "max_position_embeddings", None) or 2048
+    seq_len = min(req.calibration.seq_len, max_pos)
+    ids = evaluation_ids(req.evaluation, load_tokenizer(req.source_dir), seq_len)
+    before, after = q.perplexities(ids)
+    return {
+        "perplexity_before": round(before, 4), "perplexity_after": round(after, 4), "eval_tokens": int(ids.numel()),
+        "evaluate_seconds": round(time.monotonic() - t1, 3),
+    }
+
+
+def _write_card(req: QuantizeRequest, method: Method, out: FormatOutput, q: Quantized, metrics: dict, evaluation: dict | None) -> None:
+    figures = None
+    if evaluation:
+        figures = {k: v for k, v in evaluation.items() if k != "evaluate_seconds"}
+        figures.update(size_bytes_before=metrics["size_bytes_before"], size_bytes_after=out.size_bytes, **q.metrics)
+    calib = req.calibration.model_dump(mode="json", exclude_none=True) if method.requires_calibration else None
+    card = model_card(
+        base_model=req.base_model, method=method.name, fmt=out.format, options=req.options.model_dump(mode="json"),
+        quantization_config=out.quantization_config, calibration=calib, evaluation=figures, source=metrics["source"],
+    )
+    (out.out_dir / "README.md").write_text(card)

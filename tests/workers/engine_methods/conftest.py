@@ -62,7 +62,8 @@ def awq_run(tmp_path_factory, tiny_source):
 @pytest.fixture(scope="session")
 def bnb_run(tmp_path_factory, tiny_source):
     """Quantize the tiny Llama with bitsandbytes once per (method, options, evaluate) and share the result."""
-    from workers.engine.bnb import quantize_bnb
+    from storage.artifacts import LocalStore
+    from workers.engine.run import quantize
 
     runs = {}
 
@@ -72,7 +73,7 @@ def bnb_run(tmp_path_factory, tiny_source):
             d = tmp_path_factory.mktemp(f"bnb-{method}")
             req = bnb_request(tiny_source("llama"), method, evaluate=evaluate, **options)
             stages = []
-            res = quantize_bnb(req, d / "out", device=CPU, on_stage=stages.append)
+            res = quantize(req, LocalStore(d / "ckpt"), d / "out", device=CPU, on_stage=stages.append)
             res.metrics["_stages"] = stages
             runs[key] = EngineRun(req.source_dir, None, d / "out", req, res)
         return runs[key]

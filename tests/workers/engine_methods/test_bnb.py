@@ -19,9 +19,16 @@ from torch import nn
 
 from quantfarm.errors import BadRequest, DependencyMissing, NotAModel
 from tests.workers.engine_methods.helpers import CALIB, CPU, bnb_request, sample_ids
-from workers.engine.bnb import quantize_bnb, source_skeleton
-from workers.engine.methods import METHODS, method_for
+from storage.artifacts import LocalStore
+from workers.engine.bnb import source_skeleton
+from workers.engine.methods import METHODS, LayerwiseMethod, method_for
 from workers.engine.methods.bnb import BnBMethod
+from workers.engine.run import quantize
+
+
+def quantize_bnb(req, out_dir, *, device):
+    """Run a bitsandbytes request through the engine's one entry point."""
+    return quantize(req, LocalStore(out_dir.with_name(out_dir.name + "-ckpt")), out_dir, device=device)
 
 CONFIGS = [
     ("bnb-4bit", {"quant_type": "nf4", "double_quant": True}),
@@ -138,14 +145,12 @@ def test_bnb_evaluation_uses_the_engines_held_out_ids(bnb_run, tmp_path):
     assert "| perplexity_after |" in card and "| memory_footprint_after |" in card
 
 
-def test_bnb_methods_are_registered_but_not_layerwise():
+def test_bnb_methods_are_ordinary_methods_that_quantize_the_whole_model():
     for name in ("bnb-4bit", "bnb-8bit"):
         cls = METHODS[name]
-        assert issubclass(cls, BnBMethod) and cls.layerwise is False and cls.requires_calibration is False
+        assert issubclass(cls, BnBMethod) and not issubclass(cls, LayerwiseMethod) and cls.requires_calibration is False
         assert cls.format == "bitsandbytes"
-    method = method_for("bnb-4bit", bnb_request(None, "bnb-4bit").options)
-    with pytest.raises(BadRequest, match="not a layer-wise method"):
-        method.quantize_layer(None)
+        assert "quantize" in vars(BnBMethod)  # its own whole-model quantize, the one entry point run.quantize calls
 
 
 def test_bnb_without_bitsandbytes_names_the_fix(tiny_source, tmp_path, monkeypatch):
@@ -165,11 +170,10 @@ def test_bnb_rejects_a_directory_that_is_not_a_model(tmp_path):
     assert (tmp_path / "src" / "notes.txt").read_text() == "not a model"
 
 
-def test_quantize_bnb_refuses_a_layerwise_method(tiny_source, tmp_path):
-    from quantfarm.spec import AWQOptions
-    from workers.engine.pipeline import QuantizeRequest
-
-    req = QuantizeRequest(source_dir=tiny_source("llama"), method="awq", options=AWQOptions(), calibration=CALIB)
-    with pytest.raises(BadRequest, match="not 'awq'"):
+def test_bnb_refuses_a_format_it_cannot_write(tiny_source, tmp_path):
+    req = bnb_request(tiny_source("llama"), "bnb-4bit")
+    req.formats = ["gptq"]
+    with pytest.raises(BadRequest, match="bnb-4bit writes bitsandbytes, not gptq") as err:
         quantize_bnb(req, tmp_path / "out", device=CPU)
+    assert err.value.code == "unsupported_format"
     assert not (tmp_path / "out").exists()

@@ -54,7 +54,7 @@ def test_registry_lists_every_method_of_the_spec():
     with pytest.raises(BadRequest) as err:
         method_for("squeezellm", AWQOptions())
     assert err.value.code == "unknown_method"
-    assert "awq, bnb-4bit, bnb-8bit, gptq, rtn" in err.value.message
+    assert "awq, bnb-4bit, bnb-8bit, fp8, gguf, gptq, loftq, rtn" in err.value.message
 
 
 def test_awq_method_declares_its_format_and_needs():

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from workers.engine.arch import Arch, LinearGroup
-from workers.engine.awq_pack import dequantize_awq, pack_awq
-from workers.engine.methods.base import LayerContext, LayerOutput, Method, set_weight
+from workers.engine.awq_pack import dequantize_awq, pack_awq, unpack_awq
+from workers.engine.methods.base import LayerContext, LayerOutput, LayerwiseMethod, set_weight
 from workers.engine.methods.awq_inputs import GroupInputs, _first, gather_inputs, gram_of, heldout_masks, linear_inspect  # noqa: F401
 from workers.engine.quant import QuantResult
 
@@ -185,12 +185,20 @@ def fold_scales(layer: nn.Module, group: LinearGroup, s: torch.Tensor, offset: f
         lin.weight.data = lin.weight.data * s.view(1, -1).to(lin.weight.dtype)
 
 
-class AWQMethod(Method):
+class AWQMethod(LayerwiseMethod):
     """AWQ into the ``quant_method: awq`` format (GEMM or GEMV packing)."""
 
     name = "awq"
     format = "awq"
     next_from_source = True
+    packed_keys = _PACKED
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> QuantResult:
+        return unpack_awq(tensors, self.options.group_size, self.options.version)
+
+    def int_scheme(self) -> dict:
+        o = self.options
+        return {"bits": o.bits, "group_size": o.group_size, "sym": not o.zero_point}
 
     def _fake(self, W: torch.Tensor) -> torch.Tensor:
         return fake_quantize(W, group_size=self.options.group_size, zero_point=self.options.zero_point)

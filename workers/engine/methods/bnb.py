@@ -1,22 +1,16 @@
 """bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8()): quantized while transformers loads.
 
 These methods are not layer-wise: there is no calibration and nothing to
-checkpoint, so the layer loop never runs them. ``workers.engine.bnb`` loads the
-model through ``BitsAndBytesConfig`` and saves what ``save_pretrained`` writes.
-The classes sit in the registry so the method list, dispatch and model card see
-one interface.
+checkpoint. Their ``quantize`` (``workers.engine.bnb``) loads the model through
+``BitsAndBytesConfig`` and saves what ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-
-from quantfarm.errors import BadRequest
-from workers.engine.arch import Arch
-from workers.engine.methods.base import LayerContext, LayerOutput, Method
+from workers.engine.bnb import quantize_bnb
+from workers.engine.methods.base import EngineJob, Method, Quantized
 
 
 class BnBMethod(Method):
@@ -24,8 +18,9 @@ class BnBMethod(Method):
 
     format = "bitsandbytes"
     requires_calibration = False
-    required_packages = ("bitsandbytes",)
-    layerwise = False
+
+    def quantize(self, job: EngineJob) -> Quantized:
+        return quantize_bnb(self, job)
 
     def config_kwargs(self, default_skips: list[str] | None = None) -> dict[str, Any]:
         """Keyword arguments of ``BitsAndBytesConfig``.
@@ -48,12 +43,6 @@ class BnBMethod(Method):
         if not extra:
             return None  # transformers picks its defaults at load and again at reload
         return sorted(set(default_skips or []) | set(extra))
-
-    def quantize_layer(self, ctx: LayerContext) -> LayerOutput:
-        raise BadRequest(f"{self.name} is not a layer-wise method; run it through workers.engine.bnb.quantize_bnb.")
-
-    def apply(self, arch: Arch, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        raise BadRequest(f"{self.name} writes no layer checkpoints to apply.")
 
 
 class BnB4Method(BnBMethod):

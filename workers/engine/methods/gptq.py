@@ -10,10 +10,10 @@ from torch import nn
 
 from workers.engine import ENGINE_VERSION
 from workers.engine.arch import Arch, LinearGroup
-from workers.engine.methods.base import LayerContext, LayerOutput, Method, set_weight
+from workers.engine.methods.base import LayerContext, LayerOutput, LayerwiseMethod, set_weight
 from workers.engine.moe import calibrating, routed_counts
 from workers.engine.walk import LayerWalk, replace_first
-from workers.engine.pack import dequantize_gptq, pack_gptq
+from workers.engine.pack import dequantize_gptq, pack_gptq, unpack_gptq
 from workers.engine.quant import HessianSum, QuantResult, gptq_quantize, prepare_hinv, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -21,10 +21,14 @@ log = logging.getLogger(__name__)
 _KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-class GPTQFormat(Method):
+class GPTQFormat(LayerwiseMethod):
     """Writing and applying the ``quant_method: gptq`` (v1) tensors."""
 
     format = "gptq"
+    packed_keys = _KEYS
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> QuantResult:
+        return unpack_gptq(tensors, self.options.bits)
 
     def _store(self, out: LayerOutput, name: str, res: QuantResult) -> None:
         for k, v in pack_gptq(res, self.options.bits).items():
