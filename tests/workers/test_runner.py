@@ -259,7 +259,7 @@ def test_a_job_that_fails_its_gate_keeps_its_artifact_and_publishes_nothing(env,
     (art,) = arts  # kept, even though the destination said store: false, and marked
     assert art.kind == "gate_failed" and art.hub_url is None and art.location is not None
     for f in art.files:
-        assert store.get_bytes(f"{artifact_prefix(job_id)}/{f['path']}") is not None
+        assert store.get_bytes(f"{stored_prefix(art)}/{f['path']}") is not None
     assert "evaluating" in [e.stage for e in events if e.kind == "stage"]
 
 
@@ -296,7 +296,7 @@ def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_pa
     assert shards and set(shards) <= set(source["files"])
     for name in shards:
         assert source["files"][name] == hashlib.sha256((tiny_llama / name).read_bytes()).hexdigest()
-    card = store.get_bytes(f"{artifact_prefix(job_id)}/README.md").decode()
+    card = store.get_bytes(f"{stored_prefix(art)}/README.md").decode()
     assert f"- revision: `{head}`" in card and all(source["files"][n] in card for n in shards)
     assert any(f["path"] == "README.md" for f in art.files)
     meta = card_metadata(card)
