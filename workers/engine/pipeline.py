@@ -137,7 +137,7 @@ def run_layers(
 def assert_finite(i: int, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse a layer whose quantized tensors hold NaN or inf (a solver blow-up must not be exported)."""
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):  # fp8: via float
             raise RuntimeError(f"layer {i}: {name} is not finite after quantization")
 
 
