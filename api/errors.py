@@ -34,6 +34,10 @@ HTTP_CODES = {
 }
 
 
+# What a 503 for an unreachable database asks clients to wait: about one restart of PostgreSQL.
+DB_RETRY_AFTER_SECONDS = 2
+
+
 class PayloadTooLarge(QuantfarmError):
     code = "payload_too_large"
     http_status = 413
@@ -73,9 +77,27 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _unexpected(exc: Exception) -> Response:
     _hide_sql_parameters(exc)
+    if _database_down(exc):  # a restart or failover: the client should come back, not report a bug
+        log.warning("Database unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
+        resp = error_response(503, "service_unavailable", "The database is unavailable; try again shortly.",
+                              {"retry_after_seconds": DB_RETRY_AFTER_SECONDS})
+        resp.headers["Retry-After"] = str(DB_RETRY_AFTER_SECONDS)
+        return resp
     log.exception("Unhandled error on %s %s", request.method, request.path)
     code, message = HTTP_CODES[500]
     return error_response(500, code, message)
+
+
+def _database_down(exc: BaseException | None) -> bool:
+    from storage.db import is_transient
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if is_transient(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _hide_sql_parameters(exc: BaseException | None) -> None:

@@ -143,14 +143,14 @@ def submit(spec, via: str = "api") -> dict:
 
 def get(job_id: str) -> dict:
     who = auth.require(Role.VIEWER)
-    with services().db.session() as s:
+    with services().db.read() as s:  # no BEGIN/COMMIT round trips for a read
         return job_view(job_store.get_job(s, job_id, team_id=who.scope))
 
 
 def page(*, status: str | None, limit: int, cursor: str | None, with_artifacts: bool = True) -> tuple[list[dict], str | None]:
     """Return one page of the caller's jobs (every team's for an admin), calibration texts left out."""
     who = auth.require(Role.VIEWER)
-    with services().db.session() as s:
+    with services().db.read() as s:
         rows, nxt = job_store.list_jobs(s, status=status, limit=limit, cursor=cursor, team_id=who.scope)
         arts = _artifacts_by_job(s, [j.id for j in rows]) if with_artifacts else defaultdict(list)
         items = [summary_view(job_view(j, artifacts=arts[j.id])) for j in rows]

@@ -32,6 +32,18 @@ from bench.compare import goals_text, table
 SECTIONS = ("hessian", "gptq", "gptq3", "profile", "awq", "memory", "formats")
 
 
+def keep_own_sections(text: str) -> str:
+    """Carry over the sections other benches write themselves (bench/api_load.py, bench/soak.py) into the new RESULTS.md."""
+    from bench import api_load, soak
+
+    path = BENCH / "RESULTS.md"
+    old = path.read_text() if path.exists() else ""
+    for begin, end in ((api_load.BEGIN, api_load.END), (soak.BEGIN, soak.END)):
+        if begin in old and end in old and begin not in text:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
+    return text
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.render:
         text = render(json.loads(Path(a.render).read_text()))
-        (BENCH / "RESULTS.md").write_text(text)
+        (BENCH / "RESULTS.md").write_text(keep_own_sections(text))
         print(text)
         return 0
     only = [s for s in a.only.split(",") if s]
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=1, default=str))
     if not a.no_write:
-        (BENCH / "RESULTS.md").write_text(text)
+        (BENCH / "RESULTS.md").write_text(keep_own_sections(text))
         log("wrote bench/RESULTS.md")
     return 0
 

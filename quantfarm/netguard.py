@@ -11,9 +11,11 @@ slip through.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
-from typing import Callable, Iterable
+import threading
+from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from quantfarm.errors import ValidationFailed
@@ -196,14 +198,64 @@ def guarded_session(allow_private: bool, *, resolver: Resolver = socket.getaddri
 
     session = requests.Session()
     session.trust_env = False
-    if not allow_private:
-        adapter = _guarded_adapter(resolver)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
+    adapter = _adapter(None if allow_private else resolver)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
 
 
-def _guarded_adapter(resolver: Resolver):
+class SocketWatch:
+    """The sockets one thread opens inside ``watch_sockets``, so a watchdog can cut them all."""
+
+    def __init__(self):
+        self.sockets: list[socket.socket] = []
+        self.cut = False
+        self._lock = threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            if self.cut:
+                _shutdown(sock)
+
+    def cut_all(self) -> None:
+        """Shut every watched socket down: a read blocked on one returns at once."""
+        with self._lock:
+            self.cut = True
+            for sock in self.sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already, or handed over to TLS
+        pass
+
+
+_watching = threading.local()
+
+
+@contextlib.contextmanager
+def watch_sockets() -> Iterator[SocketWatch]:
+    """Collect the sockets this thread's session connects while the block runs."""
+    previous = getattr(_watching, "watch", None)
+    watch = _watching.watch = SocketWatch()
+    try:
+        yield watch
+    finally:
+        _watching.watch = previous
+
+
+def _watched(sock):
+    watch = getattr(_watching, "watch", None)
+    if watch is not None and sock is not None:
+        watch.add(sock)
+    return sock
+
+
+def _adapter(resolver: Resolver | None):
+    """An adapter whose connections are watched, and vetted first unless ``resolver`` is None."""
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -211,6 +263,15 @@ def _guarded_adapter(resolver: Resolver):
     from urllib3.util import connection as u3conn
 
     def new_conn(self):
+        if resolver is None:
+            return _watched(HTTPConnection._new_conn(self))
+        return _watched(guarded_new_conn(self))
+
+    def connect(self, base):
+        base.connect(self)
+        _watched(self.sock)  # the TLS socket, once wrapped
+
+    def guarded_new_conn(self):
         try:
             pairs = resolve_public(self._dns_host, self.port, allow_private=False, field="url", resolver=resolver)
         except URLRefused as exc:
@@ -234,6 +295,9 @@ def _guarded_adapter(resolver: Resolver):
 
     class GuardedHTTPSConnection(HTTPSConnection):
         _new_conn = new_conn
+
+        def connect(self):
+            connect(self, HTTPSConnection)
 
     class GuardedHTTPPool(HTTPConnectionPool):
         ConnectionCls = GuardedHTTPConnection

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="QUANTFARM_", env_file=None, extra="ignore")
 
+    # Logs: "text" for people, "json" (one object a line, with job_id and attempt) for log pipelines.
+    log_format: Literal["text", "json"] = "text"
+
     # Where embedded state lives (SQLite file, broker folders, artifacts, scratch).
     home: Path = Path(".quantfarm")
     database_url: str | None = None
@@ -52,6 +55,8 @@ class Settings(BaseSettings):
     s3_multipart_threshold: int = 64 * 1024 * 1024
     s3_multipart_chunksize: int = 16 * 1024 * 1024
     presign_downloads: bool = False
+    # How long a starting process waits for an unreachable store before it gives up.
+    store_startup_wait_seconds: float = 60.0
 
     # Workers
     scratch_dir: Path | None = None
@@ -73,14 +78,18 @@ class Settings(BaseSettings):
     stall_seconds: float = Field(default=1800.0, gt=0)
     fair_share_window_seconds: float = Field(default=24 * 3600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
+    # How long a worker retries its database calls (with backoff) while the database is unreachable.
+    db_retry_seconds: float = 30.0
     max_shard_bytes: int = 2 * 1024**3
     model_cache_bytes: int = 50 * 1024**3
+    metrics_port: int | None = None  # a worker serves its Prometheus metrics here when set
     queue: str = "quantfarm"  # long quantization jobs, one per worker
     service_queue: str = "quantfarm-service"  # sweeps and webhook deliveries, never stuck behind a job
 
     # Webhooks
     webhook_allow_private: bool = False
-    webhook_timeout: float = 10.0
+    webhook_timeout: float = 15.0  # total deadline of one attempt (connect, send, answer), like Standard Webhooks senders
+    webhook_threads: int = Field(default=16, ge=1)  # attempts in flight at once per service process
     webhook_max_attempts: int = 8
     webhook_backoff_base: float = 2.0
     webhook_backoff_max: float = 3600.0

@@ -77,6 +77,9 @@ class BlobStore(ABC):
         """Return a URL a client can download from directly, or None if unsupported."""
         return None
 
+    def prepare(self) -> None:
+        """Make the store ready at process start-up (create the farm's bucket); default: nothing."""
+
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)

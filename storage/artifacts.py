@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
-from quantfarm.errors import BadRequest
+from quantfarm.errors import BadRequest, QuantfarmError, StorageUnavailable
 from quantfarm.paths import UnsafePath, safe_join
 from quantfarm.settings import Settings
 from quantfarm.store import BlobStore
+
+log = logging.getLogger(__name__)
 
 
 def _inside(root: Path, key: str) -> Path:
@@ -102,10 +106,41 @@ class LocalStore(BlobStore):
         return self._path(key).as_uri()
 
 
-def make_store(settings: Settings) -> BlobStore:
-    """Build the artifact store the settings name."""
+class StoreNotReady(RuntimeError):
+    """The artifact store could not be made ready at start-up; the message says why."""
+
+
+def make_store(settings: Settings, *, prepare: bool = True) -> BlobStore:
+    """Build the artifact store the settings name and, by default, make it ready (see ``prepare_store``)."""
     if settings.store == "s3":
         from storage.s3 import S3Store
 
-        return S3Store.from_settings(settings)
-    return LocalStore(settings.resolved_artifact_dir)
+        store: BlobStore = S3Store.from_settings(settings)
+    else:
+        store = LocalStore(settings.resolved_artifact_dir)
+    if prepare:
+        prepare_store(store, settings.store_startup_wait_seconds)
+    return store
+
+
+def prepare_store(store: BlobStore, wait_seconds: float, *, sleep=time.sleep) -> None:
+    """Make ``store`` ready before any job touches it, or raise ``StoreNotReady`` saying why.
+
+    An unreachable endpoint (still starting, say) is retried with backoff for
+    ``wait_seconds``; a refusal (bad credentials, no right to create the bucket)
+    fails at once.
+    """
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.25
+    while True:
+        try:
+            store.prepare()
+            return
+        except StorageUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise StoreNotReady(f"The artifact store is not reachable after {wait_seconds:g}s: {exc.message}") from exc
+            log.warning("artifact store not reachable yet (%s); retrying in %.2fs", exc.message, delay)
+            sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except QuantfarmError as exc:
+            raise StoreNotReady(f"The artifact store cannot be used: {exc.message}") from exc

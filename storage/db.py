@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import logging
+import time
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# SQLSTATE classes that mean "the server or the connection is the problem, try again":
+# connection exceptions, operator intervention (shutdown, restart), too many connections,
+# and serialization failures / deadlocks (the transaction was rolled back as a whole).
+_TRANSIENT_SQLSTATES = ("08", "57P", "53300", "40001", "40P01")
+_TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Say whether ``err`` means the database is unreachable or busy (worth a retry, a 503 to clients)."""
+    if isinstance(err, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True
+    if not isinstance(err, sa_exc.DBAPIError):
+        return False
+    if err.connection_invalidated:
+        return True
+    orig = err.orig
+    state = getattr(orig, "sqlstate", None)
+    if state:
+        return state.startswith(_TRANSIENT_SQLSTATES)
+    name = getattr(orig, "sqlite_errorname", None)
+    if name is not None:
+        return name in _TRANSIENT_SQLITE
+    # psycopg's failures to connect (refused, reset, server gone) carry no SQLSTATE.
+    return isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError))
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -25,7 +56,32 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     # hide_parameters: a job row's bound values hold secrets; keep them out of error messages and logs.
-    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **kwargs)
+    # connect_timeout: a database that does not answer must fail a request (a 503), not hang it.
+    engine = create_engine(url, hide_parameters=True, pool_size=10, max_overflow=10, connect_args={"connect_timeout": 5}, **kwargs)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float = 1.0) -> None:
+    """Ping a pooled connection at checkout only if it sat idle (pool_pre_ping pings every time: a round trip per request).
+
+    A connection used within the last second is live, or the server went down so
+    recently that the request fails like any other during an outage (a 503).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record):
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        last = record.info.get("checked_in")
+        if last is None or time.monotonic() - last < idle_seconds:
+            return  # a new connection, or one in steady use
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool retries the checkout with a fresh connection
+            raise sa_exc.DisconnectionError() from exc
 
 
 def after_commit(s: Session, fn) -> None:
@@ -36,21 +92,25 @@ def after_commit(s: Session, fn) -> None:
 class Database:
     """An engine plus a session factory; one per process."""
 
-    def __init__(self, url: str, keyring=None):
+    def __init__(self, url: str, keyring=None, *, retry_seconds: float = 0.0):
         self.url = url
+        # How long ``run`` keeps retrying while the database is unreachable (workers ride out a restart).
+        self.retry_seconds = retry_seconds
         # Called with a delivery id after a commit that created it (set by processes that can enqueue).
         self.notify_webhook = None
         self.engine = make_engine(url)
         # Encrypts job secrets and team credentials (storage.models.EncryptedJSON reads it here).
         self.engine.dialect.quantfarm_keyring = keyring
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        reader = self.engine if url.startswith("sqlite") else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.readers = sessionmaker(reader, expire_on_commit=False)
 
     @classmethod
-    def from_settings(cls, settings) -> "Database":
+    def from_settings(cls, settings, *, retry_seconds: float = 0.0) -> "Database":
         """Open the farm's database with the key ring its settings name."""
         from quantfarm.secrets import keyring_from_settings
 
-        return cls(settings.resolved_database_url, keyring=keyring_from_settings(settings))
+        return cls(settings.resolved_database_url, keyring=keyring_from_settings(settings), retry_seconds=retry_seconds)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -73,11 +133,39 @@ class Database:
         for fn in callbacks:
             fn()
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """Yield a session for reads only: autocommit, so no BEGIN/COMMIT round trips (each query sees committed rows)."""
+        s = self.readers()
+        try:
+            yield s
+        finally:
+            s.close()
+
+    def run(self, fn: Callable[[Session], T], *, what: str = "database call") -> T:
+        """Run ``fn(session)`` in a transaction, retried with backoff while the database is unreachable.
+
+        Retries stop after ``retry_seconds``; the last error is raised then. Only a
+        whole transaction is retried, so ``fn`` must do nothing outside the session.
+        """
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                with self.session() as s:
+                    return fn(s)
+            except Exception as err:
+                if not is_transient(err) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: database unreachable (%s); retrying in %.1fs", what, type(getattr(err, "orig", None) or err).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def ping(self) -> bool:
         from sqlalchemy import text
 
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        with self.read() as s:
+            s.execute(text("SELECT 1"))
         return True
 
     def dispose(self) -> None:

@@ -38,6 +38,27 @@ def _status(err: ClientError) -> int:
     return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+class _RetryLog:
+    """Log every failed S3 attempt botocore is about to retry (a needs-retry handler; it decides nothing)."""
+
+    def __init__(self, endpoint: str | None, max_attempts: int):
+        self.endpoint, self.max_attempts = endpoint or "AWS S3", max_attempts
+
+    def __call__(self, attempts: int, operation=None, caught_exception=None, response=None, **_):
+        status = None
+        if response is not None:
+            status = int(response[0].status_code)
+        if caught_exception is None and (status is None or status < 500) and status not in (429, 408):
+            return None
+        what = type(caught_exception).__name__ if caught_exception is not None else f"HTTP {status}"
+        name = getattr(operation, "name", "request")
+        if attempts < self.max_attempts:
+            log.warning("S3 %s at %s failed (%s), attempt %d of %d; retrying", name, self.endpoint, what, attempts, self.max_attempts)
+        else:
+            log.warning("S3 %s at %s failed (%s), attempt %d of %d; giving up", name, self.endpoint, what, attempts, self.max_attempts)
+        return None
+
+
 class S3Store(BlobStore):
     """A bucket (and optional key prefix) on an S3-compatible endpoint."""
 
@@ -73,9 +94,10 @@ class S3Store(BlobStore):
     ) -> "S3Store":
         """Build a store from the ``s3_*`` settings; ``bucket``/``prefix`` override theirs.
 
-        The farm's own bucket is created on first write if missing; a bucket
-        named explicitly (a model source) never is. ``anonymous`` sends unsigned
-        requests: no key of the farm's (nor of the environment's) is used.
+        The farm's own bucket is created before the first request of any kind if
+        missing (and at start-up by ``prepare``); a bucket named explicitly (a
+        model source) never is. ``anonymous`` sends unsigned requests: no key of
+        the farm's (nor of the environment's) is used.
         """
         from botocore import UNSIGNED
 
@@ -99,6 +121,7 @@ class S3Store(BlobStore):
             )
 
         client = make_client(settings.s3_endpoint_url)
+        client.meta.events.register("needs-retry.s3", _RetryLog(settings.s3_endpoint_url, settings.s3_max_attempts))
         public = settings.s3_public_endpoint_url
         presign_client = make_client(public) if public and public != settings.s3_endpoint_url else None
         transfer = TransferConfig(
@@ -137,6 +160,7 @@ class S3Store(BlobStore):
     @contextlib.contextmanager
     def _errors(self, op: str, key: str | None = None) -> Iterator[None]:
         """Translate botocore failures into KeyError / StorageUnavailable / JobError."""
+        self._ready()
         try:
             yield
         except ClientError as err:
@@ -166,6 +190,11 @@ class S3Store(BlobStore):
                             code="storage_error", details={"bucket": self.bucket})
         return JobError(f"Object storage refused {op} on bucket {self.bucket!r}: {code or status}.", code="storage_error")
 
+    def prepare(self) -> None:
+        """Create the farm's bucket now if this store may (a start-up check)."""
+        if self._ensure_bucket:
+            self._ready()
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""
         with self._errors("head_bucket/create_bucket"):
@@ -185,21 +214,24 @@ class S3Store(BlobStore):
                 if err.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def _before_write(self) -> None:
+    def _ready(self) -> None:
+        # A job's first store call is often a read: make the bucket before any request, once.
         if self._ensure_bucket:
-            self.ensure_bucket()
-            self._ensure_bucket = False
+            self._ensure_bucket = False  # ensure_bucket's own requests pass through _errors
+            try:
+                self.ensure_bucket()
+            except BaseException:
+                self._ensure_bucket = True
+                raise
 
     # --- BlobStore ----------------------------------------------------------------------------
 
     def put_file(self, key: str, path: Path) -> None:
         """Upload a file; files above the multipart threshold go up in parts."""
-        self._before_write()
         with self._errors("upload", key):
             self.client.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._before_write()
         with self._errors("put_object", key):
             self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 

@@ -29,18 +29,31 @@ def wake_on_start(ctx) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from quantfarm.settings import Settings
+    from storage.artifacts import StoreNotReady
     from workers.celery_app import configure
     from workers.context import init_context
 
     role = (argv if argv is not None else sys.argv[1:] or ["worker"])[0]
     settings = Settings()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s %(message)s")
+    from quantfarm.logs import configure as configure_logging
+
+    configure_logging(role, settings.log_format)
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    ctx = init_context(settings)
+    try:
+        ctx = init_context(settings)  # makes the farm's bucket before any job can read from it
+    except StoreNotReady as exc:
+        logging.getLogger("quantfarm").error("%s", exc)
+        raise SystemExit(f"quantfarm {role}: {exc}") from None
     app = configure(settings)
+    if settings.metrics_port:
+        from workers import metrics
+        from workers.engine.model import resolve_device
+
+        capacity = 1 if role == "worker" else 0  # jobs at once: the solo pool runs one
+        metrics.serve(settings.metrics_port, role, str(resolve_device(settings.device)), capacity)
     common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if role == "worker":
         from workers.presence import Presence

@@ -29,6 +29,12 @@ class WorkerContext:
         return JobRunner(self.settings, self.db, self.store, wake=self.dispatcher.run_job)
 
     @functools.cached_property
+    def deliveries(self):
+        from workers.deliveries import DeliveryPool
+
+        return DeliveryPool(self.settings, self.db, self.dispatcher)
+
+    @functools.cached_property
     def sweeper(self):
         from workers.sweeper import Sweeper
 
@@ -41,10 +47,14 @@ _context: WorkerContext | None = None
 def init_context(settings: Settings) -> WorkerContext:
     """Build the process's context once (a worker, beat or the embedded sweeper)."""
     global _context
-    db = Database.from_settings(settings)
+    db = Database.from_settings(settings, retry_seconds=settings.db_retry_seconds)
     dispatcher = Dispatcher(settings)
     db.notify_webhook = dispatcher.deliver_webhook
     _context = WorkerContext(settings, db, make_store(settings), dispatcher)
+    return _context
+
+
+def context_if_built() -> WorkerContext | None:
     return _context
 
 

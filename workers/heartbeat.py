@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 
@@ -25,12 +26,13 @@ class Heartbeat:
         self.cancel_requested = False
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
+        ctx = contextvars.copy_context()  # its log lines name the job, like the runner's
+        self._thread = threading.Thread(target=ctx.run, args=(self._loop,), name=f"heartbeat-{job_id}", daemon=True)
 
     def beat(self) -> None:
         """Renew now; raise LeaseLost if another worker owns the job."""
-        with self.db.session() as s:
-            self.cancel_requested = jobs.heartbeat(s, self.job_id, self.owner, self.lease_seconds) or self.cancel_requested
+        cancel = self.db.run(lambda s: jobs.heartbeat(s, self.job_id, self.owner, self.lease_seconds), what=f"job {self.job_id} heartbeat")
+        self.cancel_requested = cancel or self.cancel_requested
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -9,6 +9,7 @@ unexpected exception (failed with ``internal_error``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from quantfarm.errors import InvalidState, JobCancelled, LeaseLost, ModelNotFound, QuantfarmError
+from quantfarm.logs import job_context
 from quantfarm.settings import Settings
 from quantfarm.spec import load_spec
 from quantfarm.store import BlobStore, PrefixedStore
@@ -28,10 +30,24 @@ from storage.layout import artifact_prefix, checkpoint_prefix, upload_meta_key, 
 from storage.models import Artifact, new_id
 from storage.retention import erase_run_secrets
 from storage.teams import job_credentials
+from workers import metrics as worker_metrics
 from workers.heartbeat import Heartbeat
 from workers.watchdog import CancelledAnywhere, Interrupter, Stalled, Watchdog
 
 log = logging.getLogger(__name__)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Say whether ``exc`` (or what caused it) is a full disk, as OSError or as a library's message."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def default_owner() -> str:
@@ -56,11 +72,13 @@ class FencedStore(PrefixedStore):
     def put_file(self, key, path):
         self._check()
         super().put_file(key, path)
+        worker_metrics.CHECKPOINT_BYTES.inc(Path(path).stat().st_size)
         self._pulse()
 
     def put_bytes(self, key, data):
         self._check()
         super().put_bytes(key, data)
+        worker_metrics.CHECKPOINT_BYTES.inc(len(data))
         self._pulse()
 
     def _check(self) -> None:
@@ -136,11 +154,18 @@ class JobRunner:
     def _claim(self, only: str | None = None):
         from storage.scheduler import claim_next
 
-        with self.db.session() as s:
-            return claim_next(s, self.owner, self.settings.lease_seconds, only=only, memory=self.memory,
-                              window_seconds=self.settings.fair_share_window_seconds)
+        return self.db.run(lambda s: claim_next(s, self.owner, self.settings.lease_seconds, only=only, memory=self.memory,
+                                                window_seconds=self.settings.fair_share_window_seconds), what="claim")
 
     def _execute(self, job) -> str:
+        """Run a claimed job with every log line naming it, and time the attempt."""
+        started = time.monotonic()
+        with job_context(job.id, job.attempt):
+            status = self._execute_claimed(job)
+        worker_metrics.JOB_SECONDS.labels(job.method, status).observe(time.monotonic() - started)
+        return status
+
+    def _execute_claimed(self, job) -> str:
         """Run a claimed job; turn every way it can end into a state."""
         job_id = job.id
         self.lease, self.current_job = Lease(self.owner, job.claim), job_id
@@ -168,6 +193,10 @@ class JobRunner:
             log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
             return self._end(job_id, JobStatus.FAILED, error_code=exc.code, error_message=exc.message)
         except Exception as exc:  # the job must never be left silently running
+            if disk_full(exc):  # its checkpoints are in the store, whole: a retry resumes from them on any worker
+                log.warning("job %s: scratch disk %s is full", job_id, self.settings.resolved_scratch_dir)
+                return self._end(job_id, JobStatus.FAILED, error_code="scratch_full", error_message=(
+                    "The worker's scratch disk is full; retry the job: it resumes from its checkpoints on any worker."))
             log.exception("job %s: unexpected error", job_id)
             return self._end(
                 job_id, JobStatus.FAILED, error_code="internal_error",
@@ -222,11 +251,12 @@ class JobRunner:
                 raise LeaseLost(f"Job {job.id} lease lost")
             self.progress()
             hb.beat()  # renew and pick up cancel requests at every layer boundary
-            with self.db.session() as s:
-                jobs.set_progress(
-                    s, job.id, self.lease, done=report.index + 1, total=report.total, eta=report.eta_seconds,
-                    data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
-                )
+            if not report.resumed:
+                worker_metrics.LAYER_SECONDS.labels(spec.method).observe(report.seconds)
+            self.db.run(lambda s: jobs.set_progress(
+                s, job.id, self.lease, done=report.index + 1, total=report.total, eta=report.eta_seconds,
+                data={"seconds": round(report.seconds, 3), "resumed": report.resumed, "losses": report.losses},
+            ), what=f"job {job.id} progress")
             if hb.cancel_requested:
                 raise JobCancelled(f"Job {job.id} cancelled")
             if self.preempting:  # this layer's checkpoint is written: hand the job on from here
@@ -307,8 +337,7 @@ class JobRunner:
         self.stage = stage
         if self.preempting:
             raise Preempted(job_id)
-        with self.db.session() as s:
-            jobs.set_stage(s, job_id, self.lease, stage)
+        self.db.run(lambda s: jobs.set_stage(s, job_id, self.lease, stage), what=f"job {job_id} stage")
 
     def _check_fence(self, job_id: str) -> None:
         with self.db.session() as s:
@@ -317,7 +346,7 @@ class JobRunner:
     def _succeed(self, job_id, published: list[dict], metrics, *, failed_gate: str | None = None) -> None:
         import hashlib
 
-        with self.db.session() as s:
+        def write(s) -> None:
             job = jobs.get_job(s, job_id)
             for a in published:  # one artifact per format: kind "model" for the first, the format's name after
                 entries, prefix = a["entries"], a["prefix"]
@@ -335,6 +364,8 @@ class JobRunner:
             else:
                 jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
             erase_run_secrets(s, job_id)  # after the webhooks were made (they scrub with every secret)
+
+        self.db.run(write, what=f"job {job_id} success")
 
     def _admit(self, job, source_dir: Path) -> None:
         """Estimate the job's memory from its config.json; fail it if no worker fits, hand it on if we do not."""
@@ -377,13 +408,12 @@ class JobRunner:
         return why
 
     def _end(self, job_id: str, status: JobStatus, *, message: str | None = None, error_code: str | None = None, error_message: str | None = None) -> str:
+        changes = {"stage": None}
+        if error_code:
+            changes.update(error_code=error_code, error_message=error_message)
         try:
-            with self.db.session() as s:
-                job = jobs.get_job(s, job_id)
-                changes = {"stage": None}
-                if error_code:
-                    changes.update(error_code=error_code, error_message=error_message)
-                jobs.transition(s, job, status, lease=self.lease, message=message or error_message, **changes)
+            self.db.run(lambda s: jobs.transition(s, jobs.get_job(s, job_id), status, lease=self.lease,
+                                                  message=message or error_message, **changes), what=f"job {job_id} end")
         except LeaseLost:
             log.warning("job %s: lease lost before it could be marked %s", job_id, status.value)
             return "lease_lost"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from celery.exceptions import Reject
-from celery.signals import worker_shutting_down
+from celery.signals import worker_shutdown, worker_shutting_down
 
 from quantfarm.queue import DELIVER_WEBHOOK, GC, RUN_JOB, SWEEP
 from workers.celery_app import app
-from workers.context import context
+from workers.context import context, context_if_built
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,11 @@ def gc() -> None:
 
 @app.task(name=DELIVER_WEBHOOK)
 def deliver_webhook(delivery_id: str) -> None:
-    from workers.webhooks import WebhookSender
+    context().deliveries.submit(delivery_id)  # on the delivery threads: sweeps never wait behind a receiver
 
-    ctx = context()
-    outcome = WebhookSender(ctx.db, ctx.settings).deliver(delivery_id)
-    if outcome.retry:
-        ctx.dispatcher.deliver_webhook(delivery_id, countdown=outcome.retry_in)
+
+@worker_shutdown.connect
+def _stop_deliveries(**_) -> None:
+    ctx = context_if_built()
+    if ctx is not None and "deliveries" in ctx.__dict__:
+        ctx.deliveries.shutdown()

@@ -16,6 +16,7 @@ import hmac
 import logging
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from quantfarm.netguard import AddressRefused, URLRefused, check_webhook_url, guarded_session
+from quantfarm.netguard import AddressRefused, URLRefused, check_webhook_url, guarded_session, watch_sockets
 from quantfarm.settings import Settings
 from quantfarm.spec import secret_key
 from storage import webhooks as store
@@ -172,6 +173,7 @@ class WebhookSender:
             "user-agent": USER_AGENT,
             "webhook-id": claim.delivery_id,
             "webhook-timestamp": str(ts),
+            "connection": "close",  # one connection per attempt: the deadline watchdog cuts only its own
         }
         if claim.secret:
             headers["webhook-signature"] = sign(claim.secret, claim.delivery_id, ts, claim.payload)
@@ -185,18 +187,27 @@ class WebhookSender:
             return _Result(None, 0.0, f"refused: {exc.reason}", refused=not exc.transient)
         except ValueError as exc:  # a secret that cannot sign: retrying cannot help
             return _Result(None, 0.0, f"cannot sign: {exc}", refused=True)
+        deadline = self.settings.webhook_timeout
         started = time.perf_counter()
-        try:
-            with self.http.post(claim.url, data=claim.payload, headers=headers, timeout=self.settings.webhook_timeout,
-                                allow_redirects=False, stream=True) as resp:
-                excerpt = _excerpt(resp)
-                latency = (time.perf_counter() - started) * 1000
-        except AddressRefused as exc:
-            return _Result(None, (time.perf_counter() - started) * 1000, f"refused: {exc.refusal.reason}", refused=True)
-        except requests.Timeout:
-            return _Result(None, (time.perf_counter() - started) * 1000, f"timed out after {self.settings.webhook_timeout:g}s")
-        except requests.RequestException as exc:
-            return _Result(None, (time.perf_counter() - started) * 1000, f"connection failed ({type(exc).__name__})")
+        elapsed = lambda: (time.perf_counter() - started) * 1000  # noqa: E731
+        # requests' timeout bounds each socket read, so a receiver trickling a byte a second would hold
+        # this thread for ever: a watchdog cuts the connection at the total deadline instead.
+        with watch_sockets() as watch:
+            watchdog = threading.Timer(deadline, watch.cut_all)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                with self.http.post(claim.url, data=claim.payload, headers=headers, timeout=deadline,
+                                    allow_redirects=False, stream=True) as resp:
+                    excerpt = _excerpt(resp)
+                    latency = elapsed()
+            except AddressRefused as exc:
+                return _Result(None, elapsed(), f"refused: {exc.refusal.reason}", refused=True)
+            except requests.RequestException as exc:
+                timed_out = watch.cut or isinstance(exc, requests.Timeout)
+                return _Result(None, elapsed(), f"timed out after {deadline:g}s" if timed_out else f"connection failed ({type(exc).__name__})")
+            finally:
+                watchdog.cancel()
         error = None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}" + (f": {excerpt}" if excerpt else "")
         return _Result(resp.status_code, latency, error, resp.headers.get("retry-after"))
 

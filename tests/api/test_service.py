@@ -61,7 +61,7 @@ def _parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
         m = _LINE.match(line)
         assert m, f"malformed metrics line: {line!r}"
         name, labels, value = m.groups()
-        assert re.sub(r"_(sum|count)$", "", name) in typed, f"{name} has no TYPE line"
+        assert name in typed or re.sub(r"_(sum|count|bucket|total)$", "", name) in typed, f"{name} has no TYPE line"
         samples[(name, tuple(sorted(_LABEL.findall(labels or ""))))] = float(value)
     return samples
 

@@ -12,6 +12,7 @@ from quantfarm.errors import JobError, StorageUnavailable
 from quantfarm.store import sha256_file
 from storage.artifacts import make_store
 from storage.s3 import S3Store
+from tests.support.s3server import s3_settings_for
 
 MiB = 1024 * 1024
 
@@ -148,6 +149,24 @@ def test_injected_5xx_are_retried_and_succeed(faulty_s3_settings, s3_proxy, tmp_
     assert sha256_file(tmp_path / "back.bin") == sha256_file(src) and s3_proxy.faulted == 4
 
 
+def test_every_retry_is_logged(faulty_s3_settings, s3_proxy, caplog):
+    import logging
+
+    store = S3Store.from_settings(faulty_s3_settings)
+    store.put_bytes("k", b"v")
+    s3_proxy.fail_next(2, 503)
+    with caplog.at_level(logging.WARNING, logger="storage.s3"):
+        assert store.get_bytes("k") == b"v"
+    lines = [r.getMessage() for r in caplog.records if r.name == "storage.s3"]
+    assert lines == [f"S3 GetObject at {s3_proxy.url} failed (HTTP 503), attempt {n} of 3; retrying" for n in (1, 2)]
+    s3_proxy.stop()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="storage.s3"), pytest.raises(StorageUnavailable):
+        store.get_bytes("k")
+    lines = [r.getMessage() for r in caplog.records if r.name == "storage.s3"]
+    assert lines[-1] == f"S3 GetObject at {s3_proxy.url} failed (EndpointConnectionError), attempt 3 of 3; giving up" and len(lines) == 3
+
+
 def test_stalled_response_times_out_and_is_retried(faulty_s3_settings, s3_proxy):
     store = S3Store.from_settings(faulty_s3_settings)
     store.put_bytes("k", b"v")
@@ -186,3 +205,55 @@ def test_endpoint_down_fails_after_retries_and_data_survives(faulty_s3_settings,
         store.list("ckpt")
     s3_proxy.start()  # the endpoint is back: what was written before is intact
     assert store.list("ckpt") == ["ckpt/layer-0"] and store.get_bytes("ckpt/layer-0") == b"tensor bytes"
+
+
+# --- start-up: the farm's bucket exists before any job reads from it -------------------------------
+
+
+def _bucket_exists(store: S3Store) -> bool:
+    return store.bucket in {b["Name"] for b in store.client.list_buckets()["Buckets"]}
+
+
+def test_a_read_on_an_empty_endpoint_makes_the_farm_bucket_first(s3_settings):
+    """A job's first store call is a read (its checkpoint manifest): it must see 'no such key', not 'no bucket'."""
+    store = S3Store.from_settings(s3_settings)
+    assert not _bucket_exists(store)
+    with pytest.raises(KeyError):
+        store.get_bytes("jobs/job_1/checkpoints/manifest.json")
+    assert _bucket_exists(store)
+    assert store.list("jobs/job_1/checkpoints") == []
+
+
+def test_make_store_creates_the_bucket_at_start_up(s3_settings):
+    store = make_store(s3_settings)
+    assert _bucket_exists(store)
+    sent = count_requests(store)
+    assert store.exists("anything") is False and sent == ["HEAD"]  # no second bucket check
+
+
+def test_start_up_waits_for_a_late_endpoint_then_says_why(tmp_path, s3_proxy):
+    from storage.artifacts import StoreNotReady, prepare_store
+
+    settings = s3_settings_for(tmp_path, s3_proxy.url, s3_max_attempts=1, s3_connect_timeout=0.5)
+    store = S3Store.from_settings(settings)
+    s3_proxy.stop()
+    with pytest.raises(StoreNotReady) as err:
+        prepare_store(store, 0.6)
+    assert str(err.value).startswith("The artifact store is not reachable after 0.6s: Object storage at " + s3_proxy.url)
+    slept: list[float] = []
+    s3_proxy.start()
+    prepare_store(store, 5.0, sleep=slept.append)
+    assert slept == [] and _bucket_exists(store)
+
+
+def test_start_up_refusal_fails_at_once(tmp_path, s3_proxy):
+    from storage.artifacts import StoreNotReady, prepare_store
+
+    settings = s3_settings_for(tmp_path, s3_proxy.url, s3_max_attempts=1)
+    store = S3Store.from_settings(settings)
+    s3_proxy.fail_next(1, 403)
+    slept: list[float] = []
+    with pytest.raises(StoreNotReady) as err:
+        prepare_store(store, 30.0, sleep=slept.append)
+    assert slept == [] and s3_proxy.faulted == 1
+    assert f"Access to bucket '{settings.s3_bucket}'" in str(err.value) and "denied" in str(err.value)

@@ -20,6 +20,7 @@ class Reply:
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
+    trickle: float = 0.0  # > 0: send the whole answer one byte per this many seconds
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Receiver:
         self.secret = secret
         self.script = list(script or [])
         self.received: list[Received] = []
+        self.in_flight = 0  # requests being answered right now
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -87,9 +89,14 @@ class Receiver:
                 with receiver._lock:
                     receiver.received.append(Received(self.path, headers, body, ok, payload, err))
                 reply = receiver._next()
-                if reply.delay:
-                    time.sleep(reply.delay)
+                with receiver._lock:
+                    receiver.in_flight += 1
                 try:
+                    if reply.delay:
+                        time.sleep(reply.delay)
+                    if reply.trickle:
+                        self._trickle(reply)
+                        return
                     self.send_response(reply.status)
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
@@ -98,6 +105,17 @@ class Receiver:
                     self.wfile.write(reply.body)
                 except OSError:  # the client gave up (timeout test)
                     pass
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight -= 1
+
+            def _trickle(self, reply: Reply) -> None:
+                head = f"HTTP/1.1 {reply.status} OK\r\ncontent-length: {len(reply.body)}\r\n\r\n".encode()
+                for i in range(len(head) + len(reply.body)):
+                    self.wfile.write((head + reply.body)[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(reply.trickle)
+                self.close_connection = True
 
             def log_message(self, *args):
                 pass

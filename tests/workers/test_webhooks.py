@@ -203,6 +203,24 @@ def test_timeout_is_retried(db, tmp_path, secret):
     assert [(x.status_code, x.error) for x in log] == [(None, "timed out after 0.5s"), (200, None)]
 
 
+def test_a_trickling_receiver_is_cut_at_the_total_deadline(db, tmp_path, secret):
+    """A byte a second never trips a per-read timeout; the attempt still ends at the deadline."""
+    import time
+
+    with Receiver(secret, [Reply(200, trickle=1.0, body=b"x" * 50)]) as rx:
+        _, (did,) = ended_job(db, [{"url": rx.url, "secret": secret}])
+        sender = WebhookSender(db, make_settings(tmp_path, webhook_timeout=2.0))
+        started = time.monotonic()
+        first = sender.deliver(did)
+        took = time.monotonic() - started
+        assert (first.status, first.status_code, first.error, first.retry) == ("pending", None, "timed out after 2s", True)
+        assert 2.0 <= took < 3.5, took
+        assert sender.deliver(did).status == "delivered"  # the next attempt gets a plain answer
+    _, log = attempts_of(db, did)
+    assert [(x.status_code, x.error) for x in log] == [(None, "timed out after 2s"), (200, None)]
+    assert 2000 <= log[0].latency_ms < 3500
+
+
 def test_410_disables_with_no_further_attempts(db, tmp_path, secret):
     with Receiver(secret, [Reply(410)]) as rx:
         _, (did,) = ended_job(db, [{"url": rx.url, "secret": secret}], JobStatus.CANCELLED)

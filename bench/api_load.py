@@ -1,0 +1,324 @@
+"""API load: wrk against the farm's gunicorn on PostgreSQL, side by side with a trivial Flask ceiling.
+
+    .venv/bin/python -m bench.api_load [--duration 10] [--connections 32] [--jobs 200] [--token KEY] [--no-write]
+
+Both servers run with the gunicorn arguments of ``docker-compose.yml`` (2 workers x
+8 threads). The farm talks to PostgreSQL (``QUANTFARM_TEST_PG``'s server, a new
+database with ``--jobs`` jobs) and a Redis of its own. Each endpoint is loaded by
+``wrk -t2 -c<connections>`` for its maximum rate and p99 at saturation, then held at
+half that rate by a small open-loop client (wrk cannot hold a rate; latency counts
+from each request's scheduled send time, so a stall is not hidden). ``--token`` (or
+``QUANTFARM_BENCH_TOKEN``; default: an admin key the bench makes, since auth is
+on as in compose) is sent as ``Authorization: Bearer`` to every farm call.
+Results go into their own section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from bench.common import BENCH, ROOT, md_table
+
+GOALS = {"get": 0.5, "list": 0.3, "post": 0.25, "healthz": 0.7}
+P99_GOAL_MS = 50.0
+BEGIN, END = "<!-- api_load:begin -->", "<!-- api_load:end -->"
+POST_BODY = {"model": {"source": "local", "path": "/models/bench-tiny"}, "method": "rtn"}
+
+
+def gunicorn_argv(app: str, port: int) -> list[str]:
+    """The compose file's API command, bound to ``port`` and serving ``app``."""
+    from tests.support.compose import _argv, compose_file
+
+    argv = _argv(compose_file()["services"]["api"]["command"], port)
+    return [app if a == "api.wsgi:app" else a for a in argv]
+
+
+def wait_http(port: int, path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            if c.getresponse().status < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing healthy on :{port}{path}")
+
+
+def parse_wrk(out: str) -> dict:
+    def ms(v: str) -> float:
+        num, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+        return float(num) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {"rps": rps, "p99_ms": p99, "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(0) if errors else ""}
+
+
+def run_wrk(url: str, *, duration: int, connections: int, headers: dict[str, str], script: Path | None = None) -> dict:
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
+    for k, v in headers.items():
+        argv += ["-H", f"{k}: {v}"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def open_loop(port: int, method: str, path: str, body: bytes | None, headers: dict[str, str], rate: float, seconds: float,
+              threads: int = 32) -> dict:
+    """Send ``rate`` requests a second on schedule; return p50/p99 measured from each scheduled time."""
+    n = max(1, int(rate * seconds))
+    start = time.monotonic() + 0.2
+    counter = iter(range(n))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures = [0]
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            due = start + i / rate
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status < 400
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                ok = False
+            with lock:
+                latencies.append((time.monotonic() - due) * 1000)
+                failures[0] += 0 if ok else 1
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    latencies.sort()
+    return {"rate": rate, "p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(0.99 * (len(latencies) - 1))],
+            "failures": failures[0], "requests": n}
+
+
+class Servers:
+    """PostgreSQL database + Redis + both gunicorns; ``close`` stops what it started."""
+
+    def __init__(self, work: Path, jobs: int):
+        from tests.conftest import PG_ADMIN, _admin_exec
+        from tests.support.servers import RedisServer, free_port
+
+        self.work, self.procs = work, []
+        self._admin_exec = _admin_exec
+        self.dbname = f"qf_bench_{uuid.uuid4().hex[:8]}"
+        _admin_exec(f"CREATE DATABASE {self.dbname}")
+        self.db_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.dbname}"
+        self.redis = RedisServer().start()
+        self.farm_port, self.ceiling_port, self.open_port = free_port(), free_port(), free_port()
+        from quantfarm.secrets import new_key
+
+        self.env = {**os.environ, "QUANTFARM_DATABASE_URL": self.db_url, "QUANTFARM_BROKER_URL": self.redis.url,
+                    "QUANTFARM_STORE": "local", "QUANTFARM_HOME": str(work / "home"), "QUANTFARM_ARTIFACT_DIR": str(work / "store"),
+                    "QUANTFARM_AUTH": "on", "QUANTFARM_SECRET_KEY": new_key(), "QUANTFARM_TRUSTED_HOSTS": "127.0.0.1,localhost",
+                    "QUANTFARM_TEAM_MAX_QUEUED": "100000000", "QUANTFARM_LOCAL_ROOTS": "/models"}  # the bench queues far more jobs than a team's quota
+        self.job_id, self.token = self._seed(jobs)
+
+    def _seed(self, n: int) -> tuple[str, str]:
+        """Migrate, make an admin key (auth is on, as in compose) and ``n`` jobs of its team; return a job id and the key."""
+        from quantfarm.cli_access import create_key_locally
+        from quantfarm.settings import Settings
+        from quantfarm.spec import parse_spec, public_spec, spec_secrets
+        from storage import jobs
+        from storage.db import Database
+
+        settings = Settings(database_url=self.db_url, secret_key=self.env["QUANTFARM_SECRET_KEY"])
+        key = create_key_locally(settings, team="bench", role="admin", name="bench")  # migrates first
+        db = Database.from_settings(settings)
+        spec = parse_spec(POST_BODY)
+        with db.session() as s:
+            ids = [jobs.create_job(s, method="rtn", model_ref="local:/models/bench-tiny", spec=public_spec(spec), secrets=spec_secrets(spec),
+                                   team_id=key["team_id"]).id for _ in range(n)]
+        db.dispose()
+        return ids[n // 2], key["key"]
+
+    def start(self) -> None:
+        # The same farm twice on one database: auth on (as compose runs it), and auth off (loopback), to price the key check.
+        open_env = {**self.env, "QUANTFARM_AUTH": "off"}
+        for app, port, env in (("api.wsgi:app", self.farm_port, self.env), ("bench.api_ceiling:app", self.ceiling_port, self.env),
+                               ("api.wsgi:app", self.open_port, open_env)):
+            log = open(self.work / f"gunicorn-{port}.log", "wb")
+            self.procs.append(subprocess.Popen(gunicorn_argv(app, port), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        wait_http(self.farm_port, "/healthz")
+        wait_http(self.ceiling_port, "/ping")
+        wait_http(self.open_port, "/healthz")
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.redis.stop()
+        self._admin_exec(f"DROP DATABASE IF EXISTS {self.dbname} WITH (FORCE)")
+
+
+def endpoints(srv: Servers) -> list[tuple[str, str, int, str, str, bytes | None]]:
+    """(key, label, port, method, path, body) for every row, the ceiling first."""
+    return [
+        ("ceiling", "trivial Flask GET (ceiling)", srv.ceiling_port, "GET", "/ping", None),
+        ("get", "GET /v1/jobs/{id}", srv.farm_port, "GET", f"/v1/jobs/{srv.job_id}", None),
+        ("list", "GET /v1/jobs?limit=20", srv.farm_port, "GET", "/v1/jobs?limit=20", None),
+        ("post", "POST /v1/jobs", srv.farm_port, "POST", "/v1/jobs", json.dumps(POST_BODY).encode()),
+        ("healthz", "GET /healthz", srv.farm_port, "GET", "/healthz", None),
+    ]
+
+
+def measure(srv: Servers, a, work: Path) -> list[dict]:
+    token = a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token
+    rows = []
+    for key, label, port, method, path, body in endpoints(srv):
+        headers = {"Authorization": f"Bearer {token}"} if token and key != "ceiling" else {}
+        script = None
+        if body is not None:
+            script = work / f"{key}.lua"
+            script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\nwrk.headers["Content-Type"] = "application/json"\n')
+            headers = {**headers, "Content-Type": "application/json"}
+        sat = run_wrk(f"http://127.0.0.1:{port}{path}", duration=a.duration, connections=a.connections, headers=headers, script=script)
+        held = open_loop(port, method, path, body, headers, rate=sat["rps"] / 2, seconds=a.duration)
+        rows.append({"key": key, "label": label, **sat, "half_rate": held})
+        print(f"{label}: {sat['rps']:.0f} rps, p99 {sat['p99_ms']:.1f} ms; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
+    return rows
+
+
+AUTH_BEGIN, AUTH_END = "<!-- auth_overhead:begin -->", "<!-- auth_overhead:end -->"
+AUTH_GOAL = 0.9  # auth on within 10% of auth off
+
+
+def auth_overhead(srv: Servers, a, work: Path, token: str, rounds: int = 2) -> list[dict]:
+    """Max rps of each farm endpoint with auth on (a Bearer key) and off, alternating on/off ``rounds`` times."""
+    rows = []
+    for key, label, _port, method, path, body in endpoints(srv)[1:4]:
+        got: dict[str, list[float]] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for mode, port, headers in (("on", srv.farm_port, {"Authorization": f"Bearer {token}"}), ("off", srv.open_port, {})):
+                script = None
+                if body is not None:
+                    script = work / f"auth-{key}.lua"
+                    script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\n'
+                                      'wrk.headers["Content-Type"] = "application/json"\n')
+                res = run_wrk(f"http://127.0.0.1:{port}{path}", duration=a.duration, connections=a.connections, headers=headers, script=script)
+                if res["non_2xx"]:
+                    raise RuntimeError(f"{label} with auth {mode}: {res['non_2xx']} non-2xx responses")
+                got[mode].append(res["rps"])
+        on, off = sum(got["on"]) / rounds, sum(got["off"]) / rounds
+        rows.append({"label": label, "on": on, "off": off, "ratio": on / off})
+        print(f"auth overhead {label}: on {on:.0f} rps, off {off:.0f} rps, ratio {on / off:.2f}", flush=True)
+    return rows
+
+
+def render_auth(rows: list[dict], a, started: str, env: dict) -> str:
+    table = [[r["label"], f"{r['on']:,.0f}", f"{r['off']:,.0f}", f"{r['ratio']:.2f}",
+              "met" if r["ratio"] >= AUTH_GOAL else "**NOT met**"] for r in rows]
+    cmd = f".venv/bin/python -m bench.api_load --duration {a.duration} --connections {a.connections} --jobs {a.jobs}"
+    return "\n".join([
+        AUTH_BEGIN, "## API load with auth on vs off", "",
+        f"- Command: `{cmd}` (the same run as the table above)", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
+        "- One farm database, two gunicorns with the compose command: `QUANTFARM_AUTH=on` with an admin key in `Authorization: Bearer`, "
+        f"and `QUANTFARM_AUTH=off`. Max rps by `wrk -t2 -c{a.connections} -d{a.duration}s`, on and off alternated twice and averaged. "
+        f"Goal: auth on ≥ {AUTH_GOAL} of auth off.", "",
+        md_table(["endpoint", "rps auth on", "rps auth off", "on / off", "goal ≥ 0.9"], table), "", AUTH_END,
+    ])
+
+
+def render(rows: list[dict], a, started: str, env: dict) -> str:
+    ceiling = rows[0]["rps"]
+    table = []
+    for r in rows:
+        ratio = r["rps"] / ceiling
+        goal = GOALS.get(r["key"])
+        held = r["half_rate"]
+        met = "—" if goal is None else ("met" if ratio >= goal else "**NOT met**")
+        p99_met = "met" if held["p99_ms"] <= P99_GOAL_MS else "**NOT met**"
+        bad = r["non_2xx"] + held["failures"]
+        table.append([r["label"], f"{r['rps']:,.0f}", f"{ratio:.2f}", f"≥ {goal}" if goal else "", met, f"{r['p99_ms']:.0f}",
+                      f"{held['rate']:,.0f}", f"{held['p50_ms']:.1f}", f"{held['p99_ms']:.1f}", p99_met, str(bad)])
+    headers = ["endpoint", "rps (max)", "ratio to ceiling", "goal", "ratio goal", "p99 ms at saturation",
+               "held rps (½ max)", "p50 ms held", "p99 ms held", "p99 ≤ 50 ms", "errors"]
+    cmd = f".venv/bin/python -m bench.api_load --duration {a.duration} --connections {a.connections} --jobs {a.jobs}"
+    return "\n".join([
+        BEGIN, "## API load: gunicorn on PostgreSQL vs a trivial Flask ceiling", "",
+        f"- Command: `{cmd}`", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
+        f"- Both servers: the compose file's gunicorn command (2 workers x 8 threads); the farm on PostgreSQL with {a.jobs} jobs "
+        f"and a Redis of its own, auth on (every farm call carries an admin API key). Saturation: `wrk -t2 -c{a.connections} -d{a.duration}s`, one endpoint at a time in this one run. "
+        "Held: an open-loop client at half the measured maximum, latency from each request's scheduled send time.", "",
+        md_table(headers, table), "", END,
+    ])
+
+
+def write_section(text: str, begin: str = BEGIN, end: str = END) -> None:
+    path = BENCH / "RESULTS.md"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--jobs", type=int, default=200)
+    ap.add_argument("--token", help="API key sent as Authorization: Bearer (default: $QUANTFARM_BENCH_TOKEN)")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--only-auth", action="store_true", help="measure only auth on vs off")
+    a = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    env = {"cores": os.cpu_count(), "load": ", ".join(f"{x:.2f}" for x in os.getloadavg())}
+    work = Path(tempfile.mkdtemp(prefix="qf-api-load-"))
+    srv = Servers(work, a.jobs)
+    try:
+        srv.start()
+        rows = None if a.only_auth else measure(srv, a, work)
+        auth_rows = auth_overhead(srv, a, work, a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token)
+    finally:
+        srv.close()
+        shutil.rmtree(work, ignore_errors=True)
+    sections = ([(render(rows, a, started, env), BEGIN, END)] if rows is not None else [])
+    sections.append((render_auth(auth_rows, a, started, env), AUTH_BEGIN, AUTH_END))
+    for text, begin, end in sections:
+        print(text)
+        if not a.no_write:
+            write_section(text, begin, end)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
