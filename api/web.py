@@ -142,8 +142,8 @@ def _number(raw: str) -> Any:
 
 def _option_value(field: dict, form: MultiDict) -> Any:
     raw = _text(form, field["input"])
-    if field["kind"] in ("number", "text") and raw == "":
-        return _UNSET  # an emptied box means "use the default"
+    if field["kind"] in ("number", "text", "select") and raw == "":
+        return _UNSET  # an emptied box (or a select the form did not send) means "use the default"
     if field["kind"] == "checkbox":
         return field["input"] in form
     if field["kind"] == "select":

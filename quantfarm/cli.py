@@ -303,14 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int)
     s.add_argument("--group-size", type=int)
     s.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric quantization")
-    s.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    s.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order (on by default)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option (repeatable)")
     s.add_argument("--format", action="append", default=[], metavar="FORMAT",
                    help="output format, one artifact each (repeatable; default: the method's own)")
     s.add_argument("--calib", help="builtin:<name>, hub:<dataset>[:<config>][:<split>], upload:<id>, or a local text file to upload")
     s.add_argument("--samples", type=int, help="calibration samples")
     s.add_argument("--seq-len", type=int, help="calibration sequence length")
-    s.add_argument("--evaluate", action="store_true", help="measure perplexity before and after")
+    s.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure perplexity before and after (on by default)")
     s.add_argument("--hub-repo", help="also publish to this Hub repo (org/name)")
     s.add_argument("--webhook", action="append", default=[], metavar="URL", help="URL to call when the job ends (repeatable)")
     s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the job (repeatable)")

@@ -132,7 +132,7 @@ def _upload(client: Client, path: str) -> str:
 def build_spec(client: Client, a: argparse.Namespace) -> dict[str, Any]:
     """Return the POST /v1/jobs body; only options given on the command line are sent."""
     options: dict[str, Any] = {}
-    for key, value in (("bits", a.bits), ("group_size", a.group_size), ("sym", a.sym), ("desc_act", a.desc_act or None)):
+    for key, value in (("bits", a.bits), ("group_size", a.group_size), ("sym", a.sym), ("desc_act", a.desc_act)):
         if value is not None:
             options[key] = value
     options.update({k: _value(v) for k, v in _pairs(a.option, "--option").items()})
@@ -142,8 +142,8 @@ def build_spec(client: Client, a: argparse.Namespace) -> dict[str, Any]:
     calib = _calibration(client, a)
     if calib:
         spec["calibration"] = calib
-    if a.evaluate:
-        spec["evaluate"] = True
+    if a.evaluate is not None:
+        spec["evaluate"] = a.evaluate
     if a.hub_repo:
         spec["destination"] = {"store": True, "hub": {"repo_id": a.hub_repo}}
     if a.webhook:

@@ -15,10 +15,19 @@ class GPTQOptions(Strict):
     bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
     group_size: Literal[-1, 32, 64, 128] = Field(128, description="Columns sharing one scale; -1 for per-channel")
     sym: bool = Field(True, description="Symmetric quantization (zero point fixed at the middle)")
-    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal")
-    static_groups: bool = Field(False, description="With act-order, fix group parameters before the solve")
+    desc_act: bool = Field(True, description="Act-order: quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = Field(
+        True, description="With act-order, fix group parameters before the solve (groups stay in column order: no inference cost)",
+    )
     damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening added to the Hessian diagonal, as a fraction of its mean")
     true_sequential: bool = Field(True, description="Quantize sub-modules in order, feeding quantized outputs forward")
+    moe_calibration: Literal["all_experts", "routed"] = Field(
+        "all_experts", description="MoE models: every calibration token feeds every expert's statistics (the router "
+                                   "still decides the output), or only the tokens the router sends it",
+    )
+    min_expert_tokens: int = Field(
+        64, ge=1, le=1_000_000, description="MoE with routed calibration: an expert sent fewer tokens is rounded to nearest (with a warning)",
+    )
 
 
 class RTNOptions(Strict):

@@ -197,6 +197,13 @@ class Evaluation(Strict):
     max_windows: int = Field(64, ge=1, le=1024, description="Held-out windows of seq_len tokens; small counts are noisy")
 
 
+class Gate(Strict):
+    max_ppl_increase_pct: float = Field(
+        ge=-100, le=1000, description="Fail the job (error quality_gate, artifact kept, never published) when held-out "
+                                      "perplexity rises by more than this percentage (negative: it must fall by that much)",
+    )
+
+
 # --- the job ---------------------------------------------------------------------
 
 
@@ -204,11 +211,18 @@ class _JobBase(Strict):
     model: ModelSource
     calibration: Calibration = Field(default_factory=Calibration)
     destination: Destination = Field(default_factory=Destination)
-    evaluate: bool = False
+    evaluate: bool = Field(True, description="Perplexity before and after on held-out windows (evaluation.max_windows bounds the cost)")
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    gate: Gate | None = Field(None, description="Quality bar the quantized model must clear; needs evaluate")
     webhooks: list[Webhook] = Field(default_factory=list, max_length=10)
     priority: int = Field(0, ge=-10, le=10)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @model_validator(mode="after")
+    def _gate_needs_evaluation(self):
+        if self.gate is not None and not self.evaluate:
+            raise ValueError("a gate needs evaluate: true (it compares perplexity before and after)")
+        return self
 
     @field_validator("formats", check_fields=False)
     @classmethod

@@ -194,12 +194,24 @@ def test_submit_sends_every_option(live, tmp_path):
     assert f"uploaded {calib} as {upload_id}" in res.stderr
     assert live.store.get_bytes(f"uploads/{upload_id}/calib.txt") == calib.read_bytes()
     assert spec["model"] == {"source": "hub", "repo_id": "org/llama", "revision": "v2"}
-    assert spec["options"] == {"bits": 8, "group_size": 64, "sym": False, "desc_act": True, "static_groups": False,
-                               "damp_percent": 0.05, "true_sequential": True}
+    assert spec["options"] == {"bits": 8, "group_size": 64, "sym": False, "desc_act": True, "static_groups": True,
+                               "damp_percent": 0.05, "true_sequential": True,
+                               "moe_calibration": "all_experts", "min_expert_tokens": 64}
     assert (spec["calibration"]["num_samples"], spec["calibration"]["seq_len"]) == (16, 64)
     assert spec["evaluate"] is True and spec["priority"] == 2 and spec["labels"] == {"team": "nlp"}
     assert spec["destination"]["hub"]["repo_id"] == "team/llama-gptq"
     assert spec["webhooks"] == [{"url": "https://hooks.example/***"}]
+
+
+def test_submit_turns_default_on_options_off(live):
+    """Act-order and evaluation are on by default; --no-desc-act and --no-evaluate send them off."""
+    res = cli(live, "submit", "org/llama", "--method", "gptq", "--no-desc-act", "--no-evaluate")
+    assert res.returncode == 0, res.stderr
+    spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
+    assert spec["options"]["desc_act"] is False and spec["evaluate"] is False
+    res = cli(live, "submit", "org/llama", "--method", "gptq")
+    spec = requests.get(f"{live.url}/v1/jobs/{res.stdout.strip()}", timeout=10).json()["spec"]
+    assert spec["options"]["desc_act"] is True and spec["evaluate"] is True
 
 
 def test_submit_sends_formats_and_a_bad_pair_names_the_valid_ones(live):

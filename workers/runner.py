@@ -220,6 +220,12 @@ class JobRunner:
             self.interrupter.disarm()
         metrics = {**result.metrics, "seconds": round(time.monotonic() - started, 3),
                    "layer_losses": {str(k): v for k, v in result.layer_losses.items()}}
+        verdict = result.metrics.get("gate")
+        if verdict is not None and not verdict["passed"]:  # kept and marked, never published
+            from workers.gate import gate_message
+
+            self._succeed(job.id, published, metrics, failed_gate=gate_message(verdict))
+            return JobStatus.FAILED.value
         self._succeed(job.id, published, metrics)
         try:
             self.store.delete_prefix(checkpoint_prefix(job.id))
@@ -236,7 +242,8 @@ class JobRunner:
         from workers.engine.run import quantize
 
         self._stage(job.id, Stage.FETCHING)
-        source_dir = self._fetch(spec, secrets, scratch, hold)
+        fetched = self._fetch(spec, secrets, scratch, hold)
+        source_dir = fetched.path
         self._admit(job, source_dir)
 
         def on_layer(report) -> None:
@@ -262,6 +269,7 @@ class JobRunner:
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
             read_upload=self._read_upload, hub_token=secrets.get("calibration.token"), formats=list(spec.formats),
+            source_revision=fetched.revision if fetched.source != "local" else None,
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
@@ -271,19 +279,26 @@ class JobRunner:
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
             max_shard_bytes=self.settings.max_shard_bytes,
         )
+        from workers.gate import gate_verdict
+
+        verdict = gate_verdict(spec.gate, result.metrics)
+        if verdict is not None:
+            result.metrics["gate"] = verdict
+        passed = verdict is None or verdict["passed"]
         self._stage(job.id, Stage.UPLOADING)
-        published = [self._publish(job, spec, secrets, hb, i, out) for i, out in enumerate(result.outputs)]
+        published = [self._publish(job, spec, secrets, hb, i, out, passed) for i, out in enumerate(result.outputs)]
         return result, published
 
-    def _publish(self, job, spec, secrets: dict, hb: Heartbeat, index: int, out) -> dict:
+    def _publish(self, job, spec, secrets: dict, hb: Heartbeat, index: int, out, passed: bool = True) -> dict:
         """Store and/or push one format's folder under this claim; return the artifact row's fields."""
         from quantfarm.store import FileEntry, sha256_file, walk_files
 
         # A stale claim writes only under its own prefix; further formats sit beside the first.
         prefix = artifact_prefix(job.id, self.lease.claim, None if index == 0 else out.format)
-        entries = FencedStore(self.store, prefix, hb, self.progress).upload_dir("", out.out_dir) if spec.destination.store else []
+        keep = spec.destination.store or not passed  # a failed gate's artifact is always kept, never published
+        entries = FencedStore(self.store, prefix, hb, self.progress).upload_dir("", out.out_dir) if keep else []
         hub_url = hub_commit = None
-        if spec.destination.hub is not None:
+        if spec.destination.hub is not None and passed:
             from storage.hub import publish_to_hub
 
             dest = spec.destination.hub
@@ -293,15 +308,16 @@ class JobRunner:
             hub_url, hub_commit = publish_to_hub(out.out_dir, dest, secrets.get("destination.hub.token"), job.id, self.settings)
             if not entries:
                 entries = [FileEntry(p.relative_to(out.out_dir).as_posix(), p.stat().st_size, sha256_file(p)) for p in walk_files(out.out_dir)]
-        return {"kind": "model" if index == 0 else out.format, "format": out.format, "entries": entries,
-                "prefix": prefix if spec.destination.store else None, "hub_url": hub_url, "hub_commit": hub_commit}
+        kind = ("model" if index == 0 else out.format) if passed else ("gate_failed" if index == 0 else f"gate_failed-{out.format}")[:20]
+        return {"kind": kind, "format": out.format, "entries": entries,
+                "prefix": prefix if keep else None, "hub_url": hub_url, "hub_commit": hub_commit}
 
-    def _fetch(self, spec, secrets: dict, scratch: Path, hold: contextlib.ExitStack) -> Path:
-        from storage.sources import fetch_model
+    def _fetch(self, spec, secrets: dict, scratch: Path, hold: contextlib.ExitStack):
+        from storage.sources import fetch
 
         # Only the job's own credentials: a pasted token, or a team credential (model.token / model.s3).
-        return fetch_model(spec.model, {k: v for k, v in secrets.items() if k in ("model.token", "model.s3")},
-                           self.settings, scratch, hold=hold)
+        return fetch(spec.model, {k: v for k, v in secrets.items() if k in ("model.token", "model.s3")},
+                     self.settings, scratch, hold=hold)  # the path and the resolved revision
 
     def _read_upload(self, upload_id: str) -> str:
         keys = [k for k in self.store.list(upload_prefix(upload_id) + "/") if k != upload_meta_key(upload_id)]
@@ -327,7 +343,7 @@ class JobRunner:
         with self.db.session() as s:
             jobs.check_fence(s, job_id, self.lease)
 
-    def _succeed(self, job_id, published: list[dict], metrics) -> None:
+    def _succeed(self, job_id, published: list[dict], metrics, *, failed_gate: str | None = None) -> None:
         import hashlib
 
         def write(s) -> None:
@@ -342,7 +358,11 @@ class JobRunner:
                     size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=a["hub_url"], hub_commit=a["hub_commit"],
                 ))
             # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
-            jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
+            if failed_gate:  # the artifacts stay (marked gate_failed); the job fails with the numbers
+                jobs.transition(s, job, JobStatus.FAILED, lease=self.lease, message=failed_gate, metrics=metrics, stage=None,
+                                error_code="quality_gate", error_message=failed_gate)
+            else:
+                jobs.transition(s, job, JobStatus.SUCCEEDED, lease=self.lease, message="Quantized and stored", metrics=metrics, stage=None)
             erase_run_secrets(s, job_id)  # after the webhooks were made (they scrub with every secret)
 
         self.db.run(write, what=f"job {job_id} success")

@@ -29,8 +29,9 @@ def test_create_returns_queued_job_and_enqueues_after_commit(client, db, dispatc
     job = JobOut.model_validate(resp.get_json()).model_dump(mode="json")
     assert resp.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert (job["status"], job["attempt"], job["method"], job["model"]) == ("queued", 1, "gptq", "local:/models/tiny-llama")
-    assert job["spec"]["options"] == {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "static_groups": False,
-                                      "damp_percent": 0.01, "true_sequential": True}
+    assert job["spec"]["options"] == {"bits": 4, "group_size": 128, "sym": True, "desc_act": True, "static_groups": True,
+                                      "damp_percent": 0.01, "true_sequential": True,
+                                      "moe_calibration": "all_experts", "min_expert_tokens": 64}
     assert job["progress"] is None and job["error"] is None and job["artifacts"] == []
     assert dispatcher.jobs == [job["id"]]
     assert dispatcher.committed_at_enqueue == [True]
@@ -268,3 +269,17 @@ def test_webhooks_to_private_addresses_are_refused_at_submit(db, store, dispatch
     assert set(fields) == {"webhooks.1.url", "webhooks.2.url", "webhooks.3.url"}
     assert "private" in fields["webhooks.1.url"] and "loopback" in fields["webhooks.2.url"]
     assert counts(db) == before and dispatcher.jobs == []
+
+
+def test_the_job_page_shows_expert_token_counts_and_the_gate(client, db):
+    job_id = client.post("/v1/jobs", json=MINIMAL).get_json()["id"]
+    _run(db, job_id)
+    metrics = {"expert_tokens": {"0": {"mlp": [512, 0, 301, 211]}, "1": {"mlp": [7, 505, 300, 212]}},
+               "rtn_experts": {"0": ["mlp.experts.1.gate_proj"]},
+               "gate": {"passed": False, "ppl_increase_pct": 12.5, "max_ppl_increase_pct": 5.0}}
+    _finish(db, job_id, job_store.JobStatus.FAILED, metrics=metrics, layers_total=2, error_code="quality_gate")
+    page = client.get(f"/jobs/{job_id}").data.decode()
+    assert 'id="expert-tokens"' in page and "512, 0, 301, 211" in page and "7, 505, 300, 212" in page
+    assert page.index("512, 0, 301, 211") < page.index("7, 505, 300, 212")
+    assert "rounded to nearest" in page
+    assert "Quality gate <strong>failed</strong>" in page and "+12.50%" in page and "5.0% allowed" in page

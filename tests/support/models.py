@@ -53,6 +53,33 @@ def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: 
         return Qwen2Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, tie_word_embeddings=True, **common)
     if arch == "qwen3":
         return Qwen3Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads, tie_word_embeddings=True, **common)
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+
+        return Gemma2Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                            sliding_window=32, **common)
+    if arch == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(intermediate_size=intermediate, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                                sliding_window=32, layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2), **common)
+    if arch == "phi3":
+        from transformers import Phi3Config
+
+        return Phi3Config(intermediate_size=intermediate, num_key_value_heads=kv_heads, tie_word_embeddings=False, **common)
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+
+        return MixtralConfig(intermediate_size=intermediate, num_key_value_heads=kv_heads, num_local_experts=4,
+                             num_experts_per_tok=2, tie_word_embeddings=False, **common)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        from transformers import Qwen2MoeConfig, Qwen3MoeConfig
+
+        extra = dict(shared_expert_intermediate_size=intermediate) if arch == "qwen2_moe" else dict(head_dim=hidden // heads)
+        cls = Qwen2MoeConfig if arch == "qwen2_moe" else Qwen3MoeConfig
+        return cls(intermediate_size=intermediate, moe_intermediate_size=128, num_key_value_heads=kv_heads, num_experts=4,
+                   num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                   tie_word_embeddings=False, **extra, **common)
     if arch == "opt":
         common.pop("max_position_embeddings")
         return OPTConfig(ffn_dim=intermediate, word_embed_proj_dim=hidden, max_position_embeddings=1024, do_layer_norm_before=True, **common)

@@ -55,7 +55,9 @@ def test_rtn_job_succeeds_and_records_its_artifact(env, tiny_llama):
     assert (job.layers_done, job.layers_total) == (2, 2)
     assert job.lease_owner is None and job.finished_at is not None
     assert [e.to_status for e in events if e.kind == "status"] == ["queued", "running", "succeeded"]
-    assert [e.stage for e in events if e.kind == "stage"] == ["fetching", "calibrating", "exporting", "uploading"]
+    # Evaluation is on by default.
+    assert [e.stage for e in events if e.kind == "stage"] == ["fetching", "calibrating", "exporting", "evaluating", "uploading"]
+    assert job.metrics["perplexity_after"] > 0 and job.metrics["eval_tokens"] > 0
     assert [e.data["layers_done"] for e in events if e.kind == "progress"] == [1, 2]
     (art,) = arts
     assert art.format == "gptq" and art.file_count == len(art.files) > 3
@@ -229,3 +231,74 @@ def test_an_unexpected_error_fails_the_job_with_internal_error_and_the_runner_go
     monkeypatch.setattr(engine_run, "quantize", real)
     good = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "options": {"group_size": 32}})
     assert runner.run(good) == "succeeded"  # the same runner takes the next job
+
+
+def test_a_job_that_fails_its_gate_keeps_its_artifact_and_publishes_nothing(env, tiny_llama, tmp_path):
+    """A gate no quantization can clear: the job fails with quality_gate, the artifact is kept and marked,
+    and the Hub stand-in (tests/support/hubserver.py: the real Hub is unreachable here) receives nothing."""
+    from tests.support.hubserver import HubServer
+
+    settings, db, store = env
+    with HubServer() as hub:
+        hub.add_token("hf_write_gate", write=True)
+        settings = Settings(home=tmp_path / "home", lease_seconds=30, hf_endpoint=hub.endpoint)
+        job_id = submit(db, {
+            "model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "options": {"group_size": 32},
+            "calibration": CAL, "evaluation": {"max_windows": 2}, "gate": {"max_ppl_increase_pct": -90},
+            "destination": {"store": False, "hub": {"repo_id": "team/gated", "token": "hf_write_gate"}},
+        })
+        assert JobRunner(settings, db, store).run(job_id) == "failed"
+        assert hub.uploads == [] and hub.created == [] and "team/gated" not in hub.repos
+    job, events, arts = load(db, job_id)
+    assert (job.status, job.error_code) == ("failed", "quality_gate")
+    gate = job.metrics["gate"]
+    assert gate["passed"] is False and gate["max_ppl_increase_pct"] == -90
+    assert gate["perplexity_before"] == job.metrics["perplexity_before"] > 0
+    assert gate["ppl_increase_pct"] == round((job.metrics["perplexity_after"] / job.metrics["perplexity_before"] - 1) * 100, 4)
+    assert f"{gate['ppl_increase_pct']:.2f}%" in job.error_message
+    (art,) = arts  # kept, even though the destination said store: false, and marked
+    assert art.kind == "gate_failed" and art.hub_url is None and art.location is not None
+    for f in art.files:
+        assert store.get_bytes(f"{stored_prefix(art)}/{f['path']}") is not None
+    assert "evaluating" in [e.stage for e in events if e.kind == "stage"]
+
+
+def test_a_gate_the_job_clears_lets_it_succeed(env, tiny_llama):
+    settings, db, store = env
+    job_id = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "options": {"group_size": 32},
+                         "calibration": CAL, "evaluation": {"max_windows": 2}, "gate": {"max_ppl_increase_pct": 1000}})
+    assert JobRunner(settings, db, store).run(job_id) == "succeeded"
+    job, _, (art,) = load(db, job_id)
+    assert job.metrics["gate"]["passed"] is True and art.kind == "model"
+
+
+def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_path):
+    """The Hub stand-in (tests/support/hubserver.py; the real Hub is unreachable) serves two commits of a model;
+    the job asked for "main" and its metrics, artifact card and card front matter name the head commit it got."""
+    from quantfarm.store import walk_files
+    from storage.hub import card_metadata
+    from tests.support.hubserver import HubServer
+
+    settings, db, store = env
+    files = {p.relative_to(tiny_llama).as_posix(): p.read_bytes() for p in walk_files(tiny_llama)}
+    with HubServer() as hub:
+        old = hub.add_repo("org/tiny-llama", files)
+        head = hub.repos["org/tiny-llama"].commit("main", "a newer card", {"README.md": b"# newer"}).sha
+        assert head != old
+        settings = Settings(home=tmp_path / "home", lease_seconds=30, hf_endpoint=hub.endpoint)
+        job_id = submit(db, {"model": {"source": "hub", "repo_id": "org/tiny-llama"}, "method": "rtn",
+                             "options": {"group_size": 32}, "evaluate": False})
+        assert JobRunner(settings, db, store).run(job_id) == "succeeded"
+    job, _, (art,) = load(db, job_id)
+    source = job.metrics["source"]
+    assert source["revision"] == head
+    shards = sorted(p.name for p in tiny_llama.glob("*.safetensors"))
+    assert shards and set(shards) <= set(source["files"])
+    for name in shards:
+        assert source["files"][name] == hashlib.sha256((tiny_llama / name).read_bytes()).hexdigest()
+    card = store.get_bytes(f"{stored_prefix(art)}/README.md").decode()
+    assert f"- revision: `{head}`" in card and all(source["files"][n] in card for n in shards)
+    assert any(f["path"] == "README.md" for f in art.files)
+    meta = card_metadata(card)
+    assert meta["base_model"] == "org/tiny-llama" and meta["base_model_relation"] == "quantized"
+    assert len(meta["tags"]) == len(set(meta["tags"])) and "gptq" in meta["tags"]  # rtn writes gptq: named once

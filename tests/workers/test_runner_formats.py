@@ -21,7 +21,7 @@ def test_each_format_is_its_own_artifact(db, tmp_path, tiny_llama):
                          "formats": ["compressed-tensors", "gptq"]})
     assert JobRunner(settings, db, store).run(job_id) == "succeeded"
     job, events, arts = load(db, job_id)
-    assert [e.stage for e in events if e.kind == "stage"] == ["fetching", "calibrating", "exporting", "uploading"]
+    assert [e.stage for e in events if e.kind == "stage"] == ["fetching", "calibrating", "exporting", "evaluating", "uploading"]  # evaluation is on by default
     assert [e.data["layers_done"] for e in events if e.kind == "progress"] == [1, 2]  # one layer walk for both
     by_format = {a.format: a for a in arts}
     assert {(a.kind, a.format) for a in arts} == {("model", "compressed-tensors"), ("gptq", "gptq")}

@@ -6,7 +6,7 @@ these tables; it never branches on class names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantfarm.errors import UnsupportedArchitecture
 
@@ -23,6 +23,22 @@ class LinearGroup:
     prev: str | None = None
     inspect: str | None = None
     closes: str | None = None  # the sub-module whose output is this (single) linear's output
+    # Consecutive groups with the same ``stage`` (a sparse block) and ``step`` get their inputs
+    # in one pass that ends once the block has returned; each keeps its own statistics.
+    stage: str | None = None
+    step: int = 0
+    expert: int | None = None  # the routed expert these linears belong to
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a sparse block lives and what its experts look like."""
+
+    block: str  # the block's module path in a layer ("mlp")
+    num_experts: str  # config attribute: routed experts per block
+    intermediate: str  # config attribute: each expert's width
+    linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    shared: bool = False  # a sigmoid-gated shared expert (Qwen2-MoE): shared_expert.{gate,up,down}_proj
 
 
 @dataclass(frozen=True)
@@ -37,6 +53,12 @@ class Arch:
     # AWQ leaves these linears unclipped: their outputs go through a softmax, where
     # clipping hurts more than the per-linear output error it minimises shows.
     awq_no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    # Norms that compute ``x * (offset + weight)`` (Gemma: 1); AWQ folds ``1/s`` into ``offset + weight``.
+    norm_offset: float = 0.0
+    attn: str = "sdpa"  # attention implementation (Gemma 2's logit softcapping needs "eager")
+    moe: MoESpec | None = None  # sparse blocks; ``groups`` then lists attention only until ``arch_for``
+    # Regex renames from the source's tensor names to the modules' (and the export's) names.
+    renames: tuple[tuple[str, str], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -61,7 +83,70 @@ def _llama_like(name: str) -> Arch:
     )
 
 
+# Gemma 2 and 3 norm the attention and MLP outputs too; the MLP reads pre_feedforward_layernorm.
+_GEMMA_GROUPS = (
+    _LLAMA_GROUPS[0],
+    _LLAMA_GROUPS[1],
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm", "mlp"),
+    _LLAMA_GROUPS[3],
+)
+
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj. Neither fused linear's
+# output rows line up with the next linear's inputs, so o_proj and down_proj get no scales.
+_PHI3_GROUPS = (
+    LinearGroup(("self_attn.qkv_proj",), "input_layernorm", "self_attn"),
+    LinearGroup(("self_attn.o_proj",), None, "self_attn.o_proj", closes="self_attn"),
+    LinearGroup(("mlp.gate_up_proj",), "post_attention_layernorm", "mlp"),
+    LinearGroup(("mlp.down_proj",), None, "mlp.down_proj", closes="mlp"),
+)
+
+
+def _gemma(name: str, attn: str = "sdpa") -> Arch:
+    return Arch(name=name, layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
+                groups=_GEMMA_GROUPS, norm_offset=1.0, attn=attn)
+
+
+def moe_groups(spec: MoESpec, n: int) -> tuple[LinearGroup, ...]:
+    """The linear groups of a sparse block with ``n`` experts, in execution order.
+
+    One norm feeds every expert and the router, so the gate/up groups get no AWQ
+    scales (clip and rounding only); each down_proj folds its scales into its up_proj.
+    """
+    p, (g, u, d) = spec.block, spec.linears
+    ins = [LinearGroup((f"{p}.experts.{e}.{g}", f"{p}.experts.{e}.{u}"), None, f"{p}.experts.{e}", stage=p, expert=e)
+           for e in range(n)]
+    outs = [LinearGroup((f"{p}.experts.{e}.{d}",), f"{p}.experts.{e}.{u}", f"{p}.experts.{e}.{d}", stage=p, step=1, expert=e)
+            for e in range(n)]
+    if spec.shared:
+        s = f"{p}.shared_expert"
+        ins.append(LinearGroup((f"{s}.gate_proj", f"{s}.up_proj"), None, s, stage=p))
+        outs.append(LinearGroup((f"{s}.down_proj",), f"{s}.up_proj", f"{s}.down_proj", stage=p, step=1))
+    return (*ins, *outs)
+
+
+def _moe(name: str, spec: MoESpec, renames: tuple[tuple[str, str], ...] = ()) -> Arch:
+    return Arch(name=name, layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
+                groups=_LLAMA_GROUPS[:2], moe=spec, renames=renames)
+
+
+# Mixtral checkpoints say block_sparse_moe.experts.N.w1/w3/w2; transformers, GPTQModel and the
+# quantized checkpoints it reads say mlp.experts.N.gate_proj/up_proj/down_proj.
+_MIXTRAL_RENAMES = (
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+    (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+    (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
+)
+
+
 ARCHITECTURES: dict[str, Arch] = {
+    "mixtral": _moe("mixtral", MoESpec("mlp", "num_local_experts", "intermediate_size"), _MIXTRAL_RENAMES),
+    "qwen2_moe": _moe("qwen2_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size", shared=True)),
+    "qwen3_moe": _moe("qwen3_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size")),
+    "gemma2": _gemma("gemma2", attn="eager"),
+    "gemma3_text": _gemma("gemma3_text"),
+    "phi3": Arch(name="phi3", layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
+                 groups=_PHI3_GROUPS, awq_no_clip=("self_attn.qkv_proj",)),
     "llama": _llama_like("llama"),
     "mistral": _llama_like("mistral"),
     "qwen2": _llama_like("qwen2"),
@@ -92,4 +177,12 @@ def arch_for(config) -> Arch:
             f"Architecture {model_type!r} is not supported; supported architectures: {supported}.",
             details={"model_type": model_type, "supported": sorted(ARCHITECTURES)},
         )
+    if arch.moe is not None:
+        from workers.engine.moe import check_uniform
+
+        why = check_uniform(config, arch.moe)
+        if why:
+            raise UnsupportedArchitecture(f"{model_type!r} models whose {why} are not supported yet: every layer must be sparse.",
+                                          details={"model_type": model_type})
+        arch = replace(arch, groups=arch.groups + moe_groups(arch.moe, getattr(config, arch.moe.num_experts)))
     return arch

@@ -27,15 +27,21 @@ def model_card(
     quantization_config: dict[str, Any],
     calibration: dict[str, Any] | None,
     evaluation: dict[str, Any] | None,
+    source: dict[str, Any] | None = None,
 ) -> str:
-    """Render the card with Hub metadata in its YAML header."""
+    """Render the card with Hub metadata in its YAML header.
+
+    ``source`` (``{"revision": ..., "files": {name: sha256}}``) says exactly which
+    weights were quantized: the Hub commit the job resolved and every source file's hash.
+    """
     bits = options.get("bits") or (4 if method == "bnb-4bit" else 8 if method == "bnb-8bit" else None)
     entry = registry.method_entry(method)
-    tags = ["quantfarm", method, fmt, "quantized"]
-    tags += [t for t in (entry.tags if entry else ()) if t not in tags] + ([f"{bits}-bit"] if bits and f"{bits}-bit" not in tags else [])
+    tags = ["quantfarm", method, fmt, "quantized"] + list(entry.tags if entry else ()) + ([f"{bits}-bit"] if bits else [])
+    tags = list(dict.fromkeys(tags))  # each tag once (rtn writes gptq: method and format can agree)
     header = [
         "---",
         f"base_model: {json.dumps(base_model)}" if base_model else None,
+        "base_model_relation: quantized" if base_model else None,
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags:",
@@ -62,6 +68,12 @@ def model_card(
         lines += [f"- {k}: `{json.dumps(v)}`" for k, v in sorted(calibration.items()) if k != "texts"]
         if "texts" in calibration:
             lines.append(f"- texts: {len(calibration['texts'])} given inline")
+        lines.append("")
+    if source:
+        lines += ["## Source", ""]
+        if source.get("revision"):
+            lines.append(f"- revision: `{source['revision']}`")
+        lines += [f"- `{name}` sha256 `{digest}`" for name, digest in sorted((source.get("files") or {}).items())]
         lines.append("")
     lines += ["## Evaluation", ""]
     if evaluation:

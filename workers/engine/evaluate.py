@@ -20,9 +20,9 @@ def perplexity_pair(model: StreamedModel, method: Method, ckpt: Checkpoints, ids
     after = list(before)
     for i in range(model.num_layers):
         layer = model.load_layer(i)
-        before = model.forward_layer(layer, before)
+        before = model.forward_layer(layer, model.inputs_for(i, before))
         method.apply(model.arch, layer, ckpt.load(i))
-        after = model.forward_layer(layer, after)
+        after = model.forward_layer(layer, model.inputs_for(i, after))
         model.release(layer)
         release_heap()
     nll_b, n = model.head_nll(before, token_batches)

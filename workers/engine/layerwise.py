@@ -31,4 +31,14 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
         layers_computed=stats.computed,
         layers_replayed=stats.replayed,
         layer_losses=ckpt.losses(),
+        job_metrics=expert_metrics(ckpt),
     )
+
+
+def expert_metrics(ckpt: Checkpoints) -> dict:
+    """Tokens the router sent each expert, and the experts rounded to nearest, per layer (MoE models only)."""
+    layers = sorted(ckpt.layers.items())
+    experts = {str(i): m["expert_tokens"] for i, m in layers if m.get("expert_tokens")}
+    if not experts:
+        return {}
+    return {"expert_tokens": experts, "rtn_experts": {str(i): m["rtn_experts"] for i, m in layers if m.get("rtn_experts")}}

@@ -63,22 +63,28 @@ class StreamedModel:
         self.config = read_config(self.dir)
         self.arch: Arch = arch_for(self.config)
         self.shards = ShardReader(self.dir)
+        self.shards.rename(self.arch.renames)
         self.device = device
         src = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None) or torch.float32
         self.source_dtype = getattr(torch, src) if isinstance(src, str) else src
         self.dtype = compute_dtype(self.source_dtype, device)
         try:
             with init_empty_weights(include_buffers=False), contextlib.redirect_stdout(io.StringIO()):
-                self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation=self.arch.attn)
         except ValueError as exc:
             raise UnsupportedModel(f"transformers cannot build this model as a causal LM: {exc}") from None
         self.model.eval()
+        if self.arch.moe is not None:  # one nn.Linear per expert, named as the checkpoint names them
+            from workers.engine.moe import install
+
+            install(self.model.get_submodule(self.arch.layers), self.arch, self.config)
         for module in self.model.modules():  # rotary tables etc. are real buffers; put them where we compute
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.device.type != "meta":
                     module._buffers[name] = buf.to(device)
         self.layers: nn.ModuleList = self.model.get_submodule(self.arch.layers)
         self.num_layers = len(self.layers)
+        self.layer_kwargs: list[list[dict[str, Any]]] | None = None  # per layer and batch, where layers differ
 
     # --- loading -----------------------------------------------------------------
 
@@ -120,37 +126,65 @@ class StreamedModel:
 
     @staticmethod
     def release(module: nn.Module | None) -> None:
-        """Drop a module's weights back to ``meta``."""
+        """Drop a module's weights back to ``meta``; computed buffers (Gemma's embedding scale) stay."""
         if module is not None:
+            kept = [(m, n, m._buffers[n]) for m in module.modules() for n in m._non_persistent_buffers_set
+                    if m._buffers.get(n) is not None]
             module.to("meta")
+            for m, n, buf in kept:
+                m._buffers[n] = buf
 
     # --- running -----------------------------------------------------------------
 
     @torch.no_grad()
     def capture_inputs(self, token_batches: list[torch.Tensor]) -> list[Batch]:
-        """Run the embeddings and record what layer 0 receives for each batch."""
+        """Run the embeddings and record what layer 0 receives for each batch.
+
+        Every layer's keyword arguments are recorded too, with the layers passing
+        their input through untouched: models that mix attention kinds (Gemma's
+        sliding and global layers) give each kind its own mask and rotary tables.
+        ``inputs_for`` hands them to the right layer.
+        """
         pre = [self.materialize(p) for p in self.arch.pre]
+        last = self.num_layers - 1
+        seen: list[list[dict[str, Any]]] = [[] for _ in range(self.num_layers)]
 
-        def hook(_module, args, kwargs):
-            raise _Captured(args, kwargs)
+        def passthrough(i: int):
+            def forward(*args, **kwargs):
+                kwargs = dict(kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                seen[i].append(kwargs)
+                if i == 0:
+                    first.append(hidden)
+                if i == last:
+                    raise _Captured(args, kwargs)
+                return hidden
+            return forward
 
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        out: list[Batch] = []
+        first: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            layer.forward = passthrough(i)
         try:
             for ids in token_batches:
                 try:
                     self.model(input_ids=ids.to(self.device), use_cache=False)
-                except _Captured as cap:
-                    kwargs = dict(cap.kwargs_)
-                    hidden = cap.args_[0] if cap.args_ else kwargs.pop("hidden_states")
-                    out.append((hidden, kwargs))
-                else:  # pragma: no cover - the hook always fires
-                    raise RuntimeError("layer 0 was never reached")
+                except _Captured:
+                    continue
+                raise RuntimeError("the last layer was never reached")  # pragma: no cover
         finally:
-            handle.remove()
+            for layer in self.layers:
+                del layer.forward
             for m in pre:
                 self.release(m)
-        return out
+        differs = any(kw.get(k) is not k0[k] or kw.keys() != k0.keys() for per in seen[1:] for kw, k0 in zip(per, seen[0]) for k in k0)
+        self.layer_kwargs = seen if differs else None
+        return list(zip(first, seen[0]))
+
+    def inputs_for(self, i: int, inputs: list[Batch]) -> list[Batch]:
+        """``inputs`` with layer ``i``'s own keyword arguments (masks, rotary tables) where they differ."""
+        if self.layer_kwargs is None:
+            return inputs
+        return [(hidden, kw) for (hidden, _), kw in zip(inputs, self.layer_kwargs[i])]
 
     @staticmethod
     @torch.no_grad()
@@ -166,6 +200,7 @@ class StreamedModel:
     def head_nll(self, inputs: list[Batch], token_batches: list[torch.Tensor]) -> tuple[float, int]:
         """Apply the final norm and head; return (sum of next-token NLL, token count)."""
         post = [self.materialize(p) for p in self.arch.post]
+        cap = getattr(self.config, "final_logit_softcapping", None)
         total, count = 0.0, 0
         try:
             for (hidden, _), ids in zip(inputs, token_batches):
@@ -174,6 +209,8 @@ class StreamedModel:
                     if m is not None:
                         h = m(h)
                 logits = h[:, :-1].float()
+                if cap:  # Gemma caps the logits: cap * tanh(logits / cap)
+                    logits = torch.tanh(logits / cap) * cap
                 target = ids[:, 1:].to(self.device)
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
                 total += float(nll)

@@ -48,6 +48,7 @@ class QuantizeRequest:
     read_upload: Callable[[str], str] | None = None
     hub_token: str | None = None  # the job's own token for a hub: calibration dataset (never the worker's)
     formats: list[str] | None = None  # None: the method's natural format
+    source_revision: str | None = None  # the Hub commit (or S3 listing digest) the source was fetched at
 
 
 @dataclass
@@ -102,6 +103,7 @@ def run_layers(
             _report(on_layer, i, total, 0.0, ckpt, True, stats, t_start)
             continue
         layer = model.load_layer(i)
+        inputs = model.inputs_for(i, inputs)
         wants_next = needs_inputs and i + 1 < total
         nxt = None
         if resumed:
@@ -112,6 +114,7 @@ def run_layers(
         else:
             out = method.quantize_layer(LayerContext(model, i, layer, inputs))
             tensors, nxt = out.tensors, out.next_inputs
+            assert_finite(i, tensors)
             if wants_next and method.next_from_source and nxt is None:
                 raise RuntimeError(f"{method.name} must return the source layer's outputs as next_inputs")
         # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
@@ -123,12 +126,19 @@ def run_layers(
         release_heap()
         seconds = time.monotonic() - t0
         if not resumed:
-            ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3)})
+            ckpt.save(i, tensors, {"losses": out.losses, "seconds": round(seconds, 3), **out.stats})
             stats.computed.append(i)
         del tensors
         _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start)
     stats.seconds = time.monotonic() - t_start
     return stats
+
+
+def assert_finite(i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a layer whose quantized tensors hold NaN or inf (a solver blow-up must not be exported)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):  # fp8: via float
+            raise RuntimeError(f"layer {i}: {name} is not finite after quantization")
 
 
 @functools.lru_cache(maxsize=1)

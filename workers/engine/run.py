@@ -83,9 +83,12 @@ def quantize(
     outputs = [FormatOutput(f, d, q.configs[f], _weights_bytes(d)) for f, d in job.outputs.items()]
     metrics: dict[str, Any] = {
         "size_bytes_before": ShardReader(req.source_dir).total_bytes(),
+        # Provenance: the Hub commit (or S3 listing digest) fetched and every source file's sha256.
+        "source": {"revision": req.source_revision, "files": ShardReader(req.source_dir).file_hashes()},
         "size_bytes_after": outputs[0].size_bytes,
         **q.metrics,
         "quantize_seconds": round(time.monotonic() - t0, 3),
+        **q.job_metrics,
     }
     if len(outputs) > 1:
         metrics["formats"] = {o.format: {"size_bytes": o.size_bytes} for o in outputs}
@@ -122,6 +125,6 @@ def _write_card(req: QuantizeRequest, method: Method, out: FormatOutput, q: Quan
     calib = req.calibration.model_dump(mode="json", exclude_none=True) if method.requires_calibration else None
     card = model_card(
         base_model=req.base_model, method=method.name, fmt=out.format, options=req.options.model_dump(mode="json"),
-        quantization_config=out.quantization_config, calibration=calib, evaluation=figures,
+        quantization_config=out.quantization_config, calibration=calib, evaluation=figures, source=metrics["source"],
     )
     (out.out_dir / "README.md").write_text(card)

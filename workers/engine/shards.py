@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -43,6 +44,19 @@ class ShardReader:
             _shard_path(self.dir, fname)
         self.weight_map: dict[str, str] = weight_map
         self._dtypes: dict[str, torch.dtype] | None = None
+        self.stored: dict[str, str] = {}  # name we use -> name in the files, where they differ
+
+    def rename(self, rules: tuple[tuple[str, str], ...]) -> None:
+        """Call tensors by the names the regex ``rules`` give them (the files keep theirs)."""
+        renamed = {}
+        for name, fname in self.weight_map.items():
+            new = name
+            for pattern, repl in rules:
+                new = re.sub(pattern, repl, new)
+            renamed[new] = fname
+            if new != name:
+                self.stored[new] = name
+        self.weight_map = renamed
 
     @property
     def files(self) -> list[str]:
@@ -56,7 +70,7 @@ class ShardReader:
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.dir / self.weight_map[name], framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self.stored.get(name, name))
 
     def load_prefix(self, prefix: str, *, strip: bool = True) -> dict[str, torch.Tensor]:
         """Load every tensor whose name starts with ``prefix`` (grouped by shard)."""
@@ -67,7 +81,7 @@ class ShardReader:
         for fname, names in sorted(by_file.items()):
             with safe_open(self.dir / fname, framework="pt") as f:
                 for name in names:
-                    out[name[len(prefix):] if strip else name] = f.get_tensor(name)
+                    out[name[len(prefix):] if strip else name] = f.get_tensor(self.stored.get(name, name))
         return out
 
     def total_bytes(self) -> int:

@@ -108,6 +108,27 @@ class LayerWalk:
         return outputs
 
     @torch.no_grad()
+    def collect(self, hooks: dict[str, Callable[[torch.Tensor], None]], stop_after: str) -> None:
+        """Feed each named linear's input to its hook, every batch ending once ``stop_after`` returned."""
+
+        def stop(_m, _a, _o):
+            raise _Stop
+
+        handles = [self.layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, f=f: f(a[0])) for n, f in hooks.items()]
+        handles.append(self.layer.get_submodule(stop_after).register_forward_hook(stop))
+        try:
+            with self._memoized():
+                for self.batch, (hidden, kwargs) in enumerate(self.inputs):
+                    try:
+                        self.layer(hidden, **kwargs)
+                    except _Stop:
+                        continue
+                    raise RuntimeError(f"{stop_after} never ran in this layer's forward")
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
     def finish(self) -> list[Batch]:
         """Run every batch to the end (memoized sub-modules are not recomputed)."""
         outs = []

@@ -25,7 +25,8 @@ from workers.engine.arch import ARCHITECTURES
 from workers.engine.awq_pack import unpack_gemm
 from workers.engine.methods import method_for
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gemma2", "phi3",
+         pytest.param("gemma3_text", marks=pytest.mark.slow)]
 
 
 def _max_logit_diff(run, seed: int = 0) -> tuple[float, float]:
@@ -66,8 +67,8 @@ def test_default_cpu_kernel_runs_the_artifact_close_to_fp32(awq_run):
     ids = sample_ids(fused.config.vocab_size)
     with torch.no_grad():
         want, got = ours(ids).logits, fused(ids).logits
-    # bf16 activations carry ~3 significant digits; the logits here reach ~3.
-    assert (want - got).abs().max().item() < 0.1
+    # bf16 activations carry ~3 significant digits; relative to the largest logit, a few 1e-3 per op.
+    assert (want - got).abs().max().item() < 0.03 * want.abs().max().item()
     assert (want.argmax(-1) == got.argmax(-1)).float().mean().item() > 0.95
 
 

@@ -162,7 +162,7 @@ def test_one_calibration_writes_both_formats_and_resumes_byte_identical(tiny_sou
     ("gptq", {"formats": [CT, CT]}, "formats", "each format at most once"),
     ("gptq", {"formats": []}, "formats", "List should have at least 1 item after validation, not 0"),
     ("gptq", {"formats": [CT], "options": {"bits": 3}}, "formats", f"{CT}: pack-quantized takes 4- or 8-bit codes, not 3-bit"),
-    ("gptq", {"formats": [CT], "options": {"desc_act": True}}, "formats",
+    ("gptq", {"formats": [CT], "options": {"desc_act": True, "static_groups": False}}, "formats",
      f"{CT}: act-order without static_groups permutes the groups; set static_groups"),
 ])
 def test_an_invalid_method_format_pair_names_the_valid_ones(method, body, field, why):

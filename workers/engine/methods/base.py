@@ -38,6 +38,7 @@ class LayerOutput:
     # The layer's outputs with the quantized weights, when the method computed them on the way
     # (they must equal a plain forward after ``apply``); None: the loop runs that forward.
     next_inputs: list | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # per-layer facts for the job's metrics (expert token counts)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Quantized:
     layers_replayed: list[int] = field(default_factory=list)
     layer_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # method-specific figures (memory footprints)
+    job_metrics: dict[str, Any] = field(default_factory=dict)  # for the job's metrics only, not the card (expert tokens)
 
 
 class Method(ABC):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+from itertools import groupby
+
 import torch
 from torch import nn
 
 from workers.engine import ENGINE_VERSION
 from workers.engine.arch import Arch, LinearGroup
 from workers.engine.methods.base import LayerContext, LayerOutput, LayerwiseMethod, set_weight
+from workers.engine.moe import calibrating, routed_counts
 from workers.engine.walk import LayerWalk, replace_first
 from workers.engine.pack import dequantize_gptq, pack_gptq, unpack_gptq
-from workers.engine.quant import HessianSum, QuantResult, gptq_quantize, prepare_hinv
+from workers.engine.quant import HessianSum, QuantResult, gptq_quantize, prepare_hinv, rtn_quantize
+
+log = logging.getLogger(__name__)
 
 _KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -84,6 +90,18 @@ class GPTQMethod(GPTQFormat):
         parts = split_rows(res, [w.shape[0] for w in weights])
         return list(zip(group.names, parts))
 
+    def solve_or_round(self, layer: nn.Module, group: LinearGroup, h: HessianSum, routed: dict, out: LayerOutput):
+        """``solve_group``, or round to nearest an expert that saw too few tokens for a Hessian."""
+        o = self.options
+        tokens = routed.get(group.stage, [])[group.expert] if group.expert is not None and group.stage in routed else None
+        starved = h.H is None or (o.moe_calibration == "routed" and tokens is not None and tokens < o.min_expert_tokens)
+        if not starved:
+            return self.solve_group(layer, group, h.H)
+        log.warning("%s: %s routed tokens (< min_expert_tokens %d); rounding to nearest", group.names[0], tokens, o.min_expert_tokens)
+        out.stats.setdefault("rtn_experts", []).extend(group.names)
+        return [(n, rtn_quantize(layer.get_submodule(n).weight.data, bits=o.bits, group_size=o.group_size, sym=o.sym,
+                                 min_zero=0 if o.sym else 1)) for n in group.names]
+
     def quantize_layer(self, ctx: LayerContext) -> LayerOutput:
         if self.options.true_sequential:
             return self._sequential(ctx)
@@ -91,13 +109,17 @@ class GPTQMethod(GPTQFormat):
         acc = {g.names[0]: HessianSum() for g in ctx.arch.groups}
         hooks = [ctx.layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, h=h: h.add(a[0])) for n, h in acc.items()]
         try:
-            ctx.model.forward_layer(ctx.layer, ctx.inputs)
+            with calibrating(ctx.layer, self.options.moe_calibration == "all_experts"):
+                ctx.model.forward_layer(ctx.layer, ctx.inputs)
+                routed = routed_counts(ctx.layer)
         finally:
             for hook in hooks:
                 hook.remove()
         out = LayerOutput({})
+        if routed:
+            out.stats["expert_tokens"] = routed
         for group in ctx.arch.groups:
-            for name, res in self.solve_group(ctx.layer, group, acc[group.names[0]].H):
+            for name, res in self.solve_or_round(ctx.layer, group, acc[group.names[0]], routed, out):
                 self._store(out, name, res)
         return out
 
@@ -106,24 +128,44 @@ class GPTQMethod(GPTQFormat):
         """Group by group: each sees the quantized outputs of the groups before it."""
         out = LayerOutput({})
         walk = LayerWalk(ctx.layer, ctx.inputs)
-        for group in ctx.arch.groups:
-            first, h = group.names[0], HessianSum()
-            stored: list[torch.Tensor] = []
-
-            def on_input(x, h=h, stored=stored, keep=group.closes is not None):
-                h.add(x)
-                if keep:  # the sub-module's output is computed from it once the linear is quantized
-                    stored.append(x)
-
-            returned = walk.watch(first, on_input, until_output_of=group.closes)
-            for name, res in self.solve_group(ctx.layer, group, h.H):
-                self._store(out, name, res)
-                set_quantized(ctx.layer, name, res.dequantize())
-            if group.closes is not None:
-                linear = ctx.layer.get_submodule(first)
-                walk.memo[group.closes] = [replace_first(r, linear(x)) for r, x in zip(returned, stored)]
+        for (stage, _step), run in groupby(ctx.arch.groups, key=lambda g: (g.stage, g.step)):
+            if stage is not None:
+                self._stage(ctx, walk, list(run), out)
+                continue
+            for group in run:
+                self._one_group(ctx, walk, group, out)
         out.next_inputs = walk.finish()
         return out
+
+    def _one_group(self, ctx: LayerContext, walk: LayerWalk, group: LinearGroup, out: LayerOutput) -> None:
+        first, h = group.names[0], HessianSum()
+        stored: list[torch.Tensor] = []
+
+        def on_input(x, keep=group.closes is not None):
+            h.add(x)
+            if keep:  # the sub-module's output is computed from it once the linear is quantized
+                stored.append(x)
+
+        returned = walk.watch(first, on_input, until_output_of=group.closes)
+        for name, res in self.solve_group(ctx.layer, group, h.H):
+            self._store(out, name, res)
+            set_quantized(ctx.layer, name, res.dequantize())
+        if group.closes is not None:
+            linear = ctx.layer.get_submodule(first)
+            walk.memo[group.closes] = [replace_first(r, linear(x)) for r, x in zip(returned, stored)]
+
+    def _stage(self, ctx: LayerContext, walk: LayerWalk, run: list[LinearGroup], out: LayerOutput) -> None:
+        """A sparse block's experts: one pass gathers every expert's Hessian, then each is solved."""
+        sums = {g.names[0]: HessianSum() for g in run}
+        with calibrating(ctx.layer, self.options.moe_calibration == "all_experts"):
+            walk.collect({n: h.add for n, h in sums.items()}, stop_after=run[0].stage)
+            routed = routed_counts(ctx.layer)
+        if run[0].step == 0:
+            out.stats.setdefault("expert_tokens", {}).update(routed)
+        for group in run:
+            for name, res in self.solve_or_round(ctx.layer, group, sums[group.names[0]], routed, out):
+                self._store(out, name, res)
+                set_quantized(ctx.layer, name, res.dequantize())
 
     def quantization_config(self) -> dict:
         o = self.options

@@ -1,0 +1,115 @@
+"""What AWQ records of one float layer: each group's inputs, split into search and held-out windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.engine.arch import LinearGroup
+from workers.engine.methods.base import LayerContext
+
+CLIP_TOKENS = 512  # tokens the clip search looks at
+HELDOUT_EVERY = 4  # every 4th calibration window validates the searches instead of feeding them
+
+
+@dataclass
+class GroupInputs:
+    """What one forward pass of the float layer recorded for a group of linears.
+
+    ``held`` marks, per batch, the calibration windows (rows of dim 0) kept out of
+    the searches: the chosen scales and clips are validated on them. None (or an
+    input without a window dimension) means every row is searched on.
+    """
+
+    x: list[torch.Tensor] = field(default_factory=list)  # input of the group's linears, per batch
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)  # (args, kwargs) of the inspected module
+    ref: list[torch.Tensor] = field(default_factory=list)  # the inspected module's float output, per call
+    held: list[torch.Tensor | None] = field(default_factory=list)  # bool [windows] per batch
+
+    def rows(self, i: int, t: torch.Tensor, heldout: bool = False) -> torch.Tensor:
+        """Batch ``i``'s search rows of ``t`` (or its held-out ones)."""
+        mask = self.held[i] if i < len(self.held) else None
+        if mask is None or t.dim() < 3 or t.shape[0] != mask.shape[0]:
+            return t
+        return t[mask.to(t.device) if heldout else ~mask.to(t.device)]
+
+    def search_x(self) -> list[torch.Tensor]:
+        return [self.rows(i, t) for i, t in enumerate(self.x)]
+
+    def heldout_x(self) -> list[torch.Tensor]:
+        return [self.rows(i, t, heldout=True) for i, t in enumerate(self.x)]
+
+    def x_mean(self) -> torch.Tensor:
+        xs = self.search_x()
+        total = sum(t.reshape(-1, t.shape[-1]).float().abs().sum(0) for t in xs)
+        return total / sum(t.numel() // t.shape[-1] for t in xs)
+
+    def gram(self, heldout: bool = False) -> torch.Tensor:
+        """``sum_t x_t x_tᵀ`` over the search tokens (or the held-out ones), in float32."""
+        return gram_of(self.heldout_x() if heldout else self.search_x())
+
+    def sample(self, limit: int = CLIP_TOKENS) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in self.search_x()])
+        return flat[:: max(1, flat.shape[0] // limit)]
+
+
+def gram_of(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_t x_t x_tᵀ`` over every row of ``xs``, in float32."""
+    G = None
+    for t in xs:
+        X = t.reshape(-1, t.shape[-1]).float()
+        G = X.t() @ X if G is None else G.addmm_(X.t(), X)
+    return G
+
+
+def heldout_masks(inputs: list, every: int = HELDOUT_EVERY) -> list[torch.Tensor | None]:
+    """Mark every ``every``-th calibration window (counted across batches) as held out.
+
+    With a single window there is nothing to hold out: it is searched on and
+    validated on alike.
+    """
+    sizes = [hidden.shape[0] if hidden.dim() >= 3 else 0 for hidden, _ in inputs]
+    if sum(sizes) < 2 or 0 in sizes:
+        return [None] * len(inputs)
+    masks, start = [], 0
+    for n in sizes:
+        masks.append((torch.arange(start, start + n) % every) == every - 1)
+        start += n
+    return masks
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
+    """Run the float layer once, recording each group's input and its inspected module's calls and outputs.
+
+    Groups whose inspected output is their own linear's (``linear_inspect``) keep
+    only the input: their search needs nothing else. Also returns the float
+    layer's outputs: the next layer's inputs.
+    """
+    layer, groups = ctx.layer, ctx.arch.groups
+    held = heldout_masks(ctx.inputs)
+    rec = {g.names[0]: GroupInputs(held=held) for g in groups}
+    handles = []
+    for g in groups:
+        r = rec[g.names[0]]
+        handles.append(layer.get_submodule(g.names[0]).register_forward_pre_hook(lambda _m, a, r=r: r.x.append(a[0])))
+        if linear_inspect(g):
+            continue
+        inspect = layer.get_submodule(g.inspect)
+        handles.append(inspect.register_forward_pre_hook(lambda _m, a, k, r=r: r.calls.append((a, k)), with_kwargs=True))
+        handles.append(inspect.register_forward_hook(lambda _m, _a, out, r=r: r.ref.append(_first(out))))
+    try:
+        outputs = ctx.model.forward_layer(layer, ctx.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec, outputs
+
+
+def linear_inspect(group: LinearGroup) -> bool:
+    """Whether the output AWQ measures for ``group`` is its single linear's own (o_proj, down_proj, fc1, fc2)."""
+    return len(group.names) == 1 and (group.inspect or group.names[0]) == group.names[0]
