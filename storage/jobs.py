@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage.models import Job, JobEvent, JobRun, new_id, utcnow
@@ -364,8 +364,12 @@ def oldest_waiting(s: Session, older_than: float) -> list[str]:
 
 def list_jobs(s: Session, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
               team_id: str | None = None) -> tuple[list[Job], str | None]:
-    """Return one page of jobs, newest first, and the cursor of the next page (one team's when given)."""
-    stmt = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    """Return one page of jobs, newest first, and the cursor of the next page (one team's when given).
+
+    The rows come without their encrypted secrets: a list never shows them, and decrypting
+    one per row is most of what a page would cost.
+    """
+    stmt = select(Job).options(defer(Job.secrets, raiseload=True)).order_by(Job.id.desc()).limit(limit + 1)
     if team_id is not None:
         stmt = stmt.where(Job.team_id == team_id)
     if status:
