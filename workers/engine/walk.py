@@ -89,22 +89,14 @@ class LayerWalk:
                 shape.append(out)
             raise _Stop
 
+        def stopped() -> None:
+            if len(outputs) <= self.batch and until_output_of is not None:
+                outputs.append(shape[0])  # stopped at the linear: only the shape is needed
+
         handles = [self.layer.get_submodule(linear).register_forward_pre_hook(pre)]
         if until_output_of is not None:
             handles.append(self.layer.get_submodule(until_output_of).register_forward_hook(post))
-        try:
-            with self._memoized():
-                for self.batch, (hidden, kwargs) in enumerate(self.inputs):
-                    try:
-                        self.layer(hidden, **kwargs)
-                    except _Stop:
-                        if len(outputs) <= self.batch and until_output_of is not None:
-                            outputs.append(shape[0])  # stopped at the linear: only the shape is needed
-                        continue
-                    raise RuntimeError(f"{linear} never ran in this layer's forward")
-        finally:
-            for h in handles:
-                h.remove()
+        self._each_batch(handles, linear, stopped)
         return outputs
 
     @torch.no_grad()
@@ -116,14 +108,23 @@ class LayerWalk:
 
         handles = [self.layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, f=f: f(a[0])) for n, f in hooks.items()]
         handles.append(self.layer.get_submodule(stop_after).register_forward_hook(stop))
+        self._each_batch(handles, stop_after)
+
+    def _each_batch(self, handles: list, stopper: str, on_stop: Callable[[], None] | None = None) -> None:
+        """Run every batch through the layer until a hook raises _Stop (then ``on_stop``); remove ``handles`` after.
+
+        Raises RuntimeError when a batch runs to the end without ``stopper`` stopping it.
+        """
         try:
             with self._memoized():
                 for self.batch, (hidden, kwargs) in enumerate(self.inputs):
                     try:
                         self.layer(hidden, **kwargs)
                     except _Stop:
+                        if on_stop is not None:
+                            on_stop()
                         continue
-                    raise RuntimeError(f"{stop_after} never ran in this layer's forward")
+                    raise RuntimeError(f"{stopper} never ran in this layer's forward")
         finally:
             for h in handles:
                 h.remove()
