@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 
 from api import auth
 from api.context import services
-from api.uploads import upload_exists
+from api.uploads import read_meta, upload_exists
+from quantfarm import taskset
 from quantfarm.errors import QuantfarmError, ValidationFailed
 from quantfarm.memory import estimate_at_submit
 from quantfarm.netguard import check_webhook_urls
@@ -22,6 +23,7 @@ from quantfarm.spec import public_spec, spec_secrets
 from storage import farm
 from storage import jobs as job_store
 from storage import teams as team_store
+from storage.layout import upload_prefix
 from storage.models import Artifact, Job, Team
 from storage.sources import check_local_path
 from storage.teams import Role
@@ -68,6 +70,8 @@ def check_references(s, spec, team_id: str) -> None:
         bad["calibration.upload_id"] = "no upload with this id; upload the file with POST /v1/uploads first"
     if spec.model.source == "upload" and not upload_exists(store, spec.model.upload_id, team_id):
         bad["model.upload_id"] = "no upload with this id; upload it with POST /v1/uploads first"
+    if spec.gate is not None and spec.gate.task_set_upload_id is not None:
+        bad.update(_task_set_problems(store, spec.gate.task_set_upload_id, team_id))
     if spec.model.source == "local":
         try:
             check_local_path(spec.model.path, services().settings.local_roots)
@@ -83,6 +87,22 @@ def check_references(s, spec, team_id: str) -> None:
             bad[field] = f"credential {name!r} is a {cred.kind} credential; this needs a {kind} one"
     if bad:
         raise ValidationFailed(bad)
+
+
+def _task_set_problems(store, upload_id: str, team_id: str) -> dict[str, str]:
+    """Read the gate's task set now (size first), so a bad file is a 422 at submit, not a failed job."""
+    meta = read_meta(store, upload_id, team_id)
+    if meta is None:  # unknown, unfinished or another team's: one answer
+        return {taskset.FIELD: "no upload with this id; upload the task set with POST /v1/uploads first"}
+    try:
+        taskset.check_size(int(meta.get("size_bytes") or 0))
+        key = f"{upload_prefix(upload_id)}/{meta['filename']}"
+        taskset.parse_task_set(store.get_bytes(key).decode("utf-8"))
+    except ValidationFailed as exc:
+        return exc.fields
+    except (KeyError, UnicodeDecodeError):
+        return {taskset.FIELD: "the upload cannot be read as a UTF-8 task set; upload it again"}
+    return {}
 
 
 def check_quota(s, team_id: str) -> None:

@@ -27,6 +27,7 @@ from pydantic import (
 from quantfarm import registry
 from quantfarm.errors import ValidationFailed
 from quantfarm.options import AWQOptions, BnB4Options, BnB8Options, FP8Options, GGUFOptions, GPTQOptions, LoftQOptions, RTNOptions, Strict  # noqa: F401 (re-exported)
+from quantfarm.quality import Evaluation, Gate  # noqa: F401 (re-exported)
 
 BUILTIN_DATASETS = ("code",)
 CREDENTIALS_REF = Field(None, description="Name of a team credential (POST /v1/credentials) to use instead of a pasted secret")
@@ -192,18 +193,6 @@ class Webhook(Strict):
         return v
 
 
-class Evaluation(Strict):
-    texts: list[str] | None = Field(None, min_length=1, description="Held-out text; default: built-in held-out code")
-    max_windows: int = Field(64, ge=1, le=1024, description="Held-out windows of seq_len tokens; small counts are noisy")
-
-
-class Gate(Strict):
-    max_ppl_increase_pct: float = Field(
-        ge=-100, le=1000, description="Fail the job (error quality_gate, artifact kept, never published) when held-out "
-                                      "perplexity rises by more than this percentage (negative: it must fall by that much)",
-    )
-
-
 # --- the job ---------------------------------------------------------------------
 
 
@@ -213,15 +202,15 @@ class _JobBase(Strict):
     destination: Destination = Field(default_factory=Destination)
     evaluate: bool = Field(True, description="Perplexity before and after on held-out windows (evaluation.max_windows bounds the cost)")
     evaluation: Evaluation = Field(default_factory=Evaluation)
-    gate: Gate | None = Field(None, description="Quality bar the quantized model must clear; needs evaluate")
+    gate: Gate | None = Field(None, description="Quality bar the quantized model must clear (perplexity needs evaluate)")
     webhooks: list[Webhook] = Field(default_factory=list, max_length=10)
     priority: int = Field(0, ge=-10, le=10)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
 
     @model_validator(mode="after")
     def _gate_needs_evaluation(self):
-        if self.gate is not None and not self.evaluate:
-            raise ValueError("a gate needs evaluate: true (it compares perplexity before and after)")
+        if self.gate is not None and self.gate.max_ppl_increase_pct is not None and not self.evaluate:
+            raise ValueError("gate.max_ppl_increase_pct needs evaluate: true (it compares perplexity before and after)")
         return self
 
     @field_validator("formats", check_fields=False)

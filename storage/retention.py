@@ -135,13 +135,13 @@ def _purge_past_window(db, store, cutoff: datetime) -> list[str]:
 
 
 def _referenced_uploads(s: Session) -> set[str]:
-    """Uploads a job may still read: queued, running, or retryable jobs' calibration and model."""
+    """Uploads a job may still read: queued, running, or retryable jobs' calibration, model and gate task set."""
     specs = s.scalars(select(Job.spec).where(
         Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value, *RETRYABLE]), Job.purged_at.is_(None)))
     out = set()
     for spec in specs:
-        for part in ("calibration", "model"):
-            upload_id = ((spec or {}).get(part) or {}).get("upload_id")
+        for part, key in (("calibration", "upload_id"), ("model", "upload_id"), ("gate", "task_set_upload_id")):
+            upload_id = ((spec or {}).get(part) or {}).get(key)
             if upload_id:
                 out.add(upload_id)
     return out

@@ -85,7 +85,7 @@ def test_gc_removes_exactly_what_it_should_and_nothing_else(farm):
     old_failed = make_job(db, "failed", days_ago=10, spec={"calibration": {"upload_id": up("a")}})
     new_failed = make_job(db, "failed", days_ago=1, spec={"calibration": {"upload_id": up("b")}})
     old_done = make_job(db, "succeeded", days_ago=10, claim=2)
-    queued = make_job(db, "queued", spec={"model": {"upload_id": up("c")}})
+    queued = make_job(db, "queued", spec={"model": {"upload_id": up("c")}, "gate": {"task_set_upload_id": up("f")}})
     running = make_job(db, "running")
     keep, gone = set(), set()
     gone |= put_files(store, layout.checkpoint_prefix(old_failed))
@@ -98,6 +98,7 @@ def test_gc_removes_exactly_what_it_should_and_nothing_else(farm):
     keep |= put_upload(store, up("c"), 30)  # a queued job needs it
     gone |= put_upload(store, up("d"), 30)  # nobody
     keep |= put_upload(store, up("e"), 1)  # too young
+    keep |= put_upload(store, up("f"), 30)  # a queued job's gate task set
     scratch = settings.resolved_scratch_dir
     for name in (old_failed, running, new_failed):
         (scratch / name / "abc").mkdir(parents=True)

@@ -269,7 +269,7 @@ class JobRunner:
             source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
             evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
             read_upload=self._read_upload, hub_token=secrets.get("calibration.token"), formats=list(spec.formats),
-            source_revision=fetched.revision if fetched.source != "local" else None,
+            source_revision=fetched.revision if fetched.source != "local" else None, gate=spec.gate,
         )
         out_dir = scratch / "out"
         if self.settings.torch_threads:

@@ -22,6 +22,7 @@ from workers.engine.export import copy_tokenizer
 from workers.engine.methods.base import EngineJob, Quantized
 from workers.engine.model import read_config
 from workers.engine.pipeline import batches_of
+from workers.engine.tasks_gate import loaded_generations
 
 
 def _require_bnb() -> None:
@@ -44,6 +45,20 @@ def _load(path: Path, device: torch.device, **kwargs):
     except ValueError as exc:
         raise UnsupportedModel(f"transformers cannot load this model as a causal LM: {str(exc)[:300]}") from None
     return model.eval()
+
+
+def loaded_perplexities(load_source, load_quantized):
+    """Perplexity of two whole models loaded one after the other (the source, then the artifact)."""
+
+    def run(ids: torch.Tensor) -> tuple[float, float]:
+        values = []
+        for load in (load_source, load_quantized):
+            model = load()
+            values.append(perplexity(model, ids))
+            _free(model)
+        return values[0], values[1]
+
+    return run
 
 
 def source_skeleton(source_dir: Path):
@@ -108,17 +123,14 @@ def quantize_bnb(method, job: EngineJob) -> Quantized:
     copy_tokenizer(req.source_dir, out_dir)
     qconfig = json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})
 
-    def perplexities(ids: torch.Tensor) -> tuple[float, float]:
-        """The source, and the saved artifact reloaded as a user would (no quantization_config argument)."""
-        source = _load(req.source_dir, job.device)
-        before = perplexity(source, ids)
-        _free(source)
-        reloaded = _load(out_dir, job.device)
-        after = perplexity(reloaded, ids)
-        _free(reloaded)
-        return before, after
+    def source():
+        return _load(req.source_dir, job.device)
+
+    def reloaded():  # the saved artifact reloaded as a user would (no quantization_config argument)
+        return _load(out_dir, job.device)
 
     return Quantized(
-        configs={fmt: qconfig}, perplexities=perplexities,
+        configs={fmt: qconfig}, perplexities=loaded_perplexities(source, reloaded),
+        generations=loaded_generations(source, reloaded),
         metrics={"memory_footprint_before": int(footprint_before), "memory_footprint_after": int(footprint_after)},
     )

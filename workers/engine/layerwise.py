@@ -8,6 +8,7 @@ from workers.engine.export import export
 from workers.engine.formats import writer_for
 from workers.engine.methods.base import EngineJob, LayerwiseMethod, Quantized
 from workers.engine.pipeline import fingerprint_parts, prepare, run_layers
+from workers.engine.tasks_gate import streamed_generations
 
 
 def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
@@ -32,6 +33,7 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
         layers_replayed=stats.replayed,
         layer_losses=ckpt.losses(),
         job_metrics=expert_metrics(ckpt),
+        generations=streamed_generations(model, method, ckpt),
     )
 
 

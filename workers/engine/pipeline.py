@@ -49,6 +49,7 @@ class QuantizeRequest:
     hub_token: str | None = None  # the job's own token for a hub: calibration dataset (never the worker's)
     formats: list[str] | None = None  # None: the method's natural format
     source_revision: str | None = None  # the Hub commit (or S3 listing digest) the source was fetched at
+    gate: Any = None  # quantfarm.quality.Gate: its task set (read through read_upload) is scored here
 
 
 @dataclass

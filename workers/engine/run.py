@@ -18,6 +18,7 @@ from workers.engine.methods import EngineJob, Method, Quantized, method_for
 from workers.engine.model import read_config
 from workers.engine.pipeline import LayerReport, QuantizeRequest, load_tokenizer
 from workers.engine.shards import ShardReader
+from workers.engine.tasks_gate import task_scores
 
 
 @dataclass
@@ -92,11 +93,12 @@ def quantize(
     }
     if len(outputs) > 1:
         metrics["formats"] = {o.format: {"size_bytes": o.size_bytes} for o in outputs}
-    evaluation = _evaluate(req, q, job) if req.evaluate else None
-    if evaluation:
-        metrics.update(evaluation)
+    evaluation = _evaluate(req, q, job) if req.evaluate else {}
+    if req.gate is not None and req.gate.task_set_upload_id is not None:
+        evaluation.update(task_scores(req, q.generations, load_tokenizer(req.source_dir), job.stage))
+    metrics.update(evaluation)
     for o in outputs:
-        _write_card(req, method, o, q, metrics, evaluation)
+        _write_card(req, method, o, q, metrics, evaluation or None)
     return EngineResult(
         out_dir=out_dir, layers_total=q.layers_total, layers_computed=q.layers_computed, layers_replayed=q.layers_replayed,
         metrics=metrics, layer_losses=q.layer_losses, quantization_config=outputs[0].quantization_config, outputs=outputs,
@@ -120,7 +122,7 @@ def _evaluate(req: QuantizeRequest, q: Quantized, job: EngineJob) -> dict[str, A
 def _write_card(req: QuantizeRequest, method: Method, out: FormatOutput, q: Quantized, metrics: dict, evaluation: dict | None) -> None:
     figures = None
     if evaluation:
-        figures = {k: v for k, v in evaluation.items() if k != "evaluate_seconds"}
+        figures = {k: v for k, v in evaluation.items() if k not in ("evaluate_seconds", "task_seconds")}
         figures.update(size_bytes_before=metrics["size_bytes_before"], size_bytes_after=out.size_bytes, **q.metrics)
     calib = req.calibration.model_dump(mode="json", exclude_none=True) if method.requires_calibration else None
     card = model_card(

@@ -70,6 +70,8 @@ class Quantized:
     layer_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # method-specific figures (memory footprints)
     job_metrics: dict[str, Any] = field(default_factory=dict)  # for the job's metrics only, not the card (expert tokens)
+    # (prompts, max_new_tokens) -> greedy continuations of (source, quantized); see workers/engine/tasks_gate.py
+    generations: Callable[[list[torch.Tensor], int], tuple[list[list[int]], list[list[int]]]] | None = None
 
 
 class Method(ABC):

@@ -52,19 +52,24 @@ class GGUFMethod(Method):
         path = out_dir / self.file_name()
         write_gguf(job.req.source_dir, path, config=config, name=job.req.base_model or "model",
                    file_type=gguf.LlamaFileType.MOSTLY_Q8_0, convert=lambda _name, data: q8_0(data))
-        return Quantized(configs={fmt: self.quantization_config()}, perplexities=lambda ids: _perplexities(job, path, ids))
+        from workers.engine.bnb import loaded_perplexities
+        from workers.engine.tasks_gate import loaded_generations
+
+        loaders = _loaders(job, path)
+        return Quantized(configs={fmt: self.quantization_config()}, perplexities=loaded_perplexities(*loaders),
+                         generations=loaded_generations(*loaders))
 
 
-def _perplexities(job: EngineJob, path: Path, ids) -> tuple[float, float]:
+def _loaders(job: EngineJob, path: Path):
     """The source, and the GGUF file loaded back through transformers' GGUF loader (as a user would)."""
     from transformers import AutoModelForCausalLM
 
-    from workers.engine.bnb import _free, _load, perplexity
+    from workers.engine.bnb import _load
 
-    source = _load(job.req.source_dir, job.device)
-    before = perplexity(source, ids)
-    _free(source)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, device_map={"": str(job.device)}).eval()
-    after = perplexity(model, ids)
-    _free(model)
-    return before, after
+    def source():
+        return _load(job.req.source_dir, job.device)
+
+    def reloaded():
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, device_map={"": str(job.device)}).eval()
+
+    return source, reloaded

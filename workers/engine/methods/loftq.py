@@ -74,8 +74,9 @@ class LoftQMethod(Method):
         except ImportError:
             raise DependencyMissing("loftq requires peft: `pip install peft`.") from None
         from workers.engine.arch import arch_for
-        from workers.engine.bnb import _free, _load, perplexity, quantize_bnb
+        from workers.engine.bnb import _free, _load, loaded_perplexities, quantize_bnb
         from workers.engine.export import copy_tokenizer
+        from workers.engine.tasks_gate import loaded_generations
 
         (fmt, out_dir), = job.outputs.items()
         job.stage("exporting")
@@ -96,19 +97,17 @@ class LoftQMethod(Method):
             inner = quantize_bnb(bnb, sub)
         self._save_adapter(job, out_dir, targets, adapters)
 
-        def perplexities(ids):
+        def source():
+            return _load(job.req.source_dir, job.device)
+
+        def tuned():
             from peft import PeftModel
 
-            source = _load(job.req.source_dir, job.device)
-            before = perplexity(source, ids)
-            _free(source)
-            tuned = PeftModel.from_pretrained(_load(out_dir, job.device), out_dir / ADAPTER_DIR).eval()
-            after = perplexity(tuned, ids)
-            _free(tuned)
-            return before, after
+            return PeftModel.from_pretrained(_load(out_dir, job.device), out_dir / ADAPTER_DIR).eval()
 
         config = {**inner.configs[fmt], "loftq": self.quantization_config()["loftq"]}
-        return Quantized(configs={fmt: config}, perplexities=perplexities, metrics=inner.metrics)
+        return Quantized(configs={fmt: config}, perplexities=loaded_perplexities(source, tuned), metrics=inner.metrics,
+                         generations=loaded_generations(source, tuned))
 
     def _save_adapter(self, job: EngineJob, out_dir: Path, targets: list[str], adapters: dict) -> None:
         from peft import LoraConfig, get_peft_model
