@@ -112,3 +112,27 @@ def add_bert(out_dir: Path) -> Path:
     cfg = BertConfig(vocab_size=256, hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256)
     BertModel(cfg).save_pretrained(out_dir)
     return out_dir
+
+
+CODE_PROMPTS = ("def add(a, b):", "import os\n", "class Stack:", "for i in range(", "return self.", "while True:",
+                "# the sum of", "print(", "x = [", "if __name__")
+
+
+def greedy_tasks(model_dir: Path, max_new_tokens: int, prompts=CODE_PROMPTS) -> list[dict[str, str]]:
+    """A gate task set the float model answers fully: its own greedy continuations (first line), through transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantfarm.taskset import first_line
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tasks = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            answer = first_line(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            if answer:  # a continuation that starts with a newline has no first line to match
+                tasks.append({"prompt": prompt, "answer": answer})
+    return tasks

@@ -12,35 +12,21 @@ import pytest
 from sqlalchemy import select
 
 from quantfarm.settings import Settings
-from quantfarm.taskset import first_line
 from storage.layout import stored_prefix
 from storage.models import WebhookDelivery
 from tests.api.conftest import RecordingDispatcher, make_app
 from tests.workers.test_runner import CAL, env, load  # noqa: F401 (env: the fixture)
 from workers.runner import JobRunner
 
-PROMPTS = ["def add(a, b):", "import os\n", "class Stack:", "for i in range(", "return self.", "while True:",
-           "# the sum of", "print(", "x = [", "if __name__"]
 MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
 def float_answers(tiny_llama):
-    """The float model's own greedy continuations (first line), through plain transformers: the 'before' score is 100%."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The float model's own greedy answers: the 'before' score is 100%."""
+    from tests.support.models import greedy_tasks
 
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    tasks = []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = tok(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            answer = first_line(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-            if answer:  # a continuation that starts with a newline has no first line to match
-                tasks.append({"prompt": prompt, "answer": answer})
+    tasks = greedy_tasks(tiny_llama, MAX_NEW)
     assert len(tasks) >= 5
     return tasks
 
