@@ -49,6 +49,8 @@ class ArtifactOut(Out):
     location: str | None = Field(description="Where the files are in the farm's store, if stored there")
     hub_url: str | None
     hub_commit: str | None
+    source_revision: str | None = Field(description="The source's resolved commit (Hub sha or S3 listing digest); null for local sources")
+    source_files: dict[str, str] | None = Field(description="sha256 of each source weight shard and config.json the job quantized")
     created_at: datetime | None
 
 

@@ -238,6 +238,9 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     hub_url: Mapped[str | None] = mapped_column(String(1000))
     hub_commit: Mapped[str | None] = mapped_column(String(80))
+    # Provenance: the source commit the job resolved (Hub sha, or S3 listing digest) and each source file's sha256.
+    source_revision: Mapped[str | None] = mapped_column(String(80))
+    source_files: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")

@@ -25,6 +25,8 @@ def artifact_view(a: Artifact) -> dict[str, Any]:
         "location": a.location,
         "hub_url": a.hub_url,
         "hub_commit": a.hub_commit,
+        "source_revision": a.source_revision,
+        "source_files": a.source_files,
         "created_at": iso(a.created_at),
     }
 

@@ -346,6 +346,8 @@ class JobRunner:
     def _succeed(self, job_id, published: list[dict], metrics, *, failed_gate: str | None = None) -> None:
         import hashlib
 
+        source = metrics.get("source") or {}
+
         def write(s) -> None:
             job = jobs.get_job(s, job_id)
             for a in published:  # one artifact per format: kind "model" for the first, the format's name after
@@ -356,6 +358,7 @@ class JobRunner:
                     location=self.store.uri(prefix) if prefix else None, store_prefix=prefix,
                     files=[e.to_dict() for e in entries], file_count=len(entries),
                     size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=a["hub_url"], hub_commit=a["hub_commit"],
+                    source_revision=source.get("revision"), source_files=source.get("files"),
                 ))
             # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
             if failed_gate:  # the artifacts stay (marked gate_failed); the job fails with the numbers

@@ -272,10 +272,14 @@ def test_a_gate_the_job_clears_lets_it_succeed(env, tiny_llama):
     assert job.metrics["gate"]["passed"] is True and art.kind == "model"
 
 
-def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_path):
+def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_path, monkeypatch):
     """The Hub stand-in (tests/support/hubserver.py; the real Hub is unreachable) serves two commits of a model;
-    the job asked for "main" and its metrics, artifact card and card front matter name the head commit it got."""
+    the job asked for "main" and its metrics, artifact row, artifact API view, card and card front matter name the
+    head commit it got."""
+    from api.schemas import ArtifactOut
     from quantfarm.store import walk_files
+    from storage.views import artifact_view
+    from workers.engine import shards
     from storage.hub import card_metadata
     from tests.support.hubserver import HubServer
 
@@ -286,6 +290,9 @@ def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_pa
         head = hub.repos["org/tiny-llama"].commit("main", "a newer card", {"README.md": b"# newer"}).sha
         assert head != old
         settings = Settings(home=tmp_path / "home", lease_seconds=30, hf_endpoint=hub.endpoint)
+        hashed = []
+        real_sha = shards.sha256_file
+        monkeypatch.setattr(shards, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
         job_id = submit(db, {"model": {"source": "hub", "repo_id": "org/tiny-llama"}, "method": "rtn",
                              "options": {"group_size": 32}, "evaluate": False})
         assert JobRunner(settings, db, store).run(job_id) == "succeeded"
@@ -299,6 +306,10 @@ def test_a_hub_sourced_job_names_the_commit_it_quantized(env, tiny_llama, tmp_pa
     card = store.get_bytes(f"{stored_prefix(art)}/README.md").decode()
     assert f"- revision: `{head}`" in card and all(source["files"][n] in card for n in shards)
     assert any(f["path"] == "README.md" for f in art.files)
+    assert (art.source_revision, art.source_files) == (head, source["files"])  # on the artifact row too
+    view = ArtifactOut.model_validate(artifact_view(art)).model_dump(mode="json")  # and in the artifact API's answer
+    assert view["source_revision"] == head and view["source_files"] == source["files"]
+    assert sorted(hashed) == sorted(source["files"])  # each source file hashed once per job (fingerprint and provenance)
     meta = card_metadata(card)
     assert meta["base_model"] == "org/tiny-llama" and meta["base_model_relation"] == "quantized"
     assert len(meta["tags"]) == len(set(meta["tags"])) and "gptq" in meta["tags"]  # rtn writes gptq: named once

@@ -19,7 +19,8 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
     """
     job.stage("calibrating")
     model, calib = prepare(job.req, job.device, method)
-    ckpt = Checkpoints(job.checkpoint_store, fingerprint_parts(model, method, calib))
+    fingerprint = fingerprint_parts(model, method, calib)
+    ckpt = Checkpoints(job.checkpoint_store, fingerprint)
     stats = run_layers(model, method, calib, ckpt, job.on_layer)
     job.stage("exporting")
     configs = {}
@@ -34,6 +35,7 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
         layer_losses=ckpt.losses(),
         job_metrics=expert_metrics(ckpt),
         generations=streamed_generations(model, method, ckpt),
+        source_files=fingerprint["source_files"],  # hashed once, for the fingerprint and the provenance alike
     )
 
 

@@ -82,10 +82,11 @@ def quantize(
     t0 = time.monotonic()
     q = method.quantize(job)
     outputs = [FormatOutput(f, d, q.configs[f], _weights_bytes(d)) for f, d in job.outputs.items()]
+    shards = ShardReader(req.source_dir)
     metrics: dict[str, Any] = {
-        "size_bytes_before": ShardReader(req.source_dir).total_bytes(),
+        "size_bytes_before": shards.total_bytes(),
         # Provenance: the Hub commit (or S3 listing digest) fetched and every source file's sha256.
-        "source": {"revision": req.source_revision, "files": ShardReader(req.source_dir).file_hashes()},
+        "source": {"revision": req.source_revision, "files": q.source_files or shards.file_hashes()},
         "size_bytes_after": outputs[0].size_bytes,
         **q.metrics,
         "quantize_seconds": round(time.monotonic() - t0, 3),

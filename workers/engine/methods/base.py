@@ -71,6 +71,7 @@ class Quantized:
     metrics: dict[str, Any] = field(default_factory=dict)  # method-specific figures (memory footprints)
     job_metrics: dict[str, Any] = field(default_factory=dict)  # for the job's metrics only, not the card (expert tokens)
     # (prompts, max_new_tokens) -> greedy continuations of (source, quantized); see workers/engine/tasks_gate.py
+    source_files: dict[str, str] | None = None  # the source files' sha256 when the method hashed them already
     generations: Callable[[list[torch.Tensor], int], tuple[list[list[int]], list[list[int]]]] | None = None
 
 
