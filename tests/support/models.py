@@ -80,6 +80,13 @@ def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: 
         return cls(intermediate_size=intermediate, moe_intermediate_size=128, num_key_value_heads=kv_heads, num_experts=4,
                    num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                    tie_word_embeddings=False, **extra, **common)
+    if arch == "deepseek_v2":  # V2-Lite's shape: plain q_proj, a compressed kv latent, shared + routed experts
+        from transformers import DeepseekV2Config
+
+        return DeepseekV2Config(intermediate_size=intermediate, moe_intermediate_size=128, num_key_value_heads=heads,
+                                q_lora_rank=None, kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=128,
+                                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                topk_method="greedy", n_group=1, topk_group=1, tie_word_embeddings=False, **common)
     if arch == "opt":
         common.pop("max_position_embeddings")
         return OPTConfig(ffn_dim=intermediate, word_embed_proj_dim=hidden, max_position_embeddings=1024, do_layer_norm_before=True, **common)

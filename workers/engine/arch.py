@@ -38,7 +38,9 @@ class MoESpec:
     num_experts: str  # config attribute: routed experts per block
     intermediate: str  # config attribute: each expert's width
     linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
-    shared: bool = False  # a sigmoid-gated shared expert (Qwen2-MoE): shared_expert.{gate,up,down}_proj
+    shared: bool = False  # a shared expert beside the routed ones: {shared}.{gate,up,down}_proj
+    shared_name: str = "shared_expert"  # its module in the block (DeepSeek: shared_experts)
+    shared_gate: str | None = "shared_expert_gate"  # a sigmoid gate on its output (Qwen2-MoE); None: added as is
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def moe_groups(spec: MoESpec, n: int) -> tuple[LinearGroup, ...]:
     outs = [LinearGroup((f"{p}.experts.{e}.{d}",), f"{p}.experts.{e}.{u}", f"{p}.experts.{e}.{d}", stage=p, step=1, expert=e)
             for e in range(n)]
     if spec.shared:
-        s = f"{p}.shared_expert"
+        s = f"{p}.{spec.shared_name}"
         ins.append(LinearGroup((f"{s}.gate_proj", f"{s}.up_proj"), None, s, stage=p))
         outs.append(LinearGroup((f"{s}.down_proj",), f"{s}.up_proj", f"{s}.down_proj", stage=p, step=1))
     return (*ins, *outs)
@@ -128,6 +130,15 @@ def _moe(name: str, spec: MoESpec, renames: tuple[tuple[str, str], ...] = ()) ->
     return Arch(name=name, layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
                 groups=_LLAMA_GROUPS[:2], moe=spec, renames=renames)
 
+
+# DeepSeek-V2 multi-head latent attention (q_lora_rank unset, as in V2-Lite): q_proj and the
+# compressed kv_a_proj_with_mqa read the input norm; kv_b_proj expands the normed latent. o_proj
+# reads values that kv_b_proj interleaves with keys per head, so it gets no scales.
+_MLA_GROUPS = (
+    LinearGroup(("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), "input_layernorm", "self_attn"),
+    LinearGroup(("self_attn.kv_b_proj",), "self_attn.kv_a_layernorm", "self_attn.kv_b_proj"),
+    LinearGroup(("self_attn.o_proj",), None, "self_attn.o_proj", closes="self_attn"),
+)
 
 # Mixtral checkpoints say block_sparse_moe.experts.N.w1/w3/w2; transformers, GPTQModel and the
 # quantized checkpoints it reads say mlp.experts.N.gate_proj/up_proj/down_proj.
@@ -143,6 +154,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "mixtral": _moe("mixtral", MoESpec("mlp", "num_local_experts", "intermediate_size"), _MIXTRAL_RENAMES),
     "qwen2_moe": _moe("qwen2_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size", shared=True)),
     "qwen3_moe": _moe("qwen3_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size")),
+    "deepseek_v2": replace(_moe("deepseek_v2", MoESpec("mlp", "n_routed_experts", "moe_intermediate_size", shared=True,
+                                                       shared_name="shared_experts", shared_gate=None)),
+                           groups=_MLA_GROUPS, awq_no_clip=("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
     "gemma2": _gemma("gemma2", attn="eager"),
     "gemma3_text": _gemma("gemma3_text"),
     "phi3": Arch(name="phi3", layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),

@@ -45,10 +45,11 @@ class UnfusedMoE(nn.Module):
         hidden, inter = config.hidden_size, getattr(config, spec.intermediate)
         self.gate = fused.gate  # routing stays transformers' own
         self.experts = nn.ModuleList(Expert(hidden, inter, spec.linears, act) for _ in range(n))
-        if spec.shared:
-            self.shared_expert = fused.shared_expert
-            self.shared_expert_gate = fused.shared_expert_gate
-        self.has_shared = bool(spec.shared)
+        # The model's own shared expert (and its gate), under the names the checkpoint uses.
+        self.shared_name = spec.shared_name if spec.shared else None
+        self.shared_gate_name = spec.shared_gate if spec.shared else None
+        for name in filter(None, (self.shared_name, self.shared_gate_name)):
+            self.add_module(name, fused.get_submodule(name))
         self.all_experts = False
         self.counts = [0] * n
 
@@ -67,8 +68,11 @@ class UnfusedMoE(nn.Module):
             else:
                 continue
             out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
-        if self.has_shared:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_name is not None:
+            y = self.get_submodule(self.shared_name)(x)
+            if self.shared_gate_name is not None:
+                y = torch.sigmoid(self.get_submodule(self.shared_gate_name)(x)) * y
+            out = out + y
         return out.reshape(shape)
 
 
@@ -78,6 +82,10 @@ def check_uniform(config, spec: MoESpec) -> str | None:
         return "layers listed in mlp_only_layers are dense"
     if getattr(config, "decoder_sparse_step", 1) not in (None, 1):
         return "decoder_sparse_step is not 1"
+    if getattr(config, "first_k_dense_replace", 0):
+        return "first layers are dense (first_k_dense_replace)"
+    if getattr(config, "q_lora_rank", None):
+        return "queries are low-rank (q_lora_rank; V2-Lite's plain q_proj is supported)"
     return None
 
 
