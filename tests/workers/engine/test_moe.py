@@ -1,9 +1,9 @@
 """Mixture-of-experts models: every expert quantized from its own statistics, loadable by GPTQModel.
 
-Tiny random Mixtral / Qwen2-MoE (with a shared expert) / Qwen3-MoE models are built
-here (the Hub is unreachable). transformers fuses each block's experts into 3-D
-tensors; the engine gives every expert its own linears, named as GPTQModel names
-them, and GPTQModel loads the artifact back. The engine's own dequantized model is
+Tiny random Mixtral / Qwen2-MoE (with a shared expert) / Qwen3-MoE / DeepSeek-V2 (latent
+attention, shared experts) models are built here (the Hub is unreachable). transformers
+fuses each block's experts into 3-D tensors; the engine gives every expert its own
+linears, named as GPTQModel names them, and GPTQModel loads the artifact back. The engine's own dequantized model is
 the float source with its experts unfused (``moe.unfuse_loaded``) and each layer's
 checkpoint applied.
 """
@@ -187,7 +187,16 @@ def test_moe_layers_that_are_not_all_sparse_are_refused(tmp_path, tokenizer_dir)
     cfg = Qwen3MoeConfig(num_hidden_layers=2, mlp_only_layers=[1])
     with pytest.raises(UnsupportedArchitecture, match="mlp_only_layers"):
         arch_for(cfg)
-    assert {"mixtral", "qwen2_moe", "qwen3_moe"} <= set(ARCHITECTURES)
+    from transformers import DeepseekV2Config
+
+    with pytest.raises(UnsupportedArchitecture, match="first_k_dense_replace"):
+        arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=None))
+    with pytest.raises(UnsupportedArchitecture, match="q_lora_rank"):
+        arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=64))
+    lite = arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=None, n_routed_experts=4))
+    assert "self_attn.kv_b_proj" in lite.linears and "mlp.shared_experts.down_proj" in lite.linears
+    assert "mlp.experts.3.down_proj" in lite.linears
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"} <= set(ARCHITECTURES)
 
 
 def test_awq_rounds_experts_without_tokens_plainly_and_scales_the_rest(dead, tmp_path):
