@@ -39,12 +39,12 @@ CASES = {
     ("gemma3_text", True): dict(bits=4, group_size=64, sym=True),
     ("phi3", True): dict(bits=3, group_size=64, sym=False),
 }
-# One architecture of each new family runs by default; the rest of the matrix is slow.
-SLOW = {("gemma2", False), ("gemma2", True)}
+# One case of each family runs in `make test` (Llama-like, OPT, Gemma, Phi-3); the rest is the matrix.
+REPRESENTATIVES = {("llama", True), ("opt", False), ("gemma3_text", True), ("phi3", True)}
 
 
 def _case(arch, desc_act):
-    return pytest.param(arch, desc_act, marks=pytest.mark.slow) if (arch, desc_act) in SLOW else (arch, desc_act)
+    return (arch, desc_act) if (arch, desc_act) in REPRESENTATIVES else pytest.param(arch, desc_act, marks=pytest.mark.matrix)
 
 
 def test_cases_cover_every_architecture():

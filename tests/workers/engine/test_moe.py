@@ -81,7 +81,7 @@ def test_unfused_experts_compute_what_transformers_computes(tiny_model):
     assert torch.allclose(logits(model, _ids()), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", pytest.param("qwen3_moe", marks=pytest.mark.slow), "deepseek_v2"])
+@pytest.mark.parametrize("arch", ["mixtral", *(pytest.param(a, marks=pytest.mark.matrix) for a in ("qwen2_moe", "qwen3_moe", "deepseek_v2"))])
 def test_gptq_moe_loads_in_gptqmodel_like_the_engine(tiny_model, tmp_path, arch):
     source = tiny_model(arch)
     res, store = run_job(source, tmp_path, "gptq", **GPTQ)

@@ -25,8 +25,9 @@ from workers.engine.arch import ARCHITECTURES
 from workers.engine.awq_pack import unpack_gemm
 from workers.engine.methods import method_for
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gemma2", "phi3",
-         pytest.param("gemma3_text", marks=pytest.mark.slow)]
+# One architecture of each family runs in `make test`; the rest is the matrix.
+ARCHS = ["llama", "opt", "gemma2", "phi3",
+         *(pytest.param(a, marks=pytest.mark.matrix) for a in ("mistral", "qwen2", "qwen3", "gemma3_text"))]
 
 
 def _max_logit_diff(run, seed: int = 0) -> tuple[float, float]:
