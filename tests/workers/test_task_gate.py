@@ -96,7 +96,8 @@ def test_a_lenient_task_gate_passes(env, tiny_llama, float_answers, tmp_path):
     })
     job_id = resp.get_json()["id"]
     assert JobRunner(Settings(home=tmp_path / "home", lease_seconds=30), db, store).run(job_id) == "succeeded"
-    job, _, (art,) = load(db, job_id)
+    job, events, (art,) = load(db, job_id)
     gate = job.metrics["gate"]
     assert gate["passed"] is True and art.kind == "model"
+    assert [e.stage for e in events if e.kind == "stage"].count("evaluating") == 1  # perplexity and tasks: one stage
     assert gate["exact_match_before"] == 1.0 and gate["min_exact_match"] == 0 and gate["ppl_increase_pct"] is not None

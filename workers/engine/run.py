@@ -96,7 +96,8 @@ def quantize(
         metrics["formats"] = {o.format: {"size_bytes": o.size_bytes} for o in outputs}
     evaluation = _evaluate(req, q, job) if req.evaluate else {}
     if req.gate is not None and req.gate.task_set_upload_id is not None:
-        evaluation.update(task_scores(req, q.generations, load_tokenizer(req.source_dir), job.stage))
+        stage = (lambda _name: None) if req.evaluate else job.stage  # already evaluating: one stage event
+        evaluation.update(task_scores(req, q.generations, load_tokenizer(req.source_dir), stage))
     metrics.update(evaluation)
     for o in outputs:
         _write_card(req, method, o, q, metrics, evaluation or None)
