@@ -160,11 +160,12 @@ def test_all_experts_gives_unrouted_experts_their_own_solve(dead_runs):
         assert torch.equal(a["self_attn.q_proj.qweight"], b["self_attn.q_proj.qweight"])  # attention is unaffected
 
 
-def test_moe_resume_after_a_crash_is_byte_identical(tiny_model, tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", pytest.param("deepseek_v2", marks=pytest.mark.matrix)])
+def test_moe_resume_after_a_crash_is_byte_identical(tiny_model, tmp_path, arch):
     class Crash(RuntimeError):
         pass
 
-    source = tiny_model("mixtral", layers=3)
+    source = tiny_model(arch, layers=3)
     whole, _ = run_job(source, tmp_path / "whole", "gptq", **GPTQ)
 
     def crash_after_first(report):
