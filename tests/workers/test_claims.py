@@ -98,7 +98,7 @@ class PreemptAfterFirstLayer(JobRunner):
 def test_preemption_requeues_without_spending_an_attempt_and_the_output_is_identical(env, tiny_llama):
     settings, db, store = env
     body = {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq", "calibration": CAL}
-    calm, preempted = submit(db, body), submit(db, body)
+    calm, preempted = submit(db, body), submit(db, {**body, "reuse": False})  # computed again, not reused
     assert JobRunner(settings, db, store).run(calm) == "succeeded"
 
     runner = PreemptAfterFirstLayer(settings, db, store)
