@@ -10,7 +10,6 @@ the database's write lock first, so claims there run one at a time.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from datetime import timedelta
 
 from sqlalchemy import func, literal, or_, select, text
@@ -79,8 +78,6 @@ def _pick(s: Session, only: str | None, memory: int | None, window: float, passe
     Priority first, then fair share (worker-seconds over ``window``, then runs), then age; on
     PostgreSQL ``FOR UPDATE OF jobs SKIP LOCKED``, so concurrent claimers take different rows.
     """
-    now = utcnow()
-    start = now - timedelta(seconds=window)
     head = _best_of_team(Team.id, only, memory).with_only_columns(Job.id).correlate(Team).scalar_subquery()
     heads = select(head).select_from(Team)
     if passed_over:
@@ -90,11 +87,7 @@ def _pick(s: Session, only: str | None, memory: int | None, window: float, passe
     busy = (select(func.count()).select_from(running)
             .where(running.team_id == Job.team_id, running.status == JobStatus.RUNNING.value).correlate_except(running).scalar_subquery())
     full = select(limited.id).where(limited.id == Job.team_id, limited.max_running.is_not(None), busy >= limited.max_running).correlate_except(limited)
-    runs = (JobRun.team_id == Job.team_id, or_(JobRun.ended_at.is_(None), JobRun.ended_at > start))
-    used = select(func.coalesce(func.sum(_seconds(s, func.coalesce(JobRun.ended_at, literal(now, UTCDateTime)),
-                                                   _later(s, JobRun.started_at, literal(start, UTCDateTime)))), 0.0)
-                  ).where(*runs).scalar_subquery()
-    count = select(func.count()).select_from(JobRun).where(*runs).scalar_subquery()
+    used, count = _usage(s, Job.team_id, window)
     return (select(Job, Team.max_running).join(Team, Team.id == Job.team_id).where(Job.id.in_(heads), ~full.exists())
             .order_by(Job.priority.desc(), used, count, Job.created_at, Job.id).limit(1)
             .with_for_update(skip_locked=True, of=Job).execution_options(populate_existing=True))
@@ -143,16 +136,18 @@ def _full(s: Session, team_id: str, postgres: bool) -> bool:
     return limit is not None and running >= limit
 
 
-def team_usage(s: Session, window_seconds: float, teams: set[str] | None = None) -> dict[str, tuple[float, int]]:
-    """Each team's (worker-seconds, runs) over the last ``window_seconds``; running claims count up to now."""
+def _usage(s: Session, team_id, window_seconds: float):
+    """SQL for a team's (worker-seconds, runs) over the last ``window_seconds``; running claims count up to now."""
     now = utcnow()
     start = now - timedelta(seconds=window_seconds)
-    stmt = select(JobRun.team_id, JobRun.started_at, JobRun.ended_at).where(or_(JobRun.ended_at.is_(None), JobRun.ended_at > start))
-    if teams is not None:
-        stmt = stmt.where(JobRun.team_id.in_(teams))
-    seconds: dict[str, float] = defaultdict(float)
-    runs: dict[str, int] = defaultdict(int)
-    for team_id, began, ended in s.execute(stmt).all():
-        seconds[team_id] += max(0.0, ((ended or now) - max(began, start)).total_seconds())
-        runs[team_id] += 1
-    return defaultdict(lambda: (0.0, 0), {t: (seconds[t], runs[t]) for t in seconds})
+    runs = (JobRun.team_id == team_id, or_(JobRun.ended_at.is_(None), JobRun.ended_at > start))
+    used = select(func.coalesce(func.sum(_seconds(s, func.coalesce(JobRun.ended_at, literal(now, UTCDateTime)),
+                                                   _later(s, JobRun.started_at, literal(start, UTCDateTime)))), 0.0)
+                  ).where(*runs).scalar_subquery()
+    return used, select(func.count()).select_from(JobRun).where(*runs).scalar_subquery()
+
+
+def team_usage(s: Session, window_seconds: float) -> dict[str, tuple[float, int]]:
+    """Each team's (worker-seconds, runs) over the last ``window_seconds``, as the claim weighs them."""
+    used, count = _usage(s, Team.id, window_seconds)
+    return {team_id: (float(sec), int(n)) for team_id, sec, n in s.execute(select(Team.id, used, count))}
