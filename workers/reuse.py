@@ -72,12 +72,19 @@ def _present(store, arts: list[Artifact]) -> bool:
     return all(store.exists(f"{a.store_prefix}/{f['path']}") for a in arts for f in a.files)
 
 
-def lead_or_follow(s: Session, job_id: str, lease: Lease, fp: str) -> str | None:
-    """Record that this job computes ``fp``, unless an identical job computes it now: return that one's id."""
-    if s.get_bind().dialect.name == "postgresql":  # one decision per fingerprint at a time
+def one_at_a_time(s: Session, fp: str) -> None:
+    """Serialize the decisions about one fingerprint until the transaction ends."""
+    if s.get_bind().dialect.name == "postgresql":
         s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:fp))"), {"fp": fp})
-    else:  # SQLite: take the write lock first, so two deciders run one after the other
+    else:  # SQLite: the write lock, taken before any read so the transaction never has to upgrade
         s.execute(text("UPDATE jobs SET id = id WHERE 0"))
+
+
+def lead_or_follow(s: Session, job_id: str, lease: Lease, fp: str) -> str | None:
+    """Record that this job computes ``fp``, unless an identical job computes it now: return that one's id.
+
+    Call under ``one_at_a_time``, so two identical jobs cannot both decide to compute.
+    """
     leader = s.scalar(select(Job.id).where(Job.fingerprint == fp, Job.status == JobStatus.RUNNING.value, Job.id != job_id)
                       .order_by(Job.started_at).limit(1))
     if leader is None:
@@ -93,6 +100,7 @@ def settle(runner, job, spec, req, hb) -> tuple[Job, list[Artifact]] | None:
     waited_for = None
     while True:
         with runner.db.session() as s:
+            one_at_a_time(s, fp)
             found = next((c for c in find_reusable(s, jobs.get_job(s, job.id), fp) if _present(runner.store, c[1])), None)
             if found is not None:
                 jobs.owned_update(s, job.id, runner.lease, fingerprint=fp)

@@ -190,3 +190,31 @@ def test_another_teams_private_source_is_reused_only_by_a_job_that_can_read_it(e
     assert layers_computed(events) == [] and view["reused_from"] == "another_team" and art.sha256 == art_a.sha256
     assert a not in repr(view) and a not in repr([event_view(e) for e in events])
     assert art.store_prefix.startswith(f"jobs/{b_own}/")
+
+
+@PG_ONLY
+def test_a_job_waiting_for_an_identical_one_is_cancelled_within_seconds(env, tiny_llama):
+    settings, db, store = env
+    settings = settings.model_copy(update={"heartbeat_seconds": 0.5})
+    first, second = submit(db, body(tiny_llama)), submit(db, body(tiny_llama))
+    leader = HeldAtCalibration(settings, db, store)
+    leader.go = threading.Event()
+    results = {}
+    lead = threading.Thread(target=lambda: results.__setitem__(first, leader.run(first)))
+    lead.start()
+    deadline = time.monotonic() + 60
+    while load(db, first)[0].stage != "calibrating" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    follow = threading.Thread(target=lambda: results.__setitem__(second, JobRunner(settings, db, store).run(second)))
+    follow.start()
+    while not any(e.kind == "log" for e in load(db, second)[2]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with db.session() as s:
+        jobs.request_cancel(s, second)
+    asked = time.monotonic()
+    follow.join(30)
+    assert results.get(second) == "cancelled" and time.monotonic() - asked < 10
+    assert load(db, second)[0].status == "cancelled" and load(db, first)[0].status == "running"
+    leader.go.set()
+    lead.join(120)
+    assert results[first] == "succeeded"
