@@ -2,9 +2,14 @@
 
 Order: highest priority first, then fair share between teams (the team that used
 the fewest worker-seconds over a recent window, then the fewest runs), then age.
-A team's ``max_running`` is enforced here. PostgreSQL locks the chosen row with
-``FOR UPDATE SKIP LOCKED`` (and the team row when it has a limit); SQLite takes
-the database's write lock first, so claims there run one at a time.
+A team's ``max_running`` is enforced here. One statement picks the job: each team's
+best runnable job (index probes on ix_jobs_queue), full teams left out, ordered by
+priority, the team's usage (computed in SQL from job_runs) and age, and locked with
+``FOR UPDATE OF jobs SKIP LOCKED`` on PostgreSQL. A limited team's count is then
+checked again with its row locked, and only when other claimers hold every head does
+a team-by-team pass look past them. SQLite takes the database's write lock first, so
+claims there run one at a time. With ``transition``'s UPDATE ... RETURNING a claim is
+four statements on PostgreSQL (pick, update, job run, event).
 """
 
 from __future__ import annotations
