@@ -25,6 +25,7 @@ from storage import jobs as job_store
 from storage import teams as team_store
 from storage.layout import upload_prefix
 from storage.models import Artifact, Job, Team
+from storage.peek import estimate_remote
 from storage.sources import check_local_path
 from storage.teams import Role
 from storage.views import job_view
@@ -141,14 +142,16 @@ def submit(spec, via: str = "api") -> dict:
     svc = services()
     who = auth.require(Role.MEMBER)
     team_id = who.team_id
+    public = public_spec(spec)
+    # A Hub or S3 model's config.json, read now (bounded, the job's own credentials, outside the transaction).
+    remote_estimate = estimate_remote(svc.db, spec, public, team_id, svc.settings)
     with svc.db.session() as s:
         if who.key_id is None:
             team_store.ensure_default_team(s)
         check_quota(s, team_id)
         check_references(s, spec, team_id)
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
-        public = public_spec(spec)
-        estimate = estimate_at_submit(public)
+        estimate = estimate_at_submit(public) or remote_estimate
         farm.admit(s, estimate, svc.settings.worker_ttl_seconds)  # 422 too_large when no live worker fits
         job = job_store.create_job(
             s, method=spec.method, model_ref=model_ref(spec.model), spec=public,

@@ -65,6 +65,8 @@ class JobOut(Out):
     progress: Progress | None
     attempt: int
     memory_estimate_bytes: int | None = Field(description="Estimated peak memory (from config.json); null until known")
+    reused_from: str | None = Field(description="Id of the team's own job whose identical result this one reused; "
+                                                "\"another_team\" when it came from another team's job; null: computed here")
     cancel_requested: bool
     spec: dict[str, Any] = Field(description="The submitted job spec with secrets removed")
     error: JobErrorOut | None

@@ -17,7 +17,7 @@ from quantfarm.spec import BUILTIN_DATASETS, Calibration, Destination, HubDestin
 SOURCES = (("hub", "Hugging Face Hub"), ("s3", "S3 URI"), ("local", "Local path"))
 CALIB_KINDS = (("builtin", "Built-in set"), ("texts", "My own texts"), ("hub", "Hub dataset"))
 SECRET_FIELDS = ("model.token", "destination.hub.token", "webhooks.0.secret")
-_FIXED_CHECKBOXES = ("evaluate", "destination.store", "destination.hub.private")
+_FIXED_CHECKBOXES = ("evaluate", "reuse", "destination.store", "destination.hub.private")
 _UNSET = object()
 
 
@@ -76,7 +76,7 @@ def default_values() -> dict[str, Any]:
         "calibration.kind": "builtin", "calibration.builtin": f"builtin:{BUILTIN_DATASETS[0]}",
         "calibration.num_samples": str(limits["num_samples"]["default"]),
         "calibration.seq_len": str(limits["seq_len"]["default"]),
-        "evaluate": job["evaluate"].default, "priority": str(job["priority"].default),
+        "evaluate": job["evaluate"].default, "reuse": job["reuse"].default, "priority": str(job["priority"].default),
         "destination.store": Destination.model_fields["store"].default,
         "destination.hub.private": HubDestination.model_fields["private"].default,
     }
@@ -168,6 +168,7 @@ def form_to_body(form: MultiDict) -> dict[str, Any]:
         if formats:
             body["formats"] = formats
     body["evaluate"] = "evaluate" in form
+    body["reuse"] = "reuse" in form
     dest: dict[str, Any] = {"store": "destination.store" in form}
     if form_text(form, "destination.hub.repo_id"):
         hub = {"repo_id": form_text(form, "destination.hub.repo_id"), "private": "destination.hub.private" in form}

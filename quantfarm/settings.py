@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     s3_max_attempts: int = 5
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 30.0
+    # Seconds a submit may spend reading a Hub or S3 model's config.json for its memory estimate (0: never).
+    submit_peek_seconds: float = Field(default=5.0, ge=0, le=60)
     s3_multipart_threshold: int = 64 * 1024 * 1024
     s3_multipart_chunksize: int = 16 * 1024 * 1024
     presign_downloads: bool = False

@@ -205,6 +205,8 @@ class _JobBase(Strict):
     gate: Gate | None = Field(None, description="Quality bar the quantized model must clear (perplexity needs evaluate)")
     webhooks: list[Webhook] = Field(default_factory=list, max_length=10)
     priority: int = Field(0, ge=-10, le=10)
+    reuse: bool = Field(True, description="Reuse the artifact of an identical earlier job (same source files, spec, calibration "
+                                          "tokens and engine version), or wait for an identical running one; false computes afresh")
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
 
     @model_validator(mode="after")

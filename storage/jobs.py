@@ -150,17 +150,18 @@ def transition(
         stmt = _held(stmt, lease)
     if expired:
         stmt = stmt.where(Job.claim == job.claim, Job.lease_expires_at < db_now(s))
-    res = s.execute(stmt.values(**values).execution_options(synchronize_session=False))
-    if res.rowcount != 1:
+    claim_before = job.claim
+    # RETURNING refreshes ``job`` in the same round trip (no second SELECT).
+    moved = s.execute(stmt.values(**values).returning(Job)
+                      .execution_options(synchronize_session=False, populate_existing=True)).scalars().all()
+    if len(moved) != 1:
         s.rollback()
         if lease is not None:
             raise LeaseLost(f"Job {job.id} is no longer held by {lease.owner} (claim {lease.claim}).")
         raise InvalidState(f"Job {job.id} changed while it was being updated; try again.")
     if frm == JobStatus.RUNNING:
-        s.execute(update(JobRun).where(JobRun.job_id == job.id, JobRun.claim == job.claim, JobRun.ended_at.is_(None))
+        s.execute(update(JobRun).where(JobRun.job_id == job.id, JobRun.claim == claim_before, JobRun.ended_at.is_(None))
                   .values(ended_at=now, outcome=to.value).execution_options(synchronize_session=False))
-    s.flush()
-    s.refresh(job)
     if take is not None:
         s.add(JobRun(job_id=job.id, team_id=job.team_id, claim=job.claim, owner=take[0], started_at=now))
         data = {"owner": take[0], "attempt": job.attempt, "claim": job.claim, **(data or {})}

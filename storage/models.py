@@ -162,6 +162,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the retry window ended: checkpoints and secrets erased
     memory_estimate: Mapped[int | None] = mapped_column(BigInteger)  # peak bytes (quantfarm.memory); None: not known yet
+    # The result's fingerprint (workers.reuse), set once a worker fetched the source and chose to compute it.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The job whose artifact this one reused: its id within the team, "another_team" across teams (ids never leak).
+    reused_from: Mapped[str | None] = mapped_column(String(40))
 
     events: Mapped[list["JobEvent"]] = relationship(back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan")
     artifacts: Mapped[list["Artifact"]] = relationship(back_populates="job", order_by="Artifact.created_at", cascade="all, delete-orphan")
@@ -169,6 +173,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_queue", "status", "team_id", "priority", "created_at"),  # the scheduler's claim
+        Index("ix_jobs_fingerprint", "fingerprint", "status"),  # coalescing onto a running identical job
     )
 
 
@@ -241,6 +246,7 @@ class Artifact(Base):
     # Provenance: the source commit the job resolved (Hub sha, or S3 listing digest) and each source file's sha256.
     source_revision: Mapped[str | None] = mapped_column(String(80))
     source_files: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)  # None: never reused (gate failed, opted out)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")

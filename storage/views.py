@@ -57,6 +57,7 @@ def job_view(job: Job, artifacts: list[Artifact] | None = None) -> dict[str, Any
         "progress": progress_view(job),
         "attempt": job.attempt,
         "memory_estimate_bytes": job.memory_estimate,
+        "reused_from": job.reused_from,  # the team's own job id, or "another_team" (another team's ids never show)
         "cancel_requested": job.cancel_requested,
         "spec": job.spec,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,

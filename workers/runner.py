@@ -244,6 +244,18 @@ class JobRunner:
         self._stage(job.id, Stage.FETCHING)
         fetched = self._fetch(spec, secrets, scratch, hold)
         source_dir = fetched.path
+        req = QuantizeRequest(
+            source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
+            evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
+            read_upload=self._read_upload, hub_token=secrets.get("calibration.token"), formats=list(spec.formats),
+            source_revision=fetched.revision if fetched.source != "local" else None, gate=spec.gate,
+        )
+        if spec.reuse:  # an identical result (made, or being made) is copied instead of computed
+            from workers import reuse
+
+            found = reuse.settle(self, job, spec, req, hb)
+            if found is not None:
+                return reuse.reuse(self, job, spec, secrets, found, scratch, hb)
         self._admit(job, source_dir)
 
         def on_layer(report) -> None:
@@ -265,12 +277,6 @@ class JobRunner:
         def on_stage(name: str) -> None:
             self._stage(job.id, Stage(name))
 
-        req = QuantizeRequest(
-            source_dir=source_dir, method=spec.method, options=spec.options, calibration=spec.calibration,
-            evaluate=spec.evaluate, evaluation=spec.evaluation, base_model=self._base_model(spec),
-            read_upload=self._read_upload, hub_token=secrets.get("calibration.token"), formats=list(spec.formats),
-            source_revision=fetched.revision if fetched.source != "local" else None, gate=spec.gate,
-        )
         out_dir = scratch / "out"
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
@@ -359,6 +365,7 @@ class JobRunner:
                     files=[e.to_dict() for e in entries], file_count=len(entries),
                     size_bytes=sum(e.size for e in entries), sha256=digest, hub_url=a["hub_url"], hub_commit=a["hub_commit"],
                     source_revision=source.get("revision"), source_files=source.get("files"),
+                    fingerprint=None if failed_gate else job.fingerprint,  # a failed gate's artifact is never reused
                 ))
             # Fenced: a stale claim's transition fails, and the artifact row above rolls back with it.
             if failed_gate:  # the artifacts stay (marked gate_failed); the job fails with the numbers

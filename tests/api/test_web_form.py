@@ -50,3 +50,18 @@ def test_a_bad_hub_repo_id_is_shown_by_its_field_and_keeps_the_rest(client, db):
     assert 'id="err-destination-hub-repo_id"' in page and 'aria-invalid="true"' in page  # the error sits by its field
     assert 'value="wikitext:wikitext-2-raw-v1:train"' in page  # what the user typed is kept
     assert "hf_FORMsecret" not in page and "hf_DESTsecret" not in page  # secrets are never echoed
+
+
+def test_the_reuse_box_is_ticked_by_default_and_maps_to_the_spec_and_openapi(client, db):
+    page = client.get("/").data.decode()
+    assert 'name="reuse"' in page and "Reuse an identical result" in page
+    box = page[page.index('name="reuse"') - 200: page.index('name="reuse"') + 200]
+    assert "checked" in box
+    for data, want in (({**HUB_FORM, "reuse": "on"}, True), (HUB_FORM, False)):
+        resp = client.post("/", data=data)
+        assert resp.status_code == 303, resp.data[-2000:]
+        job_id = resp.headers["Location"].rstrip("/").rsplit("/", 1)[-1]
+        assert client.get(f"/v1/jobs/{job_id}").get_json()["spec"]["reuse"] is want
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert schemas["GPTQJob"]["properties"]["reuse"]["default"] is True
+    assert "reused_from" in schemas["JobOut"]["properties"]

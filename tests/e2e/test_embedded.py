@@ -103,7 +103,7 @@ def test_kill_9_of_the_worker_resumes_to_identical_bytes(stack, deep_llama):
     reference = stack.wait(stack.submit(body))
     assert reference["status"] == "succeeded", reference["error"]
 
-    job_id = stack.submit(body)
+    job_id = stack.submit({**body, "reuse": False})  # computed again, not reused
     seen: list[tuple[int, float | None]] = []
 
     def record(job):
@@ -143,7 +143,7 @@ def test_sigterm_to_the_worker_requeues_its_job_without_spending_an_attempt(stac
     body = {"model": {"source": "local", "path": str(deep_llama)}, "method": "gptq", "options": {"group_size": 32}, "calibration": CAL}
     reference = stack.wait(stack.submit(body))
     assert reference["status"] == "succeeded", reference["error"]
-    job_id = stack.submit(body)
+    job_id = stack.submit({**body, "reuse": False})  # computed again, not reused
     stack.wait(job_id, until=("running",))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -137,7 +137,7 @@ def test_killed_worker_resumes_on_another_worker_from_s3_checkpoints(prod_s3, de
     reference = wait(client, client.post("/v1/jobs", json=body).get_json()["id"], logs=tmp)
     assert reference["status"] == "succeeded"
 
-    job_id = client.post("/v1/jobs", json=body).get_json()["id"]
+    job_id = client.post("/v1/jobs", json={**body, "reuse": False}).get_json()["id"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").get_json()

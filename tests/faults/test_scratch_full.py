@@ -55,7 +55,7 @@ def test_full_scratch_fails_clearly_and_a_retry_resumes_elsewhere(own_db, own_re
         assert stack.post(f"/v1/jobs/{job_id}/retry").status_code == 202
         retried = stack.wait_job(job_id)
         assert retried["status"] == "succeeded" and retried["attempt"] == 2, f"{retried}\n{stack.logs()}"
-        reference = stack.wait_job(stack.post("/v1/jobs", json=body).json()["id"])  # undisturbed, same worker
+        reference = stack.wait_job(stack.post("/v1/jobs", json={**body, "reuse": False}).json()["id"])  # undisturbed, same worker
         assert reference["status"] == "succeeded"
         assert _files(stack, retried) == _files(stack, reference)
         events = stack.get(f"/v1/jobs/{job_id}/events").json()["items"]

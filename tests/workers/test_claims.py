@@ -98,7 +98,7 @@ class PreemptAfterFirstLayer(JobRunner):
 def test_preemption_requeues_without_spending_an_attempt_and_the_output_is_identical(env, tiny_llama):
     settings, db, store = env
     body = {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq", "calibration": CAL}
-    calm, preempted = submit(db, body), submit(db, body)
+    calm, preempted = submit(db, body), submit(db, {**body, "reuse": False})  # computed again, not reused
     assert JobRunner(settings, db, store).run(calm) == "succeeded"
 
     runner = PreemptAfterFirstLayer(settings, db, store)
@@ -146,7 +146,9 @@ def test_two_worker_classes_a_big_job_is_handed_on_to_the_big_worker(env, tiny_l
 
     with db.session() as s:
         farm.unregister(s, "big")
-    other = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    same = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
+    assert small.run(same) == "succeeded" and load(db, same)[0].reused_from == job_id  # reusing needs no memory
+    other = submit(db, {"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn", "reuse": False})
     assert small.run(other) == "failed"  # bigger than every worker left on the farm
     job, _, _ = load(db, other)
     assert job.error_code == "too_large" and f"{need / 1024**3:.1f} GiB" in job.error_message

@@ -11,12 +11,13 @@ import torch
 
 from quantfarm import registry
 from quantfarm.errors import BadRequest
-from quantfarm.store import BlobStore, walk_files
+from quantfarm.store import BlobStore, sha256_file, walk_files
 from workers.engine.calibration import evaluation_ids
 from workers.engine.card import model_card
+from workers.engine.checkpoint import fingerprint
 from workers.engine.methods import EngineJob, Method, Quantized, method_for
 from workers.engine.model import read_config
-from workers.engine.pipeline import LayerReport, QuantizeRequest, load_tokenizer
+from workers.engine.pipeline import LayerReport, QuantizeRequest, fingerprint_parts, load_tokenizer, prepare
 from workers.engine.shards import ShardReader
 from workers.engine.tasks_gate import task_scores
 
@@ -105,6 +106,28 @@ def quantize(
         out_dir=out_dir, layers_total=q.layers_total, layers_computed=q.layers_computed, layers_replayed=q.layers_replayed,
         metrics=metrics, layer_losses=q.layer_losses, quantization_config=outputs[0].quantization_config, outputs=outputs,
     )
+
+
+def result_fingerprint(req: QuantizeRequest, device: torch.device, extra: dict[str, Any] | None = None) -> str:
+    """A digest of everything that shapes ``req``'s outputs, byte for byte, computed without quantizing.
+
+    The checkpoint's own parts (engine version, weight and config hashes, method and options,
+    calibration tokens, compute device and dtype) plus the other source files (tokenizer), the
+    formats, the evaluation, the card's base model and source revision, and the caller's ``extra``.
+    Raises what opening the model or tokenizing the calibration set raises.
+    """
+    method = method_for(req.method, req.options)
+    model, calib = prepare(req, device, method)
+    parts = fingerprint_parts(model, method, calib)
+    weights = set(parts["source_files"])
+    others = {p.relative_to(req.source_dir).as_posix(): p for p in walk_files(req.source_dir)}
+    parts.update(
+        other_files={k: sha256_file(p) for k, p in sorted(others.items()) if k not in weights},
+        formats=list(format_dirs(req.method, req.formats, Path("out"))),
+        evaluation=req.evaluation.model_dump(mode="json") if (req.evaluate and req.evaluation is not None) else None,
+        base_model=req.base_model, source_revision=req.source_revision, extra=extra or {},
+    )
+    return fingerprint(parts)
 
 
 def _evaluate(req: QuantizeRequest, q: Quantized, job: EngineJob) -> dict[str, Any]:
