@@ -9,7 +9,7 @@ from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ class Database:
         # Encrypts job secrets and team credentials (storage.models.EncryptedJSON reads it here).
         self.engine.dialect.quantfarm_keyring = keyring
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        reader = self.engine if url.startswith("sqlite") else self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.readers = sessionmaker(reader, expire_on_commit=False)
+        # Reads run in autocommit: no BEGIN/COMMIT round trips (each statement sees committed rows).
+        self.reader = self.engine if url.startswith("sqlite") else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.readers = sessionmaker(self.reader, expire_on_commit=False)
 
     @classmethod
     def from_settings(cls, settings, *, retry_seconds: float = 0.0) -> "Database":
@@ -141,6 +142,10 @@ class Database:
             yield s
         finally:
             s.close()
+
+    def connect_read(self) -> Connection:
+        """Return a Core connection for reads (use it as a context manager): no Session, no transaction."""
+        return self.reader.connect()
 
     def run(self, fn: Callable[[Session], T], *, what: str = "database call") -> T:
         """Run ``fn(session)`` in a transaction, retried with backoff while the database is unreachable.
