@@ -95,7 +95,7 @@ _QUOTA = select(
 
 def check_quota(s, team_id: str) -> None:
     """Raise QuotaExceeded (429) when the team already has its limit of queued jobs."""
-    own, queued = s.execute(_QUOTA, {"team_id": team_id}).one()
+    own, queued = s.connection().execute(_QUOTA, {"team_id": team_id}).one()  # Core: no ORM execution layer
     limit = own if own is not None else services().settings.team_max_queued
     if queued >= limit:
         raise QuotaExceeded(

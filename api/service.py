@@ -34,6 +34,7 @@ def register_request_metrics(app: Flask) -> None:
 
 
 def register_health_fast_path(app: Flask) -> None:
+    _memo(app)
     app.wsgi_app = HealthFastPath(app, app.wsgi_app)
 
 

@@ -151,3 +151,28 @@ def test_an_idle_connection_is_pinged_and_replaced_when_dead(pg_url, monkeypatch
     with db.read() as s:
         assert s.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
     db.dispose()
+
+
+def test_healthz_fast_path_answers_as_the_flask_view_does(sqlite_url, store, tmp_path):
+    """GET /healthz skips Flask (api/service.py HealthFastPath); its bytes, status and headers equal the view's."""
+    from tests.api.test_service import _parse_metrics
+
+    db = Database(sqlite_url)
+    broker = CountingDispatcher()
+    client = make_app(db, store, broker, tmp_path).test_client()
+    for up, status in ((True, 200), (False, 503)):
+        broker.up = up
+        client.application.extensions["quantfarm_health"]._at = float("-inf")  # a fresh check
+        fast = client.get("/healthz")
+        view = client.get("/healthz?via=view")  # a query string goes through Flask's routing and hooks
+        assert fast.status == view.status and fast.status_code == status
+        assert fast.get_data() == view.get_data()
+        assert sorted(fast.headers.items()) == sorted(view.headers.items())
+        assert fast.headers["X-Frame-Options"] == "DENY" and fast.headers["Content-Type"] == "application/json"
+        assert ("Retry-After" in fast.headers) == (status == 503)
+    assert client.get("/healthz", headers={"Host": "evil.example"}).status_code == 400  # the host allowlist still holds
+    m = _parse_metrics(client.get("/metrics").get_data(as_text=True))
+    counted = {code: m[("quantfarm_http_requests_total", (("code", code), ("method", "GET"), ("route", "/healthz")))]
+               for code in ("200", "503")}
+    assert counted == {"200": 2, "503": 2}
+    db.dispose()
