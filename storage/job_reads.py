@@ -51,7 +51,7 @@ def _one_statement(scoped: bool):
 
 
 @lru_cache(maxsize=None)
-def _page_statement(scoped: bool, by_status: bool, after: bool):
+def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool):
     page = select(*[_JOBS.c[name] for name in JOB_COLUMNS]).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
     if scoped:
         page = page.where(_JOBS.c.team_id == bindparam("team_id"))
@@ -59,7 +59,7 @@ def _page_statement(scoped: bool, by_status: bool, after: bool):
         page = page.where(_JOBS.c.status == bindparam("status"))
     if after:
         page = page.where(_JOBS.c.id < bindparam("cursor"))
-    return _with_artifacts(page.subquery("page"))
+    return _with_artifacts(page.subquery("page")) if with_artifacts else page
 
 
 def _views(rows, with_artifacts: bool) -> list[dict[str, Any]]:
@@ -95,7 +95,7 @@ def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 
         params["status"] = status
     if cursor:
         params["cursor"] = cursor
-    stmt = _page_statement(team_id is not None, bool(status), bool(cursor))
+    stmt = _page_statement(team_id is not None, bool(status), bool(cursor), with_artifacts)
     views = _views(conn.execute(stmt, params), with_artifacts)
     nxt = views[limit - 1]["id"] if len(views) > limit else None
     return views[:limit], nxt

@@ -118,3 +118,6 @@ def test_list_pages_newest_first(db):
         if cursor is None:
             break
     assert seen == sorted(ids, reverse=True)
+    with db.connect_read() as conn:  # the pages' variant: no artifacts joined
+        bare, _ = job_views_page(conn, limit=10, with_artifacts=False)
+    assert [(j["id"], j["artifacts"]) for j in bare] == [(i, []) for i in seen]
