@@ -79,7 +79,7 @@ def _views(rows, with_artifacts: bool) -> list[dict[str, Any]]:
 def job_view_by_id(conn: Connection, job_id: str, *, team_id: str | None = None) -> dict[str, Any]:
     """Return the view of one job, or raise NotFound (also for another team's job when ``team_id`` is given)."""
     params = {"job_id": job_id} if team_id is None else {"job_id": job_id, "team_id": team_id}
-    views = _views(conn.execute(_one_statement(team_id is not None), params), True)
+    views = _views(conn.execute(_one_statement(team_id is not None), params).all(), True)
     if not views:
         raise NotFound(f"No job with id {job_id!r}.", details={"resource": "job", "id": job_id})
     return views[0]
@@ -96,6 +96,6 @@ def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 
     if cursor:
         params["cursor"] = cursor
     stmt = _page_statement(team_id is not None, bool(status), bool(cursor), with_artifacts)
-    views = _views(conn.execute(stmt, params), with_artifacts)
+    views = _views(conn.execute(stmt, params).all(), with_artifacts)  # fetchall, not a fetchone per row
     nxt = views[limit - 1]["id"] if len(views) > limit else None
     return views[:limit], nxt
