@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -72,11 +72,16 @@ def _lean_json(engine: Engine) -> None:
     """
     from psycopg.types.json import set_json_loads
 
-    decode = json.JSONDecoder().decode
-
     @event.listens_for(engine, "connect")
     def _set(dbapi_conn, _record):
-        set_json_loads(lambda data: decode(bytes(data).decode()), dbapi_conn)
+        set_json_loads(_json_loads, dbapi_conn)  # one module-level function: psycopg caches a loader per function
+
+
+_decode_json = json.JSONDecoder().decode
+
+
+def _json_loads(data: bytes) -> Any:
+    return _decode_json(bytes(data).decode())
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float = 1.0) -> None:
