@@ -1,13 +1,16 @@
 """Where one API request's time goes: cProfile of each endpoint in-process (Flask test client, PostgreSQL, auth on).
 
-    .venv/bin/python -m bench.profile_api [--requests 300] [--top 25] [--redis redis://127.0.0.1:6379/0]
+    .venv/bin/python -m bench.profile_api [--requests 300] [--top 25] [--only get|list|post|healthz] [--cpu]
+        [--sort cumulative|tottime] [--timing-only] [--redis redis://127.0.0.1:6379/0]
 
 Builds the farm app the way gunicorn does (``create_app`` from settings: a real
 Dispatcher, so ``--redis`` must name a Redis; auth on, an admin key made in a new
 PostgreSQL database of ``QUANTFARM_TEST_PG``'s server, 200 jobs) and profiles
 ``--requests`` calls of GET one job, list, POST and /healthz, each after a
-warm-up. Prints the mean wall time per request and the top functions by
-cumulative time. Not a load test: bench/api_load.py is.
+warm-up. Prints a table of wall and CPU microseconds per request (the app and
+the trivial ceiling called as WSGI apps), then each profile's top functions.
+On a busy machine wall time is mostly waiting for a CPU: ``--cpu`` profiles
+this process's CPU time instead. Not a load test: bench/api_load.py is.
 """
 
 from __future__ import annotations
