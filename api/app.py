@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, st
     crosssite.register(app)
     auth.register(app)
     service.register_request_metrics(app)
+    service.register_health_fast_path(app)
     for name in BLUEPRINT_MODULES:
         app.register_blueprint(importlib.import_module(name).bp)
     return app

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 from flask import Flask, g, redirect, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 
 from api.context import services
 from quantfarm.errors import Forbidden, QuantfarmError, Unauthorized
@@ -274,12 +276,26 @@ def session_secret(settings) -> bytes:
     return keyring_from_settings(settings).derive(b"quantfarm page sessions")
 
 
+class SessionCookies(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with the signing serializer built once per key (Flask builds one per request)."""
+
+    _built: tuple[tuple, URLSafeTimedSerializer | None] = ((), None)
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        keys = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        built = self._built
+        if built[0] != keys:
+            built = self._built = (keys, super().get_signing_serializer(app))
+        return built[1]
+
+
 def register(app: Flask) -> None:
     """Install authentication, security headers and the host allowlist on ``app``."""
     settings = services_settings(app)
     check_settings(settings)
     app.extensions["quantfarm_keys"] = KeyCache(settings.auth_cache_seconds)
     app.config["SECRET_KEY"] = session_secret(settings)
+    app.session_interface = SessionCookies()
     app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_NAME="quantfarm_session",
                       PERMANENT_SESSION_LIFETIME=12 * 3600)
     if settings.trusted_hosts:

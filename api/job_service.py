@@ -8,9 +8,8 @@ caller parsed the spec: 400/422) → auth (401/403) → quota (429) → admissio
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from api import auth
 from api.context import services
@@ -21,10 +20,11 @@ from quantfarm.memory import estimate_at_submit
 from quantfarm.netguard import check_webhook_urls
 from quantfarm.spec import public_spec, spec_secrets
 from storage import farm
+from storage import job_reads
 from storage import jobs as job_store
 from storage import teams as team_store
 from storage.layout import upload_prefix
-from storage.models import Artifact, Job, Team
+from storage.models import Job, Team
 from storage.peek import estimate_remote
 from storage.sources import check_local_path
 from storage.teams import Role
@@ -106,11 +106,18 @@ def _task_set_problems(store, upload_id: str, team_id: str) -> dict[str, str]:
     return {}
 
 
+# The team's own quota (NULL: the farm's) and its queued jobs, in one statement.
+_QUOTA = select(
+    select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery(),
+    select(func.count()).select_from(Job)
+    .where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value).scalar_subquery(),
+)
+
+
 def check_quota(s, team_id: str) -> None:
     """Raise QuotaExceeded (429) when the team already has its limit of queued jobs."""
-    team = s.get(Team, team_id)
-    limit = (team.max_queued if team is not None and team.max_queued is not None else services().settings.team_max_queued)
-    queued = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team_id, Job.status == job_store.JobStatus.QUEUED.value))
+    own, queued = s.connection().execute(_QUOTA, {"team_id": team_id}).one()  # Core: no ORM execution layer
+    limit = own if own is not None else services().settings.team_max_queued
     if queued >= limit:
         raise QuotaExceeded(
             f"Your team has {queued} queued jobs, its limit; wait for some to start or cancel some.",
@@ -165,19 +172,19 @@ def submit(spec, via: str = "api") -> dict:
 
 
 def get(job_id: str) -> dict:
+    """Return the caller's job (one statement: storage/job_reads.py)."""
     who = auth.require(Role.VIEWER)
-    with services().db.read() as s:  # no BEGIN/COMMIT round trips for a read
-        return job_view(job_store.get_job(s, job_id, team_id=who.scope))
+    with services().db.connect_read() as conn:
+        return job_reads.job_view_by_id(conn, job_id, team_id=who.scope)
 
 
 def page(*, status: str | None, limit: int, cursor: str | None, with_artifacts: bool = True) -> tuple[list[dict], str | None]:
     """Return one page of the caller's jobs (every team's for an admin), calibration texts left out."""
     who = auth.require(Role.VIEWER)
-    with services().db.read() as s:
-        rows, nxt = job_store.list_jobs(s, status=status, limit=limit, cursor=cursor, team_id=who.scope)
-        arts = _artifacts_by_job(s, [j.id for j in rows]) if with_artifacts else defaultdict(list)
-        items = [summary_view(job_view(j, artifacts=arts[j.id])) for j in rows]
-    return items, nxt
+    with services().db.connect_read() as conn:
+        views, nxt = job_reads.job_views_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope,
+                                              with_artifacts=with_artifacts)
+    return [summary_view(v) for v in views], nxt
 
 
 def summary_view(view: dict) -> dict:
@@ -190,15 +197,6 @@ def summary_view(view: dict) -> dict:
             part["texts_count"] = len(part.pop("texts"))
             spec[section] = part
     return {**view, "spec": spec}
-
-
-def _artifacts_by_job(s, job_ids: list[str]) -> dict[str, list[Artifact]]:
-    # One query for the page instead of one lazy load per job.
-    out: dict[str, list[Artifact]] = defaultdict(list)
-    if job_ids:
-        for a in s.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.created_at)):
-            out[a.job_id].append(a)
-    return out
 
 
 def cancel(job_id: str) -> dict:

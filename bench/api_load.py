@@ -274,7 +274,8 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
         f"- Command: `{cmd}`", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
         f"- Both servers: the compose file's gunicorn command (2 workers x 8 threads); the farm on PostgreSQL with {a.jobs} jobs "
         f"and a Redis of its own, auth on (every farm call carries an admin API key). Saturation: `wrk -t2 -c{a.connections} -d{a.duration}s`, one endpoint at a time in this one run. "
-        "Held: an open-loop client at half the measured maximum, latency from each request's scheduled send time.", "",
+        "Held: an open-loop client at half the measured maximum, latency from each request's scheduled send time.",
+        *[f"- {note}" for note in a.note], "",
         md_table(headers, table), "", END,
     ])
 
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", help="API key sent as Authorization: Bearer (default: $QUANTFARM_BENCH_TOKEN)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only-auth", action="store_true", help="measure only auth on vs off")
+    ap.add_argument("--note", action="append", default=[], help="a line for the results section (e.g. what else ran on the machine)")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage.models import Job, JobEvent, JobRun, new_id, utcnow
@@ -232,8 +232,8 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
         enqueued_at=now,
     )
     s.add(job)
-    s.flush()
     add_event(s, job.id, "status", to_status=JobStatus.QUEUED.value, message="Job created", actor=created_by)
+    s.flush()  # one flush for both rows; the view built next sees the column defaults
     return job
 
 
@@ -361,22 +361,3 @@ def oldest_waiting(s: Session, older_than: float) -> list[str]:
     cutoff = utcnow() - timedelta(seconds=older_than)
     return list(s.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)
                           .order_by(Job.enqueued_at).limit(100)))
-
-
-def list_jobs(s: Session, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
-              team_id: str | None = None) -> tuple[list[Job], str | None]:
-    """Return one page of jobs, newest first, and the cursor of the next page (one team's when given).
-
-    The rows come without their encrypted secrets: a list never shows them, and decrypting
-    one per row is most of what a page would cost.
-    """
-    stmt = select(Job).options(defer(Job.secrets, raiseload=True)).order_by(Job.id.desc()).limit(limit + 1)
-    if team_id is not None:
-        stmt = stmt.where(Job.team_id == team_id)
-    if status:
-        stmt = stmt.where(Job.status == status)
-    if cursor:
-        stmt = stmt.where(Job.id < cursor)
-    rows = list(s.scalars(stmt))
-    nxt = rows[limit - 1].id if len(rows) > limit else None
-    return rows[:limit], nxt

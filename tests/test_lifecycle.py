@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage import jobs
+from storage.job_reads import job_views_page
 from storage.jobs import ALLOWED, JobStatus
 from storage.models import Job, JobEvent
 
@@ -111,9 +112,12 @@ def test_list_pages_newest_first(db):
     ids = [new_job(db) for _ in range(5)]
     seen, cursor = [], None
     while True:
-        with db.session() as s:
-            page, cursor = jobs.list_jobs(s, limit=2, cursor=cursor)
-        seen += [j.id for j in page]
+        with db.connect_read() as conn:
+            page, cursor = job_views_page(conn, limit=2, cursor=cursor)
+        seen += [j["id"] for j in page]
         if cursor is None:
             break
     assert seen == sorted(ids, reverse=True)
+    with db.connect_read() as conn:  # the pages' variant: no artifacts joined
+        bare, _ = job_views_page(conn, limit=10, with_artifacts=False)
+    assert [(j["id"], j["artifacts"]) for j in bare] == [(i, []) for i in seen]

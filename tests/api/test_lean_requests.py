@@ -62,22 +62,75 @@ def statements(monkeypatch):
     return sent
 
 
-def test_reads_send_only_their_selects(pg_url, store, tmp_path, statements):
+def _key(db, team: str, role: str) -> dict[str, str]:
+    from storage import teams as team_store
+
+    with db.session() as s:
+        t = team_store.create_team(s, team)
+        return {"Authorization": f"Bearer {team_store.create_key(s, t.id, role=role, name=role).key}"}
+
+
+def test_each_read_is_one_statement_whatever_the_page_size(pg_url, store, tmp_path, statements):
+    """GET one job and a page of jobs (their artifacts included) are one SELECT each, with auth on and real keys."""
+    from datetime import timedelta
+
+    from storage.models import Artifact, utcnow
     from tests.conftest import _truncate
 
     db = Database(pg_url)
     _truncate(db)
-    client = make_app(db, store, RecordingDispatcher(), tmp_path).test_client()
-    job_id = client.post("/v1/jobs", json=MINIMAL).get_json()["id"]
-    for path in (f"/v1/jobs/{job_id}", "/v1/jobs?limit=20"):
-        client.get(path)
-        statements.clear()
-        assert client.get(path).status_code == 200
-        assert statements == ["SELECT", "SELECT"], path  # the job(s), their artifacts: no BEGIN, COMMIT or ping
+    client = make_app(db, store, RecordingDispatcher(), tmp_path, auth="on").test_client()
+    member, other, admin = _key(db, "t1", "member"), _key(db, "t2", "member"), _key(db, "t3", "admin")
+    ids = [client.post("/v1/jobs", json=MINIMAL, headers=member).get_json()["id"] for _ in range(25)]
+    t0 = utcnow()
+    arts = {ids[3]: ["art_b1", "art_b2"], ids[20]: ["art_a1"]}  # ids[3] has two, made in this order
+    with db.session() as s:
+        for job_id, names in arts.items():
+            for n, (name, kind) in enumerate(zip(names, ("model", "eval"))):
+                s.add(Artifact(id=name, job_id=job_id, kind=kind, format="gptq", location="x", sha256="ab" * 32, file_count=1,
+                               size_bytes=7, files=[], created_at=t0 + timedelta(seconds=n)))
+    for who in (member, other, admin):
+        client.get("/v1/jobs", headers=who)  # the first use of a key reads it and records its use
+    newest_first = ids[::-1]
+
     statements.clear()
-    assert client.post("/v1/jobs", json=MINIMAL).status_code == 201
-    assert statements[0] == "BEGIN" or statements[1] == "BEGIN"
-    assert statements[-1] == "COMMIT"
+    job = client.get(f"/v1/jobs/{ids[3]}", headers=member).get_json()
+    assert statements == ["SELECT"]
+    assert ([a["id"] for a in job["artifacts"]], job["artifacts"][0]["size_bytes"], job["status"]) == (["art_b1", "art_b2"], 7, "queued")
+    statements.clear()
+    assert client.get(f"/v1/jobs/{ids[3]}", headers=other).status_code == 404  # another team's job
+    assert statements == ["SELECT"]
+    for limit, who in ((1, member), (20, member), (200, member), (20, admin)):
+        statements.clear()
+        page = client.get(f"/v1/jobs?limit={limit}", headers=who).get_json()
+        assert statements == ["SELECT"], limit
+        assert [j["id"] for j in page["items"]] == newest_first[:limit]
+        assert page["next_cursor"] == (newest_first[limit - 1] if limit < 25 else None)
+        assert {j["id"]: [a["id"] for a in j["artifacts"]] for j in page["items"] if j["artifacts"]} == \
+            {k: v for k, v in arts.items() if k in newest_first[:limit]}
+    statements.clear()
+    rest = client.get(f"/v1/jobs?limit=20&cursor={newest_first[19]}&status=queued", headers=member).get_json()
+    assert statements == ["SELECT"] and [j["id"] for j in rest["items"]] == newest_first[20:]
+    assert client.get("/v1/jobs", headers=other).get_json() == {"items": [], "next_cursor": None}
+    db.dispose()
+
+
+def test_a_submit_is_one_transaction_of_five_statements(pg_url, store, tmp_path, statements):
+    """POST /v1/jobs: BEGIN, the quota (one SELECT), the job and its event, COMMIT; with auth on and a real key."""
+    from tests.conftest import _truncate
+
+    db = Database(pg_url)
+    _truncate(db)
+    broker = RecordingDispatcher()
+    client = make_app(db, store, broker, tmp_path, auth="on").test_client()
+    member = _key(db, "t1", "member")
+    client.post("/v1/jobs", json=MINIMAL, headers=member)  # the key's first use
+    for _ in range(3):
+        statements.clear()
+        assert client.post("/v1/jobs", json=MINIMAL, headers=member).status_code == 201
+        # (psycopg sends the BEGIN inside the first execute, so the spy sees it second)
+        assert statements == ["SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"], statements
+    assert len(broker.jobs) == 4
     db.dispose()
 
 
@@ -97,4 +150,29 @@ def test_an_idle_connection_is_pinged_and_replaced_when_dead(pg_url, monkeypatch
     clock[0] += 5  # idle: the checkout pings, finds it dead and takes a fresh connection
     with db.read() as s:
         assert s.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
+    db.dispose()
+
+
+def test_healthz_fast_path_answers_as_the_flask_view_does(sqlite_url, store, tmp_path):
+    """GET /healthz skips Flask (api/service.py HealthFastPath); its bytes, status and headers equal the view's."""
+    from tests.api.test_service import _parse_metrics
+
+    db = Database(sqlite_url)
+    broker = CountingDispatcher()
+    client = make_app(db, store, broker, tmp_path).test_client()
+    for up, status in ((True, 200), (False, 503)):
+        broker.up = up
+        client.application.extensions["quantfarm_health"]._at = float("-inf")  # a fresh check
+        fast = client.get("/healthz")
+        view = client.get("/healthz?via=view")  # a query string goes through Flask's routing and hooks
+        assert fast.status == view.status and fast.status_code == status
+        assert fast.get_data() == view.get_data()
+        assert sorted(fast.headers.items()) == sorted(view.headers.items())
+        assert fast.headers["X-Frame-Options"] == "DENY" and fast.headers["Content-Type"] == "application/json"
+        assert ("Retry-After" in fast.headers) == (status == 503)
+    assert client.get("/healthz", headers={"Host": "evil.example"}).status_code == 400  # the host allowlist still holds
+    m = _parse_metrics(client.get("/metrics").get_data(as_text=True))
+    counted = {code: m[("quantfarm_http_requests_total", (("code", code), ("method", "GET"), ("route", "/healthz")))]
+               for code in ("200", "503")}
+    assert counted == {"200": 2, "503": 2}
     db.dispose()

@@ -45,7 +45,7 @@ def test_healthz_503_when_the_database_is_unreachable(store, tmp_path):
     assert {k: resp.get_json()[k] for k in ("status", "db", "broker")} == {"status": "unavailable", "db": "down", "broker": "ok"}
 
 
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.e+]+|NaN)$')
+_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.]+(?:[eE][+-]?[0-9]+)?|NaN|[+-]Inf)$')  # 7.9e-05 too
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 

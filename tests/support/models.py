@@ -6,8 +6,6 @@ break on others (an intermediate size of 688, say).
 
 from __future__ import annotations
 
-import json
-import sysconfig
 from pathlib import Path
 
 import torch

@@ -1,0 +1,152 @@
+"""Where one API request's time goes: cProfile of each endpoint in-process (Flask test client, PostgreSQL, auth on).
+
+    .venv/bin/python -m bench.profile_api [--requests 300] [--top 25] [--only get|list|post|healthz] [--cpu]
+        [--sort cumulative|tottime] [--timing-only] [--redis redis://127.0.0.1:6379/0]
+
+Builds the farm app the way gunicorn does (``create_app`` from settings: a real
+Dispatcher, so ``--redis`` must name a Redis; auth on, an admin key made in a new
+PostgreSQL database of ``QUANTFARM_TEST_PG``'s server, 200 jobs) and profiles
+``--requests`` calls of GET one job, list, POST and /healthz, each after a
+warm-up. Prints a table of wall and CPU microseconds per request (the app and
+the trivial ceiling called as WSGI apps), then each profile's top functions.
+On a busy machine wall time is mostly waiting for a CPU: ``--cpu`` profiles
+this process's CPU time instead. Not a load test: bench/api_load.py is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+def _environ(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> dict:
+    from werkzeug.test import EnvironBuilder
+
+    env = EnvironBuilder(path=path, method=method, data=body, headers=headers or {},
+                         content_type="application/json" if body else None, base_url="http://127.0.0.1/").get_environ()
+    env["REMOTE_ADDR"] = "127.0.0.1"
+    return env
+
+
+def per_request_us(app, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+                   n: int = 300) -> tuple[float, float]:
+    """Mean wall and CPU microseconds of one call of the WSGI app itself (no test client, no profiler), after a warm-up.
+
+    CPU is this process's (the Python side); wall adds the database's and broker's answers.
+    """
+    import io
+
+    def once():
+        env = _environ(method, path, body, headers)
+        env["wsgi.input"] = io.BytesIO(body)
+        out = app(env, lambda status, hdrs, exc=None: None)
+        b"".join(out)
+        getattr(out, "close", lambda: None)()
+
+    for _ in range(20):
+        once()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        once()
+    return (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
+
+
+def timing_table(app, job_id: str, key: str, n: int) -> str:
+    """Microseconds per request of each endpoint, and of the trivial ceiling app, called as WSGI apps in this process."""
+    import json
+
+    from bench.api_ceiling import app as ceiling
+    from bench.api_load import POST_BODY
+
+    auth = {"Authorization": f"Bearer {key}"}
+    rows = [("ceiling GET /ping", per_request_us(ceiling, "GET", "/ping", n=n))]
+    rows.append(("GET /v1/jobs/{id}", per_request_us(app, "GET", f"/v1/jobs/{job_id}", headers=auth, n=n)))
+    rows.append(("GET /v1/jobs?limit=20", per_request_us(app, "GET", "/v1/jobs?limit=20", headers=auth, n=n)))
+    rows.append(("POST /v1/jobs", per_request_us(app, "POST", "/v1/jobs", json.dumps(POST_BODY).encode(), auth, n=n)))
+    rows.append(("GET /healthz", per_request_us(app, "GET", "/healthz", n=n)))
+    base = rows[0][1][1]
+    lines = ["| request | wall µs per request | CPU µs per request | ceiling CPU / this |", "|---|---|---|---|"]
+    lines += [f"| {label} | {wall:,.0f} | {cpu:,.0f} | {base / cpu:.2f} |" for label, (wall, cpu) in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--redis", default=os.environ.get("QUANTFARM_TEST_REDIS", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--only", help="one of get, list, post, healthz")
+    ap.add_argument("--sort", default="cumulative", help="pstats order: cumulative or tottime")
+    ap.add_argument("--cpu", action="store_true", help="profile CPU time (this process's), not wall time: on a busy machine, "
+                    "wall time is mostly waiting for the CPU")
+    ap.add_argument("--timing-only", action="store_true", help="print the per-request times, no profiles")
+    a = ap.parse_args(argv)
+
+    from api.app import create_app
+    from bench.api_load import POST_BODY
+    from quantfarm.cli_access import create_key_locally
+    from quantfarm.secrets import new_key
+    from quantfarm.settings import Settings
+    from quantfarm.spec import parse_spec, public_spec, spec_secrets
+    from storage import jobs
+    from storage.db import Database
+    from tests.conftest import PG_ADMIN, _admin_exec
+
+    work = Path(tempfile.mkdtemp(prefix="qf-profile-api-"))
+    name = f"qf_prof_{uuid.uuid4().hex[:8]}"
+    _admin_exec(f"CREATE DATABASE {name}")
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        settings = Settings(database_url=url, broker_url=a.redis, secret_key=new_key(), auth="on", home=work / "home",
+                            store="local", artifact_dir=work / "store", team_max_queued=10**9, local_roots=[Path("/models")])
+        key = create_key_locally(settings, team="bench", role="admin", name="bench")
+        db = Database.from_settings(settings)
+        spec = parse_spec(POST_BODY)
+        with db.session() as s:
+            ids = [jobs.create_job(s, method="rtn", model_ref="local:/models/bench-tiny", spec=public_spec(spec),
+                                   secrets=spec_secrets(spec), team_id=key["team_id"]).id for _ in range(200)]
+        app = create_app(settings, db=db)
+        client = app.test_client()
+        auth = {"Authorization": f"Bearer {key['key']}"}
+        calls = {
+            "get": lambda: client.get(f"/v1/jobs/{ids[100]}", headers=auth),
+            "list": lambda: client.get("/v1/jobs?limit=20", headers=auth),
+            "post": lambda: client.post("/v1/jobs", json=POST_BODY, headers=auth),
+            "healthz": lambda: client.get("/healthz"),
+        }
+        print(timing_table(app, ids[100], key["key"], a.requests))
+        for kind, call in calls.items():
+            if a.only and kind != a.only or a.timing_only:
+                continue
+            for _ in range(20):
+                r = call()
+                assert r.status_code < 300, (kind, r.status_code, r.get_data(as_text=True)[:300])
+            prof = cProfile.Profile(time.process_time) if a.cpu else cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            for _ in range(a.requests):
+                call()
+            prof.disable()
+            per = (time.perf_counter() - t0) / a.requests * 1000
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(a.sort).print_stats(a.top)
+            print(f"===== {kind}: {per:.2f} ms per request (profiled, test client) =====")
+            print(out.getvalue())
+        db.dispose()
+    finally:
+        _admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

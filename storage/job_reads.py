@@ -1,0 +1,101 @@
+"""The API's job reads: one Core statement each, the columns a view shows, no ORM objects.
+
+GET one job and a page of jobs are most of the API's traffic. Each is one
+statement, jobs LEFT JOIN artifacts (a job has at most one artifact per kind),
+built once per shape with bound parameters so SQLAlchemy's compiled cache is hit
+without rebuilding the statement, and run on a plain autocommit connection (no
+Session, no BEGIN/COMMIT). Rows carry the view's attribute names, so
+storage.views builds the same objects as from ORM rows. Encrypted secrets are
+never selected: no view shows them.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Integer, bindparam, select
+from sqlalchemy.engine import Connection
+
+from quantfarm.errors import NotFound
+from storage.models import Artifact, Job
+from storage.views import job_view
+
+_JOBS = Job.__table__
+_ARTS = Artifact.__table__
+# What job_view and progress_view read from a job.
+JOB_COLUMNS = ("id", "team_id", "created_by", "status", "stage", "method", "model_ref", "layers_done", "layers_total",
+               "eta_seconds", "attempt", "memory_estimate", "cancel_requested", "spec", "error_code", "error_message",
+               "metrics", "created_at", "started_at", "finished_at", "updated_at")
+# What artifact_view reads from an artifact.
+ARTIFACT_COLUMNS = ("id", "job_id", "kind", "format", "file_count", "size_bytes", "sha256", "location", "hub_url",
+                    "hub_commit", "created_at")
+ArtifactRow = namedtuple("ArtifactRow", ARTIFACT_COLUMNS)
+_PREFIX = "artifact_"
+_N = len(JOB_COLUMNS)
+
+
+def _with_artifacts(jobs):
+    """``jobs`` (a table or a page subquery) LEFT JOIN artifacts, newest job first, artifacts oldest first."""
+    art_cols = [_ARTS.c[name].label(_PREFIX + name) for name in ARTIFACT_COLUMNS]
+    return (select(*[jobs.c[name] for name in JOB_COLUMNS], *art_cols)
+            .select_from(jobs.outerjoin(_ARTS, _ARTS.c.job_id == jobs.c.id))
+            .order_by(jobs.c.id.desc(), _ARTS.c.created_at))
+
+
+@lru_cache(maxsize=None)
+def _one_statement(scoped: bool):
+    stmt = _with_artifacts(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+    return stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt
+
+
+@lru_cache(maxsize=None)
+def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool):
+    page = select(*[_JOBS.c[name] for name in JOB_COLUMNS]).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
+    if scoped:
+        page = page.where(_JOBS.c.team_id == bindparam("team_id"))
+    if by_status:
+        page = page.where(_JOBS.c.status == bindparam("status"))
+    if after:
+        page = page.where(_JOBS.c.id < bindparam("cursor"))
+    return _with_artifacts(page.subquery("page")) if with_artifacts else page
+
+
+def _views(rows, with_artifacts: bool) -> list[dict[str, Any]]:
+    """One job view per job in ``rows`` (one row per job and artifact), in row order."""
+    jobs: list[Any] = []
+    arts: dict[str, list[ArtifactRow]] = {}
+    for row in rows:
+        job_id = row[0]
+        if job_id not in arts:
+            jobs.append(row)
+            arts[job_id] = []
+        if with_artifacts and row[_N] is not None:
+            arts[job_id].append(ArtifactRow._make(row[_N:]))
+    return [job_view(j, artifacts=arts[j[0]]) for j in jobs]
+
+
+def job_view_by_id(conn: Connection, job_id: str, *, team_id: str | None = None) -> dict[str, Any]:
+    """Return the view of one job, or raise NotFound (also for another team's job when ``team_id`` is given)."""
+    params = {"job_id": job_id} if team_id is None else {"job_id": job_id, "team_id": team_id}
+    views = _views(conn.execute(_one_statement(team_id is not None), params).all(), True)
+    if not views:
+        raise NotFound(f"No job with id {job_id!r}.", details={"resource": "job", "id": job_id})
+    return views[0]
+
+
+def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
+                   team_id: str | None = None, with_artifacts: bool = True) -> tuple[list[dict[str, Any]], str | None]:
+    """Return one page of job views, newest first, and the cursor of the next page (one team's when given)."""
+    params: dict[str, Any] = {"limit": limit + 1}
+    if team_id is not None:
+        params["team_id"] = team_id
+    if status:
+        params["status"] = status
+    if cursor:
+        params["cursor"] = cursor
+    stmt = _page_statement(team_id is not None, bool(status), bool(cursor), with_artifacts)
+    views = _views(conn.execute(stmt, params).all(), with_artifacts)  # fetchall, not a fetchone per row
+    nxt = views[limit - 1]["id"] if len(views) > limit else None
+    return views[:limit], nxt
