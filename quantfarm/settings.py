@@ -99,6 +99,9 @@ class Settings(BaseSettings):
 
     # Hub
     hf_endpoint: str | None = None
+    # A publish goes up in commits of at most this many bytes (weights first, card and config
+    # last); a retry re-reads the branch and sends only the files not there yet.
+    hub_commit_bytes: int = Field(default=4 * 1024**3, gt=0)
 
     # Identity and trust
     # auto: while no API key exists and the API listens on a loopback address, requests act as
