@@ -126,15 +126,15 @@ def check_quota(s, team_id: str) -> None:
 
 
 def enqueue(job_id: str) -> bool:
-    """Send the job to the workers; if the broker is down, leave it queued for the sweeper."""
+    """Wake the workers; if the broker is down, the job stays queued and an idle worker polls for it."""
     try:
         services().dispatcher.run_job(job_id)
         return True
-    except Exception as exc:  # any broker failure: the DB row is the truth, the sweeper re-sends
-        log.warning("Could not enqueue job %s (%s); it stays queued and the sweeper will send it again.", job_id, type(exc).__name__)
+    except Exception as exc:  # any broker failure: the DB row is the truth; idle workers poll for it
+        log.warning("Could not enqueue job %s (%s); it stays queued and an idle worker finds it by polling.", job_id, type(exc).__name__)
         try:
             with services().db.session() as s:
-                job_store.add_event(s, job_id, "log", message="The queue was unreachable; the job will be sent again automatically.")
+                job_store.add_event(s, job_id, "log", message="The queue was unreachable; the job will be started automatically.")
         except Exception:
             log.warning("Could not record the enqueue failure of job %s", job_id, exc_info=True)
         return False

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # often it says it lives; a worker unseen for 3 beats is not counted by admission.
     worker_memory_bytes: int | None = Field(default=None, gt=0)
     worker_beat_seconds: float = Field(default=15.0, gt=0)
+    # An idle worker looks for queued jobs in the database this often, wake-up or not (a
+    # restarted broker loses its messages); a wake-up still starts a job at once.
+    worker_poll_seconds: float = Field(default=10.0, gt=0)
     # A running job none of whose progress signals (stage, layer, bytes) moved for this long,
     # though its heartbeat runs, is stalled: requeued (spending an attempt), or failed `stalled`.
     stall_seconds: float = Field(default=1800.0, gt=0)
@@ -98,6 +101,9 @@ class Settings(BaseSettings):
 
     # Hub
     hf_endpoint: str | None = None
+    # A publish goes up in commits of at most this many bytes (weights first, card and config
+    # last); a retry re-reads the branch and sends only the files not there yet.
+    hub_commit_bytes: int = Field(default=4 * 1024**3, gt=0)
 
     # Identity and trust
     # auto: while no API key exists and the API listens on a loopback address, requests act as

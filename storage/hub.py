@@ -3,10 +3,13 @@
 Before anything leaves the worker, the output is checked: ``config.json`` must
 carry ``quantization_config`` (a checkpoint pushed without it loads as garbage,
 GPTQModel issue #1211) and the card must carry the Hub metadata. Then the repo
-is created (private by default) if missing, the branch too, and the folder goes
-up in one ``upload_folder`` call, retried with backoff on server errors and
-dropped connections. (``upload_folder`` is huggingface_hub's large-upload path
-here: with ``hf_xet`` it streams, batches commits and resumes on re-run.)
+is created (private by default) if missing, the branch too, and the files go
+up in resumable pieces: commits of at most ``hub_commit_bytes`` (weight shards
+first, the card and config last, so the branch looks complete only when it is).
+A failure half-way (a server error, a dropped connection) is retried with
+backoff, and every try, like a retried job, first reads the branch's tree and
+sends only the files whose bytes are not there yet: what already landed, even
+by a commit whose answer was lost, is never sent again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import hashlib
 import random
 import re
 import shutil
@@ -207,12 +211,73 @@ def publish_to_hub(
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".hub-") as tmp:
         card = _hub_card((out_dir / "README.md").read_text(encoding="utf-8"))
         folder = _stage(out_dir, card, Path(tmp)) if card is not None else out_dir
-        commit = _with_retries(
-            "upload",
-            lambda: api.upload_folder(repo_id=dest.repo_id, folder_path=folder, revision=dest.branch,
-                                      commit_message=message, commit_description=f"Uploaded by Quantfarm for job {job_id}."),
-            **retry,
-        )
+        pieces = _pieces(folder, settings.hub_commit_bytes)
+        sha = _with_retries("upload", lambda: _push_missing(api, dest, folder, pieces, message, job_id), **retry)
     url = f"{endpoint}/{dest.repo_id}" + (f"/tree/{dest.branch}" if dest.branch else "")
-    log.info("job %s: published to %s at commit %s", job_id, url, commit.oid)
-    return url, commit.oid
+    log.info("job %s: published to %s at commit %s", job_id, url, sha)
+    return url, sha
+
+
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _pieces(folder: Path, limit: int) -> list[list[str]]:
+    """The folder's files in commit order, grouped into pieces of at most ``limit`` bytes (a bigger file alone).
+
+    Weights first, then the rest (tokenizer, index), ``config.json`` and the card last: the last
+    piece is the one that makes the branch loadable.
+    """
+    last = {"config.json": 2, "README.md": 3}
+    files = sorted((p.relative_to(folder).as_posix() for p in walk_files(folder)),
+                   key=lambda f: (0 if f.endswith(_WEIGHTS) else last.get(f, 1), f))
+    pieces: list[list[str]] = []
+    size = 0
+    for f in files:
+        n = (folder / f).stat().st_size
+        if not pieces or size + n > limit:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(f)
+        size += n
+    return pieces
+
+
+def _landed(folder: Path, path: str, remote) -> bool:
+    """Whether the branch already holds ``path`` with the local bytes (LFS by sha256, regular by git blob id)."""
+    if remote is None or remote.size != (folder / path).stat().st_size:
+        return False
+    if remote.lfs is not None:
+        digest = hashlib.sha256()
+        with open(folder / path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest() == remote.lfs.sha256
+    digest = hashlib.sha1(b"blob %d\0" % remote.size)
+    with open(folder / path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == remote.blob_id
+
+
+def _push_missing(api, dest: HubDestination, folder: Path, pieces: list[list[str]], message: str, job_id: str) -> str:
+    """Commit each piece's files the branch lacks (one commit per piece); return the branch's head."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.hf_api import RepoFile
+
+    tree = {e.path: e for e in api.list_repo_tree(dest.repo_id, revision=dest.branch, recursive=True) if isinstance(e, RepoFile)}
+    head = None
+    for i, piece in enumerate(pieces, 1):
+        missing = [f for f in piece if not _landed(folder, f, tree.get(f))]
+        if len(missing) < len(piece):
+            log.info("job %s: %d of piece %d's %d files already on the Hub; not sent again", job_id, len(piece) - len(missing), i, len(piece))
+        if not missing:
+            continue
+        title = message if i == len(pieces) else f"{message} (part {i} of {len(pieces)})"
+        commit = api.create_commit(
+            dest.repo_id, operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in missing],
+            commit_message=title, commit_description=f"Uploaded by Quantfarm for job {job_id}.", revision=dest.branch,
+        )
+        head = commit.oid
+    if head is None:  # everything was there already (a republish, or a retry after the last commit landed)
+        head = api.model_info(dest.repo_id, revision=dest.branch).sha
+    return head

@@ -11,22 +11,6 @@ import logging
 import sys
 
 
-def wake_on_start(ctx) -> None:
-    """Queue one wake-up for ourselves when jobs wait: a (re)started worker looks for work at once."""
-    from sqlalchemy import select
-
-    from storage.jobs import JobStatus
-    from storage.models import Job
-
-    try:
-        with ctx.db.session() as s:
-            waiting = s.scalar(select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at).limit(1))
-        if waiting is not None:
-            ctx.dispatcher.run_job(waiting)
-    except Exception:  # the sweeper's wake-ups cover a broker or database hiccup here
-        logging.getLogger(__name__).warning("could not send the start-up wake-up", exc_info=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     from quantfarm.settings import Settings
     from storage.artifacts import StoreNotReady
@@ -56,13 +40,15 @@ def main(argv: list[str] | None = None) -> None:
         metrics.serve(settings.metrics_port, role, str(resolve_device(settings.device)), capacity)
     common = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if role == "worker":
+        from workers.poller import Poller
         from workers.presence import Presence
 
         presence = Presence(ctx.db, ctx.runner, settings.worker_beat_seconds).start()  # the farm sees us from now
-        wake_on_start(ctx)
+        poller = Poller(ctx.runner, settings.worker_poll_seconds).start()  # looks for work at once, then every interval
         try:
             app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}", *common])
         finally:
+            poller.stop()  # a job running on the poller's thread hands itself back first
             presence.stop()
     elif role == "service":
         settings.home.mkdir(parents=True, exist_ok=True)

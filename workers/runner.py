@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -106,18 +107,27 @@ class JobRunner:
         self.stage: Stage | None = None
         self.device_name, self.memory = self._offer()
         self.preempting = False  # set from a signal handler: a plain flag, no locks
+        self._draining = threading.Lock()  # wake-ups and the poller take turns running jobs
 
     # --- entry points ----------------------------------------------------------------
 
-    def drain(self) -> list[tuple[str, str]]:
-        """Run the best runnable job, then the next, until none is left or we are preempted."""
-        done = []
-        while not self.preempting:
-            job = self._claim()
-            if job is None:
-                break
-            done.append((job.id, self._execute(job)))
-        return done
+    def drain(self, wait: bool = True) -> list[tuple[str, str]]:
+        """Run the best runnable job, then the next, until none is left or we are preempted.
+
+        One caller at a time (a wake-up or the poller); ``wait=False`` returns at once when another drains.
+        """
+        if not self._draining.acquire(blocking=wait):
+            return []
+        try:
+            done = []
+            while not self.preempting:
+                job = self._claim()
+                if job is None:
+                    break
+                done.append((job.id, self._execute(job)))
+            return done
+        finally:
+            self._draining.release()
 
     def run(self, job_id: str) -> str:
         """Claim ``job_id`` itself and run it; return the status it ended in (or 'skipped')."""

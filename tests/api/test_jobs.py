@@ -254,7 +254,7 @@ def test_broker_down_still_creates_the_job(tmp_path, db, store, caplog):
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "queued"
     assert f"Could not enqueue job {job_id}" in caplog.text
     events = client.get(f"/v1/jobs/{job_id}/events").get_json()["items"]
-    assert events[-1]["kind"] == "log" and "sent again automatically" in events[-1]["message"]
+    assert events[-1]["kind"] == "log" and "started automatically" in events[-1]["message"]
 
 
 def test_webhooks_to_private_addresses_are_refused_at_submit(db, store, dispatcher, tmp_path):

@@ -173,3 +173,52 @@ def test_publish_without_a_token_never_uses_the_workers_own(out, hub, tmp_path, 
         publish_to_hub(out, HubDestination(repo_id="team/borrowed"), None, "job_01abc", settings_for(hub, tmp_path))
     assert hub.created == [] and "team/borrowed" not in hub.repos
     assert hub.requests and {tok for _, _, tok in hub.requests} == {None}
+
+
+def _local(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_large_output_goes_up_in_pieces_weights_first_and_the_card_last(out, hub, tmp_path):
+    settings = Settings(home=tmp_path / "home", hf_endpoint=hub.endpoint, hub_commit_bytes=1)  # every file a piece
+    url, commit = publish_to_hub(out, HubDestination(repo_id="team/pieces"), TOKEN, "job_8", settings)
+    local = _local(out)
+    assert [len(u.files) for u in hub.uploads] == [1] * len(local)
+    assert sorted(hub.received) == sorted(local)  # each file sent once
+    assert hub.received[0].endswith(".safetensors") and hub.received[-2:] == ["config.json", "README.md"]
+    n = len(local)
+    assert [u.message for u in hub.uploads] == [f"Quantfarm job job_8: gptq 4-bit (part {i} of {n})" for i in range(1, n)] + [
+        "Quantfarm job job_8: gptq 4-bit"]
+    assert commit == hub.uploads[-1].commit == hub.repos["team/pieces"].branches["main"]
+    assert {k: v for k, v in hub.files("team/pieces").items() if k != ".gitattributes"} == local
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["lost-before-landing", "landed-answer-lost"])
+def test_a_publish_dropped_half_way_resumes_without_resending_what_landed(out, hub, tmp_path, landed, caplog):
+    caplog.set_level(logging.INFO)
+    settings = Settings(home=tmp_path / "home", hf_endpoint=hub.endpoint, hub_commit_bytes=1)
+    hub.drop_after_files(2, landed=landed)  # the connection breaks at the third file's commit
+    url, commit = publish_to_hub(out, HubDestination(repo_id="team/resumed"), TOKEN, "job_9", settings, backoff=0.01)
+    local = _local(out)
+    assert hub.dropped == 1
+    assert sorted(hub.received) == sorted(local)  # nothing sent twice, nothing missing
+    assert {k: v for k, v in hub.files("team/resumed").items() if k != ".gitattributes"} == local
+    assert commit == hub.repos["team/resumed"].branches["main"]
+    assert any("hub upload failed" in r.getMessage() for r in caplog.records)
+    if landed:  # the retry saw the landed file on the branch and skipped it
+        assert any("already on the Hub; not sent again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_retried_job_publishes_only_what_an_earlier_attempt_did_not(out, hub, tmp_path):
+    settings = Settings(home=tmp_path / "home", hf_endpoint=hub.endpoint, hub_commit_bytes=1)
+    hub.drop_after_files(3, times=10)  # the Hub stays unreachable after three files: the attempt gives up
+    dest = HubDestination(repo_id="team/later")
+    with pytest.raises(StorageUnavailable, match="kept failing during upload"):
+        publish_to_hub(out, dest, TOKEN, "job_10", settings, attempts=2, backoff=0.01)
+    first = list(hub.received)
+    assert len(first) == 3
+    hub._drop = None  # the Hub is back; the job is retried
+    url, commit = publish_to_hub(out, dest, TOKEN, "job_10", settings, backoff=0.01)
+    local = _local(out)
+    assert hub.received[:3] == first and sorted(hub.received) == sorted(local)
+    assert {k: v for k, v in hub.files("team/later").items() if k != ".gitattributes"} == local

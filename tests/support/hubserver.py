@@ -5,7 +5,10 @@ The real Hub is unreachable from this machine, so the tests point the real
 threaded ``http.server``. It implements just the endpoints that
 ``snapshot_download``, ``create_repo``, ``create_branch``, ``repo_info`` and
 ``upload_folder`` call, keeps repos, branches and commits in memory, and
-records every upload so tests can assert the files and the card.
+records every upload so tests can assert the files and the card. To play a
+connection that breaks half-way, it can drop the connection of the commit that
+comes once N files have landed (before applying it, or after: the commit lands
+but its answer is lost), and it keeps every file path it received, in order.
 
 Simplifications, on purpose: every file is committed inline (the preupload
 answer is always ``regular``), where the real Hub would ask for LFS/Xet
@@ -21,6 +24,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,6 +91,9 @@ class HubServer:
         self.created: list[dict] = []  # create_repo payloads
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, bearer token)
         self._faults: list[tuple[str, int]] = []
+        self.received: list[str] = []  # every file path a landed commit carried, in order (repeats show re-sends)
+        self.dropped = 0
+        self._drop: tuple[int, bool, int] | None = None  # (after this many files, land first, times left)
         self._lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -119,6 +126,24 @@ class HubServer:
         """Answer the next ``n`` requests whose path contains ``path_part`` with ``status``."""
         with self._lock:
             self._faults.extend([(path_part, status)] * n)
+
+    def drop_after_files(self, n: int, *, landed: bool = False, times: int = 1) -> None:
+        """Drop the connection of the next ``times`` commits that come once ``n`` files have landed, unanswered.
+
+        ``landed``: apply the commit first (its files land, the client never hears so).
+        """
+        with self._lock:
+            self._drop = (n, landed, times)
+
+    def _take_drop(self) -> bool | None:
+        """None: answer this commit; else drop it, applying it first when True."""
+        with self._lock:
+            if self._drop is None or len(self.received) < self._drop[0]:
+                return None
+            n, landed, times = self._drop
+            self._drop = (n, landed, times - 1) if times > 1 else None
+            self.dropped += 1
+            return landed
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
         return dict(self.repos[repo_id].resolve(rev).files)
@@ -299,10 +324,22 @@ class HubServer:
                         deleted.add(item["value"]["path"])
                     elif item["key"] == "lfsFile":
                         return self._error(400, None, "the stand-in only takes inline files")
-                c = repo.commit(branch, header["summary"], files, deleted)
-                hub.uploads.append(Upload(repo.repo_id, branch, header["summary"], files, c.sha))
+                drop = hub._take_drop()
+                if drop is not None:
+                    if drop:
+                        self._land(repo, branch, header, files, deleted)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
+                c = self._land(repo, branch, header, files, deleted)
                 return self._send(200, {"commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{c.sha}", "commitOid": c.sha,
                                         "success": True, "pullRequestUrl": None})
+
+            def _land(self, repo: Repo, branch: str, header: dict, files: dict[str, bytes], deleted: set[str]) -> Commit:
+                c = repo.commit(branch, header["summary"], files, deleted)
+                hub.uploads.append(Upload(repo.repo_id, branch, header["summary"], files, c.sha))
+                hub.received.extend(files)
+                return c
 
             def _resolve(self, repo_id, rev, path, token):
                 repo = self._repo(repo_id, token)

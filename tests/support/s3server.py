@@ -4,8 +4,10 @@
 free loopback port; boto3 talks to it over real HTTP, with no in-process
 patching. ``FaultProxy`` is a small threaded HTTP proxy in front of it that can
 answer the next N requests with a 5xx, stall them past the client's read
-timeout, or be stopped and restarted on the same port to play an endpoint that
-is down.
+timeout, slow every request down, drop connections (the request read, never
+forwarded, no answer), or be stopped and restarted on the same port to play an
+endpoint that is down. It counts the writes that completed upstream per key
+(PutObject, CompleteMultipartUpload), so a test can prove nothing went up twice.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
 
@@ -109,6 +113,12 @@ class FaultProxy:
         self._stall = 0
         self._stall_seconds = 0.0
         self._conns: set[socket.socket] = set()
+        self._delay = 0.0
+        self._drop_every = 0
+        self._drop_only: tuple[str, ...] = ()
+        self.dropped = 0
+        self._seen_for_drop = 0
+        self.completed: Counter[str] = Counter()  # "bucket/key" -> PutObject/CompleteMultipartUpload answered 2xx upstream
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -125,10 +135,20 @@ class FaultProxy:
         with self._lock:
             self._stall, self._stall_seconds = n, seconds
 
+    def slow(self, seconds: float) -> None:
+        """Hold every request ``seconds`` before forwarding it (0: full speed again)."""
+        with self._lock:
+            self._delay = seconds
+
+    def flap(self, every: int, methods: tuple[str, ...] = ()) -> None:
+        """Drop the connection of every ``every``-th request (of ``methods`` only, when given) unanswered; 0 stops."""
+        with self._lock:
+            self._drop_every, self._drop_only, self._seen_for_drop = every, tuple(methods), 0
+
     def clear(self) -> None:
         """Forget faults not yet used."""
         with self._lock:
-            self._fail, self._stall = [], 0
+            self._fail, self._stall, self._delay, self._drop_every = [], 0, 0.0, 0
 
     def start(self) -> "FaultProxy":
         ThreadingHTTPServer.allow_reuse_address = True
@@ -156,9 +176,15 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _fault(self) -> tuple[str, float] | tuple[str, int] | None:
+    def _fault(self, method: str) -> tuple[str, float] | tuple[str, int] | None:
         with self._lock:
             self.requests += 1
+            if self._drop_every and (not self._drop_only or method in self._drop_only):
+                self._seen_for_drop += 1
+                if self._seen_for_drop % self._drop_every == 0:
+                    self.dropped += 1
+                    self.faulted += 1
+                    return ("drop", 0)
             if self._stall:
                 self._stall -= 1
                 self.faulted += 1
@@ -167,6 +193,13 @@ class FaultProxy:
                 self.faulted += 1
                 return ("fail", self._fail.pop(0))
         return None
+
+    def _note_write(self, method: str, path: str) -> None:
+        url = urlsplit(path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        if (method == "PUT" and "partNumber" not in query) or (method == "POST" and "uploadId" in query):
+            with self._lock:
+                self.completed[unquote(url.path).lstrip("/")] += 1
 
     def _handler(self):
         proxy = self
@@ -215,7 +248,14 @@ class FaultProxy:
                 body = self._body()
                 with proxy._lock:
                     proxy.authorizations.append(self.headers.get("authorization"))
-                fault = proxy._fault()
+                fault = proxy._fault(self.command)
+                if fault and fault[0] == "drop":  # a flapping link: the request is lost, the client hears nothing
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if proxy._delay:
+                    time.sleep(proxy._delay)
                 if fault and fault[0] == "stall":
                     time.sleep(fault[1])
                     fault = ("fail", 503)
@@ -235,6 +275,8 @@ class FaultProxy:
                 if self.command != "HEAD":
                     out = [(k, v) for k, v in out if k.lower() != "content-length"] + [("Content-Length", str(len(data)))]
                 conn.close()
+                if 200 <= resp.status < 300:
+                    proxy._note_write(self.command, self.path)
                 self._answer(resp.status, out, data)
 
             def _safe(self) -> None:
