@@ -44,7 +44,8 @@ def _ppl(model: Path, kind: str, held: Path, work: Path, label: str) -> float:
     return res.result["perplexity"]
 
 
-def run(quick: bool = False, log=print) -> dict:
+def run(quick: bool = False, log=print, *, model: Path | None = None, only: str | None = None) -> dict:
+    """Every run of RUNS (those whose method is ``only``, when given) on the bench model (or ``model``)."""
     import torch
 
     from quantfarm import spec
@@ -52,7 +53,7 @@ def run(quick: bool = False, log=print) -> dict:
     from workers.engine.pipeline import QuantizeRequest
     from workers.engine.run import quantize
 
-    model = bench_model(quick)
+    model = Path(model) if model else bench_model(quick)
     _, held = windows(model, num_samples=128, seq_len=SEQ_LEN, eval_windows=32 if quick else EVAL_WINDOWS)
     work = CACHE / "formats"
     shutil.rmtree(work, ignore_errors=True)
@@ -61,6 +62,8 @@ def run(quick: bool = False, log=print) -> dict:
     rows = [{"label": "unquantized (fp32)", "format": "safetensors", "size_bytes": _size(model),
              "perplexity": _ppl(model, "dense", held, work, "fp32")}]
     for n, (label, method, options, formats) in enumerate(RUNS):
+        if only and method != only:
+            continue
         key = f"{n}-{method}"  # a method may run twice (gguf Q4_K_M with and without the importance matrix)
         log(f"formats bench: {label} -> {', '.join(formats)}")
         req = QuantizeRequest(source_dir=model, method=method, options=spec.method_options()[method](**options),
@@ -84,6 +87,8 @@ def table(r: dict) -> str:
 if __name__ == "__main__":
     import sys
 
-    out = run("--quick" in sys.argv)
+    args = sys.argv[1:]
+    opt = {k: args[args.index(k) + 1] for k in ("--model", "--only") if k in args}
+    out = run("--quick" in args, model=opt.get("--model"), only=opt.get("--only"))
     print(json.dumps(out, indent=1))
     print(table(out))
