@@ -14,7 +14,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint, abort, redirect, render_template, request, url_for
+from flask import Blueprint, abort, redirect, jsonify, render_template, request, url_for
 from sqlalchemy import select
 
 from api import auth, job_service
@@ -142,6 +142,18 @@ def job_page(job_id: str):
         spec_json=json.dumps(spec_for_display(view["spec"]), indent=2),
         page_data={"job": {k: v for k, v in view.items() if k != "spec"}, "events": events, "files": files},
     )
+
+
+@bp.get("/jobs/<job_id>/loads")
+def job_loads(job_id: str):
+    """How to load each of the job's artifacts, for the live page to show when the job finishes while it is open."""
+    who = auth.require(Role.VIEWER)
+    with services().db.session() as s:
+        try:
+            view = job_view(job_store.get_job(s, job_id, team_id=who.scope))
+        except NotFound:
+            return jsonify({"error": "not_found", "message": f"No job {job_id}."}), 404
+    return jsonify(artifact_loads(view))
 
 
 def spec_for_display(spec: dict[str, Any], limit: int = 2000) -> dict[str, Any]:

@@ -24,6 +24,8 @@ RUNS = [
     ("RTN w4 g128", "rtn", {"bits": 4, "group_size": 128}, ["gptq", CT]),
     ("FP8 W8A8", "fp8", {}, [CT]),
     ("GGUF Q8_0", "gguf", {"quant_type": "Q8_0"}, ["gguf"]),
+    ("GGUF Q4_K_M", "gguf", {"quant_type": "Q4_K_M"}, ["gguf"]),
+    ("GGUF Q4_K_M + imatrix", "gguf", {"quant_type": "Q4_K_M", "imatrix": True}, ["gguf"]),
     ("bitsandbytes NF4", "bnb-4bit", {"quant_type": "nf4", "compute_dtype": "float32"}, ["bitsandbytes"]),
     ("LoftQ NF4 + r16", "loftq", {"rank": 16, "iterations": 5}, ["bitsandbytes-peft"]),
 ]
@@ -42,7 +44,8 @@ def _ppl(model: Path, kind: str, held: Path, work: Path, label: str) -> float:
     return res.result["perplexity"]
 
 
-def run(quick: bool = False, log=print) -> dict:
+def run(quick: bool = False, log=print, *, model: Path | None = None, only: str | None = None) -> dict:
+    """Every run of RUNS (those whose method is ``only``, when given) on the bench model (or ``model``)."""
     import torch
 
     from quantfarm import spec
@@ -50,7 +53,7 @@ def run(quick: bool = False, log=print) -> dict:
     from workers.engine.pipeline import QuantizeRequest
     from workers.engine.run import quantize
 
-    model = bench_model(quick)
+    model = Path(model) if model else bench_model(quick)
     _, held = windows(model, num_samples=128, seq_len=SEQ_LEN, eval_windows=32 if quick else EVAL_WINDOWS)
     work = CACHE / "formats"
     shutil.rmtree(work, ignore_errors=True)
@@ -58,16 +61,19 @@ def run(quick: bool = False, log=print) -> dict:
     torch.set_num_threads(2)
     rows = [{"label": "unquantized (fp32)", "format": "safetensors", "size_bytes": _size(model),
              "perplexity": _ppl(model, "dense", held, work, "fp32")}]
-    for label, method, options, formats in RUNS:
+    for n, (label, method, options, formats) in enumerate(RUNS):
+        if only and method != only:
+            continue
+        key = f"{n}-{method}"  # a method may run twice (gguf Q4_K_M with and without the importance matrix)
         log(f"formats bench: {label} -> {', '.join(formats)}")
         req = QuantizeRequest(source_dir=model, method=method, options=spec.method_options()[method](**options),
                               calibration=spec.Calibration(num_samples=16 if quick else 128, seq_len=SEQ_LEN), formats=formats)
         t0 = time.perf_counter()
-        res = quantize(req, LocalStore(work / f"{method}-ckpt"), work / method, device=torch.device("cpu"))
+        res = quantize(req, LocalStore(work / f"{key}-ckpt"), work / key, device=torch.device("cpu"))
         seconds = time.perf_counter() - t0
         for out in res.outputs:
             rows.append({"label": label, "format": out.format, "size_bytes": _size(out.out_dir), "quantize_s": round(seconds, 2),
-                         "perplexity": _ppl(out.out_dir, KIND[out.format], held, work, f"{method}-{out.format}")})
+                         "perplexity": _ppl(out.out_dir, KIND[out.format], held, work, f"{key}-{out.format}")})
     return {"model": model.name, "eval_windows": int(torch.load(held).shape[0]), "rows": rows}
 
 
@@ -81,6 +87,8 @@ def table(r: dict) -> str:
 if __name__ == "__main__":
     import sys
 
-    out = run("--quick" in sys.argv)
+    args = sys.argv[1:]
+    opt = {k: args[args.index(k) + 1] for k in ("--model", "--only") if k in args}
+    out = run("--quick" in args, model=opt.get("--model"), only=opt.get("--only"))
     print(json.dumps(out, indent=1))
     print(table(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -65,7 +65,20 @@ class FP8Options(Strict):
 
 
 class GGUFOptions(Strict):
-    quant_type: Literal["Q8_0"] = Field("Q8_0", description="llama.cpp quantization type (Q8_0: 8-bit blocks of 32, one fp16 scale each)")
+    quant_type: Literal["Q8_0", "Q4_K_M"] = Field(
+        "Q8_0", description="llama.cpp quantization type: Q8_0 (8-bit blocks of 32, one fp16 scale each) or Q4_K_M "
+                            "(4-bit k-quants, with 6-bit ones where llama-quantize's Q4_K_M puts them)",
+    )
+    imatrix: bool = Field(
+        False, description="Q4_K_M: weight the k-quant search by an importance matrix (mean squared input activations "
+                           "per linear) from a calibration pass; Q8_0 has no search to weight",
+    )
+
+    @model_validator(mode="after")
+    def _imatrix_needs_k_quants(self):
+        if self.imatrix and self.quant_type == "Q8_0":
+            raise ValueError("imatrix weights the k-quant search of Q4_K_M; Q8_0 rounds to nearest and would ignore it")
+        return self
 
 
 class LoftQOptions(Strict):

@@ -140,7 +140,7 @@ def _builtins() -> None:
                     "FP8 W8A8 (per-channel weights, dynamic per-token activations); no calibration. For H100-class GPUs.",
                     ("fp8", "8-bit")),
         MethodEntry("gguf", o.GGUFOptions, f"{engine}.gguf:GGUFMethod", ("gguf",), "GGUF",
-                    "GGUF for llama.cpp and Ollama (Q8_0); no calibration.", ("gguf", "llama.cpp")),
+                    "GGUF for llama.cpp and Ollama: Q8_0, or Q4_K_M k-quants with an optional importance matrix from calibration.", ("gguf", "llama.cpp")),
         MethodEntry("loftq", o.LoftQOptions, f"{engine}.loftq:LoftQMethod", ("bitsandbytes-peft",), "LoftQ",
                     "NF4 base plus LoftQ-initialised LoRA adapters, ready for QLoRA fine-tuning; no calibration.",
                     ("loftq", "peft", "bitsandbytes", "4-bit")),

@@ -99,9 +99,19 @@
     return "/v1/artifacts/" + encodeURIComponent(artifactId) + "/files/" + path.split("/").map(encodeURIComponent).join("/");
   }
 
+  // The same words as the server-rendered page: the server owns what each runtime's command is.
+  function loadHow(a, how) {
+    if (!how || !how.length) return null;
+    return el("details", { class: "load-how", id: "load-" + a.id },
+      el("summary", {}, "How to load " + a.format, a.hub_url ? null : [" (download the files into ", el("code", {}, "./" + a.id), " first)"]),
+      how.flatMap((h) => [el("p", { class: "small" }, "With " + h.runtime + ":"), el("pre", { class: "mono small" }, el("code", {}, h.code))]));
+  }
+
   async function renderArtifacts(j) {
     const box = $("artifacts");
     if (!j.artifacts.length) return;
+    let loads = {};
+    try { loads = await fetchJSON("/jobs/" + encodeURIComponent(j.id) + "/loads"); } catch (err) { loads = {}; }
     const blocks = await Promise.all(j.artifacts.map(async (a) => {
       let files = [], problem = null;
       try { files = await fileList(a.id); } catch (err) { problem = "Could not list the files: " + err.message; }
@@ -116,7 +126,8 @@
         problem ? el("p", { class: "field-error" }, problem) : el("div", { class: "table-wrap" }, el("table", { class: "files" },
           el("caption", { class: "sr-only" }, "Files of artifact " + a.id),
           el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "File"), el("th", { scope: "col", class: "num" }, "Size"), el("th", { scope: "col", class: "sha" }, "sha256"))),
-          el("tbody", {}, rows))));
+          el("tbody", {}, rows))),
+        loadHow(a, loads[a.id]));
     }));
     box.replaceChildren(...blocks);
   }

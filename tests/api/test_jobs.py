@@ -178,6 +178,8 @@ BAD_BODIES = [
     (json.dumps({**MINIMAL, "options": {"bits": 5}}), 422, "validation_error", {"options.bits"}),
     (json.dumps({**MINIMAL, "options": {"bits": 4, "wobble": True}}), 422, "validation_error", {"options.wobble": "unknown field"}),
     (json.dumps({"method": "gptq"}), 422, "validation_error", {"model": "field required"}),
+    (json.dumps({**MINIMAL, "method": "gguf", "options": {"quant_type": "Q4_K_S"}}), 422, "validation_error", {"options.quant_type"}),
+    (json.dumps({**MINIMAL, "method": "gguf", "options": {"imatrix": True}}), 422, "validation_error", {"options"}),
     (json.dumps({**MINIMAL, "model": {"source": "local", "path": "relative/dir"}}), 422, "validation_error", {"model.path"}),
     (json.dumps({**MINIMAL, "calibration": {"upload_id": "upl_00000000000000000000000000"}}), 422, "validation_error",
      {"calibration.upload_id"}),

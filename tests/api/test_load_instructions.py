@@ -35,3 +35,14 @@ def test_a_hub_artifact_loads_by_its_repo_id(client, db, submit):
     page = html.unescape(client.get(f"/jobs/{job_id}").data.decode())
     block = page[page.index(f'id="load-{art}"'):]
     assert 'vllm serve "team/tiny-gptq"' in block[: block.index("</details>")]
+
+
+def test_the_live_page_reads_the_same_instructions_as_json(client, db, submit):
+    job_id = submit()["id"]
+    assert client.get(f"/jobs/{job_id}/loads").get_json() == {}
+    art = _artifact(db, job_id, "model", "gguf")
+    loads = client.get(f"/jobs/{job_id}/loads").get_json()
+    assert [h["runtime"] for h in loads[art]] == ["llama.cpp", "ollama", "transformers"]
+    assert loads[art][0]["code"] == f'llama-cli -m "./{art}/model.gguf" -p "def fib(n):"'
+    missing = client.get("/jobs/job_nope/loads")
+    assert missing.status_code == 404 and missing.get_json()["error"] == "not_found"

@@ -129,6 +129,14 @@ def test_submit_an_rtn_job_and_watch_it_succeed_without_a_reload(page, stack, sm
     link = page.get_by_role("link", name="config.json", exact=True)
     body = page.request.get(link.get_attribute("href")).body()
     assert len(body) == files["config.json"]["size"] and b'"quantization_config"' in body
+    # How to load it: drawn live when the job finished (the page was first rendered with no artifact).
+    how = page.locator(f"#load-{art['id']}")
+    expect(how).to_have_count(1)
+    how.locator("summary").click()
+    expect(how.locator("summary")).to_have_text(f"How to load gptq (download the files into ./{art['id']} first)")
+    expect(how.locator("pre")).to_have_count(2)
+    expect(how.locator("pre").first).to_contain_text(f'AutoModelForCausalLM.from_pretrained("./{art["id"]}", device_map="auto")')
+    expect(how.locator("pre").last).to_have_text(f'pip install vllm\nvllm serve "./{art["id"]}"')
     page.screenshot(path=shots / "03-finished-job.png", full_page=True, animations="disabled")
 
 

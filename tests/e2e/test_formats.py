@@ -134,6 +134,39 @@ def test_a_gguf_job_downloads_and_loads_in_transformers_gguf_loader(stack, tiny_
     assert f"./{art['id']}/model.gguf" in page and "ollama create" in page
 
 
+@pytest.mark.matrix  # the Q4_K_M + imatrix search is tested in the engine; the gguf pair runs end to end above
+def test_a_q4_k_m_job_with_an_importance_matrix_calibrates_and_loads(stack, tiny_llama, tmp_path):
+    """Q4_K_M with imatrix through the worker: the calibration pass runs, the file decodes to the engine's model."""
+    from transformers import AutoModelForCausalLM
+
+    from quantfarm.spec import GGUFOptions
+    from workers.engine.methods.gguf import write_model
+
+    job = stack.wait(stack.submit({"model": {"source": "local", "path": str(tiny_llama)}, "method": "gguf",
+                                   "options": {"quant_type": "Q4_K_M", "imatrix": True}, "calibration": {"num_samples": 4, "seq_len": 64}}))
+    assert job["status"] == "succeeded", job["error"]
+    assert "calibrating" in [e.get("stage") for e in stack.get(f"/v1/jobs/{job['id']}/events").json()["items"]]
+    (art,) = job["artifacts"]
+    out = _download(stack, art, tmp_path / "gguf")
+    # hidden 128: only ffn_down's rows (256) split into super-blocks; the rest take llama-quantize's fallbacks
+    assert job["metrics"]["gguf_tensor_types"] == {"F32": 5, "Q4_K": 1, "Q5_0": 12, "Q6_K": 1, "Q8_0": 2}
+    from quantfarm.spec import Calibration
+    from workers.engine.calibration import calibration_ids
+    from workers.engine.imatrix import collect_imatrix
+    from workers.engine.pipeline import load_tokenizer
+
+    imatrix = collect_imatrix(tiny_llama, torch.device("cpu"), calibration_ids(Calibration(num_samples=4, seq_len=64), load_tokenizer(tiny_llama)))
+    keep: dict = {}
+    write_model(tiny_llama, tmp_path / "ref.gguf", GGUFOptions(quant_type="Q4_K_M"), name="x", imatrix=imatrix, keep=keep)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        model.load_state_dict(keep, strict=False)
+        ref = model(ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
 @pytest.mark.matrix  # one format job (gptq + a second format) runs in `make test`
 def test_a_loftq_job_gives_a_bnb_base_and_a_peft_adapter(stack, tiny_llama, tmp_path):
     from peft import PeftModel

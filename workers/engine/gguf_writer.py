@@ -51,6 +51,11 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of ``permute_qk``: back to transformers' row order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _metadata(writer, config, name: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
@@ -98,16 +103,36 @@ def _tokenizer(writer, source_dir: Path, config) -> None:
             add(getattr(config, key))
 
 
+def _name_map(config):
+    import gguf
+
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch(config).model_arch), config.num_hidden_layers)
+
+
+def gguf_names(config, hf_names) -> dict[str, str]:
+    """Source tensor name -> llama.cpp's name, for the names llama.cpp has."""
+    names = _name_map(config)
+    found = {n: names.get_name(n, try_suffixes=(".weight", ".bias")) for n in hf_names}
+    return {n: g for n, g in found.items() if g is not None}
+
+
 def write_gguf(
     source_dir: Path, out_file: Path, *, config, name: str, file_type: int,
-    convert: Callable[[str, np.ndarray], tuple[np.ndarray, int]],
+    convert: Callable[[str, np.ndarray], tuple[np.ndarray, int, np.ndarray]],
+    keep: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, str]:
-    """Write ``out_file``; ``convert(gguf_name, float32 array)`` returns (data, GGMLQuantizationType). Return gguf name -> type name."""
+    """Write ``out_file``; return gguf name -> type name.
+
+    ``convert(gguf_name, float32 array)`` returns (data, GGMLQuantizationType, the
+    float32 weights the data decodes to). With ``keep``, each decoded tensor is
+    stored there under its source name, in the source's row order: the model a
+    runtime reading the file computes with.
+    """
     import gguf
 
     arch = gguf_arch(config)
     model_arch = getattr(gguf.MODEL_ARCH, arch.model_arch)
-    names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    names = _name_map(config)
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[model_arch])
     _metadata(writer, config, name)
     writer.add_file_type(file_type)
@@ -122,11 +147,15 @@ def write_gguf(
         if target is None:
             raise UnsupportedModel(f"GGUF export has no llama.cpp name for tensor {hf_name!r}.")
         data = shards.get(hf_name).to(torch.float32).numpy()
+        heads = None
         if arch.permute_qk and target.endswith("attn_q.weight"):
-            data = permute_qk(data, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif arch.permute_qk and target.endswith("attn_k.weight"):
-            data = permute_qk(data, kv_heads)
-        out, qtype = convert(target, data)
+            heads = kv_heads
+        out, qtype, decoded = convert(target, data if heads is None else permute_qk(data, heads))
+        if keep is not None:
+            decoded = decoded.reshape(data.shape)
+            keep[hf_name] = torch.from_numpy(np.ascontiguousarray(decoded if heads is None else unpermute_qk(decoded, heads)))
         writer.add_tensor(target, out, raw_dtype=qtype)
         written[target] = gguf.GGMLQuantizationType(qtype).name
     writer.write_header_to_file()

@@ -68,3 +68,15 @@ def test_awq_method_declares_its_format_and_needs():
     dropped = m.replaced_weights(ARCHITECTURES["opt"])
     assert {"fc1.weight", "fc1.bias", "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "final_layer_norm.bias"} <= dropped
     assert not any("embed" in n or n.startswith("model.") for n in dropped)
+
+
+def test_gguf_takes_an_importance_matrix_only_for_k_quants():
+    from pydantic import ValidationError
+
+    from quantfarm.spec import GGUFOptions
+
+    assert GGUFOptions(quant_type="Q4_K_M", imatrix=True).imatrix is True
+    with pytest.raises(ValidationError, match="imatrix weights the k-quant search of Q4_K_M; Q8_0 rounds to nearest"):
+        GGUFOptions(imatrix=True)
+    assert method_for("gguf", GGUFOptions(quant_type="Q4_K_M", imatrix=True)).requires_calibration is True
+    assert method_for("gguf", GGUFOptions(quant_type="Q4_K_M")).requires_calibration is False
