@@ -120,7 +120,7 @@ def settle(runner, job, spec, req, hb) -> tuple[Job, list[Artifact]] | None:
 
 def _wait_while_running(runner, leader: str, hb) -> None:
     """Sleep until ``leader`` leaves running; a cancel, a lost lease or a SIGTERM ends the wait."""
-    from workers.runner import Preempted
+    from workers.fencing import Preempted
 
     while True:
         runner.progress()  # waiting for an identical job is progress: its own watchdog judges it

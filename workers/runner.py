@@ -9,11 +9,8 @@ unexpected exception (failed with ``internal_error``).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -23,7 +20,7 @@ from quantfarm.errors import InvalidState, JobCancelled, LeaseLost, ModelNotFoun
 from quantfarm.logs import job_context
 from quantfarm.settings import Settings
 from quantfarm.spec import load_spec
-from quantfarm.store import BlobStore, PrefixedStore
+from quantfarm.store import BlobStore
 from storage import jobs
 from storage.db import Database
 from storage.jobs import JobStatus, Lease, Stage
@@ -32,63 +29,11 @@ from storage.models import Artifact, new_id
 from storage.retention import erase_run_secrets
 from storage.teams import job_credentials
 from workers import metrics as worker_metrics
+from workers.fencing import FencedStore, HandOn, Preempted, default_owner, disk_full
 from workers.heartbeat import Heartbeat
 from workers.watchdog import CancelledAnywhere, Interrupter, Stalled, Watchdog
 
 log = logging.getLogger(__name__)
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """Say whether ``exc`` (or what caused it) is a full disk, as OSError or as a library's message."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(exc) or "os error 28" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-class Preempted(Exception):
-    """The worker was asked to stop (SIGTERM): hand the job back without spending an attempt."""
-
-
-class HandOn(Exception):
-    """The job needs more memory than this worker has, but a bigger one exists: requeue it for that one."""
-
-
-class FencedStore(PrefixedStore):
-    """Writes under a prefix that stop as soon as the heartbeat knows the lease is gone; each is progress."""
-
-    def __init__(self, inner: BlobStore, prefix: str, hb: Heartbeat, pulse=None):
-        super().__init__(inner, prefix)
-        self.hb, self.pulse = hb, pulse
-
-    def put_file(self, key, path):
-        self._check()
-        super().put_file(key, path)
-        worker_metrics.CHECKPOINT_BYTES.inc(Path(path).stat().st_size)
-        self._pulse()
-
-    def put_bytes(self, key, data):
-        self._check()
-        super().put_bytes(key, data)
-        worker_metrics.CHECKPOINT_BYTES.inc(len(data))
-        self._pulse()
-
-    def _check(self) -> None:
-        if self.hb.lost:
-            raise LeaseLost(f"Job {self.hb.job_id}: lease lost; write refused")
-
-    def _pulse(self) -> None:
-        if self.pulse is not None:
-            self.pulse()
 
 
 class JobRunner:
