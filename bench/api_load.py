@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import BENCH, ROOT, md_table
+from bench.common import ROOT, md_table, write_section
 
 GOALS = {"get": 0.5, "list": 0.3, "post": 0.25, "healthz": 0.7}
 P99_GOAL_MS = 50.0
@@ -279,15 +279,6 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
         md_table(headers, table), "", END,
     ])
 
-
-def write_section(text: str, begin: str = BEGIN, end: str = END) -> None:
-    path = BENCH / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,3 +168,21 @@ def fmt(v: Any, nd: int = 2) -> str:
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def started_and_load() -> tuple[str, str]:
+    """When a bench starts (UTC) and the load average then, as its RESULTS section states them."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def write_section(text: str, begin: str, end: str) -> None:
+    """Put ``text`` (which starts with ``begin`` and ends with ``end``) into RESULTS.md in place of the old section."""
+    path = BENCH / "RESULTS.md"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import BENCH, md_table
+from bench.common import md_table, started_and_load, write_section
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 GPTQ = {"method": "gptq", "options": {"group_size": 32}, "calibration": {"num_samples": 8, "seq_len": 64}}
@@ -166,15 +166,6 @@ def render(r: dict, a, started: str, load: str) -> str:
     ])
 
 
-def write_section(text: str) -> None:
-    path = BENCH / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -184,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    started, load = started_and_load()
     work = Path(tempfile.mkdtemp(prefix="qf-soak-"))
     try:
         result = soak(a, work)
@@ -194,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result, a, started, load)
     print(text)
     if not a.no_write:
-        write_section(text)
+        write_section(text, BEGIN, END)
     return 0
 
 

@@ -25,7 +25,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import BENCH, md_table
+from bench.common import md_table, started_and_load, write_section
 from bench.soak import model_dir
 
 BEGIN, END = "<!-- submit_latency:begin -->", "<!-- submit_latency:end -->"
@@ -92,15 +92,6 @@ def render(measured: list[tuple[float, float]], a, started: str, load: str) -> s
     ])
 
 
-def write_section(text: str) -> None:
-    path = BENCH / "RESULTS.md"
-    old = path.read_text()
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=3.0, help="seconds the worker sits idle before each submit")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    started, load = started_and_load()
     work = Path(tempfile.mkdtemp(prefix="qf-submit-"))
     try:
         seconds = measure(a, work)
@@ -118,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(seconds, a, started, load)
     print(text)
     if not a.no_write:
-        write_section(text)
+        write_section(text, BEGIN, END)
     return 0
 
 
