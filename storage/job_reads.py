@@ -27,10 +27,10 @@ _ARTS = Artifact.__table__
 # What job_view and progress_view read from a job.
 JOB_COLUMNS = ("id", "team_id", "created_by", "status", "stage", "method", "model_ref", "layers_done", "layers_total",
                "eta_seconds", "attempt", "memory_estimate", "cancel_requested", "spec", "error_code", "error_message",
-               "metrics", "created_at", "started_at", "finished_at", "updated_at")
+               "metrics", "reused_from", "created_at", "started_at", "finished_at", "updated_at")
 # What artifact_view reads from an artifact.
 ARTIFACT_COLUMNS = ("id", "job_id", "kind", "format", "file_count", "size_bytes", "sha256", "location", "hub_url",
-                    "hub_commit", "created_at")
+                    "hub_commit", "source_revision", "source_files", "created_at")
 ArtifactRow = namedtuple("ArtifactRow", ARTIFACT_COLUMNS)
 _PREFIX = "artifact_"
 _N = len(JOB_COLUMNS)
