@@ -7,7 +7,11 @@ of weights). The worker's /proc/PID/status is sampled every 0.5 s (RssAnon, RssF
 VmRSS, VmHWM) together with the job's layer progress and stage, so a climb per layer
 shows as rising RssAnon from one layer to the next.
 
-    .venv/bin/python -m bench.worker_memory [--quick] [--layers 24] [--hidden 1024] [--json out.json]
+    .venv/bin/python -m bench.worker_memory [--quick] [--layers 24] [--hidden 1024] [--max-minutes M] [--write] [--json out.json]
+
+``--max-minutes`` cancels the job after M minutes and reports the layers it reached
+(on a busy machine a 24-layer job can take most of an hour). ``--write`` puts the
+table in RESULTS.md between its own markers.
 
 The worker's VmHWM includes the process's start-up (imports, Celery): that is what a
 farm operator sizes a machine by.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -90,7 +95,10 @@ def per_layer(samples: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
-def run(layers: int, width: dict, log=print, env: dict | None = None) -> dict:
+BEGIN, END = "<!-- worker_memory:begin -->", "<!-- worker_memory:end -->"
+
+
+def run(layers: int, width: dict, log=print, env: dict | None = None, max_minutes: float | None = None) -> dict:
     from tests.support.stack import EmbeddedStack
 
     src = model(layers, width)
@@ -107,13 +115,19 @@ def run(layers: int, width: dict, log=print, env: dict | None = None) -> dict:
         job_id = stack.submit(body)
         sampler = Sampler(stack, pid, job_id)
         sampler.start()
-        job = stack.wait(job_id, timeout=7200)
+        try:
+            job = stack.wait(job_id, timeout=max_minutes * 60 if max_minutes else 7200)
+        except TimeoutError:
+            log(f"[worker-memory] {max_minutes} minutes: cancelling (the table reports the layers reached)")
+            stack.post(f"/v1/jobs/{job_id}/cancel")
+            job = stack.wait(job_id, timeout=1800)
         sampler.stop.set()
         sampler.join()
         wall = time.monotonic() - t0
         end = proc_status(pid)
     finally:
         stack.stop()
+        shutil.rmtree(home, ignore_errors=True)
     samples = sampler.samples
     peak_anon = max((s.get("RssAnon", 0) for s in samples), default=0)
     hwm = max([s.get("VmHWM", 0) for s in samples] + [end.get("VmHWM", 0)])
@@ -121,6 +135,7 @@ def run(layers: int, width: dict, log=print, env: dict | None = None) -> dict:
            "error": job.get("error"), "wall_s": round(wall, 1), "idle": idle, "end": end, "peak_rss_anon_mib": peak_anon,
            "vm_hwm_mib": hwm, "per_layer": per_layer(samples), "samples": samples, "load_avg": os.getloadavg(),
            "metrics": {k: (job.get("metrics") or {}).get(k) for k in ("quantize_seconds", "perplexity_before", "perplexity_after")}}
+    res["layers_done"] = max((s["layers_done"] or 0 for s in samples), default=0)
     res["weights_over_peak"] = round(weights_mib / hwm, 2) if hwm else None
     res["goal_met"] = job["status"] == "succeeded" and bool(hwm) and weights_mib >= 2 * hwm
     return res
@@ -143,9 +158,18 @@ def table(res: dict) -> str:
     return md_table(
         ["model", "weights MiB", "job", "RssAnon MiB by layers done (max while current)", "peak RssAnon MiB", "worker VmHWM MiB",
          "weights / VmHWM", "goal (>= 2)"],
-        [[f"Llama h{w['hidden']} i{w['intermediate']} x{res['layers']} fp32", res["weights_mib"], f"{res['status']} {res['wall_s']:.0f} s",
+        [[f"Llama h{w['hidden']} i{w['intermediate']} x{res['layers']} fp32", res["weights_mib"], f"{res['status']} {res['wall_s']:.0f} s ({res['layers_done']}/{res['layers']} layers)",
           layer_summary(res), f"{res['peak_rss_anon_mib']:.0f}", f"{res['vm_hwm_mib']:.0f}", res["weights_over_peak"],
           "**met**" if res["goal_met"] else "NOT met"]])
+
+
+def write(text: str, command: str, res: dict) -> None:
+    from bench.api_load import write_section
+
+    body = "\n".join([BEGIN, "## Memory of a real job's worker process, per layer", "",
+                      f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {res['load_avg'][0]:.1f} "
+                      "(2 cores shared with other work: the times are not comparable, the memory is).", "", text, "", END])
+    write_section(body, BEGIN, END)
 
 
 def main() -> None:
@@ -153,6 +177,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="width 256, 4 layers: checks the harness")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, help="override the width (intermediate = 2.75x)")
+    ap.add_argument("--max-minutes", type=float, help="cancel the job after this long and report the layers reached")
+    ap.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
     ap.add_argument("--json")
     a = ap.parse_args()
     width = dict(QUICK if a.quick else WIDE)
@@ -160,8 +186,10 @@ def main() -> None:
         width = {"hidden": a.hidden, "intermediate": a.hidden * 11 // 4, "heads": a.hidden // 64, "kv_heads": a.hidden // 64}
     layers = 4 if a.quick else a.layers
     print(f"load average at start: {os.getloadavg()}")
-    res = run(layers, width)
+    res = run(layers, width, max_minutes=a.max_minutes)
     print(table(res))
+    if a.write:
+        write(table(res), "python -m bench.worker_memory " + " ".join(sys.argv[1:]), res)
     for r in res["per_layer"]:
         print(r)
     print(f"load average at end: {os.getloadavg()}")
