@@ -160,7 +160,9 @@ def test_live_tensors_do_not_grow_with_depth(source, tmp_path):
     live: list[int] = []
     run_job(source, tmp_path, "gptq", bits=4, group_size=32, on_layer=lambda _r: live.append(_live_tensor_bytes()))
     assert len(live) == LAYERS
-    assert max(live[1:]) <= live[0], live  # the next layer's inputs and nothing that piles up
+    # The next layer's inputs and nothing that piles up (after the last layer its own
+    # outputs are still referenced until the loop ends: no next layer takes them over).
+    assert live[1:-1] == live[:-2] and live[-1] <= 2 * live[0], live
 
 
 def test_large_allocations_are_mmapped_after_configure_heap():
