@@ -33,14 +33,15 @@ SECTIONS = ("hessian", "gptq", "gptq3", "profile", "awq", "memory", "formats")
 
 
 def keep_own_sections(text: str) -> str:
-    """Carry over the sections other benches write themselves (bench/api_load.py, bench/soak.py) into the new RESULTS.md."""
-    from bench import api_load, soak
+    """Carry over every section another bench writes itself (``<!-- name:begin -->`` ... ``<!-- name:end -->``:
+    bench/api_load.py, bench/soak.py, bench/worker_memory.py) into the new RESULTS.md."""
+    import re
 
     path = BENCH / "RESULTS.md"
     old = path.read_text() if path.exists() else ""
-    for begin, end in ((api_load.BEGIN, api_load.END), (soak.BEGIN, soak.END)):
-        if begin in old and end in old and begin not in text:
-            text = text.rstrip("\n") + "\n\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
+    for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", old, flags=re.S):
+        if m.group(0).split("\n", 1)[0] not in text:
+            text = text.rstrip("\n") + "\n\n" + m.group(0) + "\n"
     return text
 
 

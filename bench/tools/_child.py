@@ -72,8 +72,18 @@ def peak_rss_mb() -> float | None:
     return None
 
 
+def gpu_peak_mb() -> float | None:
+    """Peak GPU memory this process allocated through torch (MiB); None without CUDA in use."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def write_result(path: str, **data) -> None:
     data.setdefault("vmhwm_mb", peak_rss_mb())
+    data.setdefault("gpu_peak_mb", gpu_peak_mb())
     data.setdefault("process_seconds_inside", round(time.perf_counter() - T_START, 3))
     data.setdefault("python", sys.executable)
     with open(path, "w") as f:

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="QuantizeConfig fields as JSON")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="model dtype (its AWQ packer takes only float16/bfloat16)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = ap.parse_args()
     threads = pin_threads()
 
@@ -38,7 +39,7 @@ def main() -> None:
     t_imports = time.perf_counter() - T_START
     windows = load_windows(a.calib)
     calib = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
-    opts = {"device": "cpu", **json.loads(a.options)}
+    opts = {"device": a.device, **json.loads(a.options)}
     if a.method == "awq":
         opts.setdefault("method", "awq")
     shutil.rmtree(a.out, ignore_errors=True)
@@ -48,7 +49,7 @@ def main() -> None:
     model = GPTQModel.load(a.model, QuantizeConfig(**opts), dtype=getattr(torch, a.dtype))
     t_load = time.perf_counter() - t0
     # On CPU the AWQ GEMM path must be told to use the portable torch kernel (its default asks for CUDA).
-    kw = {"backend": BACKEND.AWQ_TORCH} if a.method == "awq" else {}
+    kw = {"backend": BACKEND.AWQ_TORCH} if a.method == "awq" and a.device == "cpu" else {}
     model.quantize(calib, batch_size=a.batch_size, calibration_sort=None, **kw)
     t_solve = time.perf_counter() - t0 - t_load
     model.save(a.out)

@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--options", default="{}", help="method options as JSON")
     ap.add_argument("--profile", help="write a cProfile of the quantize call here")
+    ap.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:N)")
     a = ap.parse_args()
     threads = pin_threads()
 
@@ -46,7 +47,7 @@ def main() -> None:
     windows = load_windows(a.calib)
     n, seq_len = windows.shape
 
-    def fixed_windows(calibration, tokenizer, read_upload=None):
+    def fixed_windows(calibration, tokenizer, **_source):  # read_upload, hub_token: unused, the windows are given
         assert (calibration.num_samples, calibration.seq_len) == (n, seq_len)
         return windows.clone()
 
@@ -70,7 +71,7 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.enable()
     t0 = time.perf_counter()
-    res = quantize(req, LocalStore(ckpt_dir), out, device=torch.device("cpu"), on_layer=on_layer)
+    res = quantize(req, LocalStore(ckpt_dir), out, device=torch.device(a.device), on_layer=on_layer)
     t_quant = time.perf_counter() - t0
     if prof is not None:
         prof.disable()

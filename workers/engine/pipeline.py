@@ -88,6 +88,7 @@ def run_layers(
     one, so the activations (and therefore the bytes) of a resumed run equal an
     uninterrupted one.
     """
+    configure_heap()
     done = ckpt.open()
     stats = LoopStats()
     total = model.num_layers
@@ -149,6 +150,25 @@ def _libc():
         return libc if hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc (macOS, musl): nothing to trim
         return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 1024**2
+
+
+def configure_heap() -> None:
+    """Serve every allocation of 1 MiB or more (weights, activations, Hessians) from its own mmap.
+
+    glibc raises its mmap threshold to the size of each mmapped block freed (up
+    to 32 MiB), after which a layer's tensors come from the heap, whose holes a
+    later, differently sized tensor cannot always reuse: at width 1024 that added
+    about 140 MiB to a layer's peak. With a fixed threshold a freed tensor goes
+    back to the OS at once, so the resident size follows what is alive. Only
+    where memory comes from changes, never a computed value.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def release_heap() -> None:

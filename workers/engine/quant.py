@@ -134,8 +134,11 @@ def prepare_hinv(H: torch.Tensor, damp_percent: float, desc_act: bool) -> tuple[
     damp = damp_percent * torch.mean(torch.diag(H))
     idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += damp
+    # Drop each intermediate as soon as the next exists: at most two in x in copies beside the caller's H.
     L = torch.linalg.cholesky(H)
+    del H
     Hinv = torch.cholesky_inverse(L)
+    del L
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
     return Hinv, perm, dead
 

@@ -150,9 +150,12 @@ class GPTQMethod(GPTQFormat):
         for name, res in self.solve_group(ctx.layer, group, h.H):
             self._store(out, name, res)
             set_quantized(ctx.layer, name, res.dequantize())
+        h.H = None  # solved: free it before the outputs below are computed
         if group.closes is not None:
             linear = ctx.layer.get_submodule(first)
-            walk.memo[group.closes] = [replace_first(r, linear(x)) for r, x in zip(returned, stored)]
+            memo = walk.memo[group.closes] = []
+            for r in returned:  # each stored input is dropped once its output exists
+                memo.append(replace_first(r, linear(stored.pop(0))))
 
     def _stage(self, ctx: LayerContext, walk: LayerWalk, run: list[LinearGroup], out: LayerOutput) -> None:
         """A sparse block's experts: one pass gathers every expert's Hessian, then each is solved."""
