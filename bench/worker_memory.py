@@ -164,7 +164,7 @@ def table(res: dict) -> str:
 
 
 def write(text: str, command: str, res: dict) -> None:
-    from bench.api_load import write_section
+    from bench.common import write_section
 
     body = "\n".join([BEGIN, "## Memory of a real job's worker process, per layer", "",
                       f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {res['load_avg'][0]:.1f} "
