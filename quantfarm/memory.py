@@ -3,7 +3,11 @@
 The engine streams one decoder layer at a time, so a layerwise method's peak is one
 layer's weights in float32, the calibration activations entering and leaving it
 (``num_samples × seq_len × hidden × 4`` each), its Hessians (GPTQ: one ``in × in``
-float32 matrix per distinct input), the embeddings, and a fixed runtime overhead.
+float32 matrix per distinct input), the MLP's intermediates for one batch of
+``BATCH_TOKENS`` tokens, the widest stored linear input (GPTQ keeps the closing
+linear's inputs, ``num_samples × seq_len × intermediate × 4``, until it is solved),
+the embeddings, and a fixed runtime overhead. Measured on a real worker (bench/
+worker_memory.py), those last two terms were most of a layer's working set.
 bitsandbytes quantizes while transformers loads, so its peak is the whole model.
 """
 
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 OVERHEAD_BYTES = 512 * 1024**2
+BATCH_TOKENS = 4096  # workers/engine/pipeline.py runs a layer over batches of this many tokens
 WORK_BYTES = 4  # the engine computes in float32
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 LAYERWISE_WITH_HESSIANS = {"gptq"}
@@ -51,8 +56,13 @@ def estimate_peak_bytes(config: dict[str, Any], *, method: str, num_samples: int
     if method in WHOLE_MODEL:
         return int((sh["layers"] * layer_params + embeddings) * sh["dtype"] + OVERHEAD_BYTES)
     activations = 2 * num_samples * seq_len * h * WORK_BYTES
-    hessians = WORK_BYTES * (2 * h * h + q * q + i * i) if method in LAYERWISE_WITH_HESSIANS else 0
-    return int(layer_params * WORK_BYTES + activations + hessians + embeddings * sh["dtype"] + OVERHEAD_BYTES)
+    intermediates = 3 * BATCH_TOKENS * i * WORK_BYTES  # gate, up and their product for one batch
+    hessians = stored = 0
+    if method in LAYERWISE_WITH_HESSIANS:
+        hessians = WORK_BYTES * (2 * h * h + q * q + i * i)
+        stored = num_samples * seq_len * i * WORK_BYTES  # the closing linear's inputs, kept until it is solved
+    return int(layer_params * WORK_BYTES + activations + intermediates + hessians + stored
+               + embeddings * sh["dtype"] + OVERHEAD_BYTES)
 
 
 def estimate_for_spec(config: dict[str, Any], spec: dict[str, Any]) -> int | None:

@@ -186,3 +186,11 @@ def test_large_allocations_are_mmapped_after_configure_heap():
         t = torch.empty(2 * 1024**2 // 4, dtype=torch.float32)
         assert libc.mallinfo2().hblkhd >= before + t.nbytes
         del t
+
+
+def test_the_memory_estimate_knows_the_engines_batch_size():
+    """quantfarm.memory (imported by the API, without torch) restates the engine's batch size; keep them equal."""
+    from quantfarm import memory
+    from workers.engine import pipeline
+
+    assert memory.BATCH_TOKENS == pipeline.BATCH_TOKENS
