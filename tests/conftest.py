@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test reaches the real Hub: a Hub source or destination without the stand-in (tests/support/hubserver.py)
+# goes to a closed loopback port (connection refused), in this process and every process a test starts.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 
 PG_ADMIN = os.environ.get("QUANTFARM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QUANTFARM_TEST_REDIS", "redis://127.0.0.1:6379/0")
