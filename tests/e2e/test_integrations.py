@@ -118,7 +118,8 @@ def test_injected_5xx_are_retried_and_the_job_succeeds(stack, proxy, deep_llama)
 
 
 def test_endpoint_down_fails_with_storage_unavailable_and_retry_resumes(stack, proxy, moto, deep_llama):
-    job_id = stack.submit({"model": {"source": "local", "path": str(deep_llama)}, "method": "gptq", "calibration": CAL})
+    # reuse off: the job above made this very result, and the outage must hit a job that calibrates
+    job_id = stack.submit({"model": {"source": "local", "path": str(deep_llama)}, "method": "gptq", "calibration": CAL, "reuse": False})
     wait_progress(stack, job_id, 3)
     proxy.stop()
     try:
