@@ -19,7 +19,8 @@ from tests.support.compose import ComposeStack
 
 pytestmark = pytest.mark.slow
 
-GPTQ = {"method": "gptq", "options": {"group_size": 32}, "calibration": {"num_samples": 8, "seq_len": 64}}
+# reuse off: the waiting jobs are identical and each must really run (not coalesce onto the first)
+GPTQ = {"method": "gptq", "options": {"group_size": 32}, "calibration": {"num_samples": 8, "seq_len": 64}, "reuse": False}
 LONG = {**GPTQ, "calibration": {"num_samples": 32, "seq_len": 128}}  # runs across the whole outage
 POLL_SECONDS = 1.0
 
