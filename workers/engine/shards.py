@@ -14,6 +14,21 @@ from quantfarm.paths import UnsafePath, safe_join
 from quantfarm.store import sha256_file
 
 
+_HASHES: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns) -> sha256, so a job hashes each file once
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of ``path``, computed once per file version in this process (the result fingerprint and the
+    checkpoint fingerprint of the same job both need it; a weight shard can be tens of GB)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        if len(_HASHES) >= 4096:
+            _HASHES.clear()
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
 def _shard_path(model_dir: Path, fname) -> Path:
     """Return the shard's path; refuse a name (from the index file) that would leave the model folder."""
     try:
@@ -90,4 +105,4 @@ class ShardReader:
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every weight shard and config file (for fingerprints)."""
         names = self.files + [n for n in ("config.json",) if (self.dir / n).is_file()]
-        return {n: sha256_file(self.dir / n) for n in sorted(names)}
+        return {n: file_sha256(self.dir / n) for n in sorted(names)}
