@@ -69,8 +69,9 @@ def test_worker_and_api_ride_through_a_postgres_restart(own_pg, own_db, own_redi
         lines = [json.loads(line) for line in stack.log("worker").read_text().splitlines() if line.startswith("{")]
         retries = [x for x in lines if "database unreachable" in x["message"]]
         assert retries, "the worker never waited for the database"  # it really rode through an outage
-        # Lines the job causes (not the wake-up's summary, which may name several jobs) name it.
-        about_job = [x for x in lines if job_id in x["message"] and not x["message"].startswith("woken for")]
+        # Lines the job causes (not a wake-up's or the poller's summary, which may name several jobs) name it.
+        summaries = ("woken for", "found waiting work by polling")
+        about_job = [x for x in lines if job_id in x["message"] and not x["message"].startswith(summaries)]
         untagged = [x for x in about_job + retries if (x.get("job_id"), x.get("attempt")) != (job_id, 1)]
         assert about_job and not untagged, untagged
         assert all(x["role"] == "worker" and x["level"] in ("info", "warning", "error") for x in lines)
