@@ -81,7 +81,6 @@ def _awq_dequantized_logits(source, artifact_dir, ids):
         return model(ids).logits
 
 
-@pytest.mark.matrix  # one format job (gptq + a second format) runs in `make test`
 def test_awq_rtn_and_fp8_jobs_write_compressed_tensors_that_load(stack, tiny_llama, tmp_path):
     """The other pairs: AWQ and RTN next to their own format, FP8 alone; each loads as a user types it."""
     from transformers import AutoModelForCausalLM
@@ -113,7 +112,6 @@ def test_awq_rtn_and_fp8_jobs_write_compressed_tensors_that_load(stack, tiny_lla
         assert float((got - ref).norm() / ref.norm()) < tol, name
 
 
-@pytest.mark.matrix  # one format job (gptq + a second format) runs in `make test`
 def test_a_gguf_job_downloads_and_loads_in_transformers_gguf_loader(stack, tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -167,7 +165,6 @@ def test_a_q4_k_m_job_with_an_importance_matrix_calibrates_and_loads(stack, tiny
     assert float((got - ref).norm() / ref.norm()) < 1e-5
 
 
-@pytest.mark.matrix  # one format job (gptq + a second format) runs in `make test`
 def test_a_loftq_job_gives_a_bnb_base_and_a_peft_adapter(stack, tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
