@@ -186,3 +186,22 @@ def write_section(text: str, begin: str, end: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
+
+
+def run_and_record(a, prefix: str, measure, render, begin: str, end: str) -> int:
+    """A stack bench's whole run: ``measure(a, work)`` in a scratch folder, ``render(result, a, started, load)``,
+    printed and (unless ``a.no_write``) put in RESULTS.md between ``begin`` and ``end``."""
+    import shutil
+    import tempfile
+
+    started, load = started_and_load()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        result = measure(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = render(result, a, started, load)
+    print(text)
+    if not a.no_write:
+        write_section(text, begin, end)
+    return 0

@@ -15,15 +15,13 @@ is the farm's overhead per job (claims, events, store writes), not GPU work.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import md_table, started_and_load, write_section
+from bench.common import md_table, run_and_record
 from bench.soak import model_dir
 
 BEGIN, END = "<!-- jobs_per_second:begin -->", "<!-- jobs_per_second:end -->"
@@ -97,17 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    started, load = started_and_load()
-    work = Path(tempfile.mkdtemp(prefix="qf-jps-"))
-    try:
-        result = measure(a, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    text = render(result, a, started, load)
-    print(text)
-    if not a.no_write:
-        write_section(text, BEGIN, END)
-    return 0
+    return run_and_record(a, "qf-jps-", measure, render, BEGIN, END)
 
 
 if __name__ == "__main__":

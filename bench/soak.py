@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from bench.common import md_table, started_and_load, write_section
+from bench.common import md_table, run_and_record
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 # reuse off: the jobs are identical on purpose (each output is compared with one undisturbed run), and each must compute
@@ -176,17 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    started, load = started_and_load()
-    work = Path(tempfile.mkdtemp(prefix="qf-soak-"))
-    try:
-        result = soak(a, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    text = render(result, a, started, load)
-    print(text)
-    if not a.no_write:
-        write_section(text, BEGIN, END)
-    return 0
+    return run_and_record(a, "qf-soak-", soak, render, BEGIN, END)
 
 
 if __name__ == "__main__":

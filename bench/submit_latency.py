@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import md_table, started_and_load, write_section
+from bench.common import md_table, run_and_record
 from bench.soak import model_dir
 
 BEGIN, END = "<!-- submit_latency:begin -->", "<!-- submit_latency:end -->"
@@ -99,17 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=3.0, help="seconds the worker sits idle before each submit")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    started, load = started_and_load()
-    work = Path(tempfile.mkdtemp(prefix="qf-submit-"))
-    try:
-        seconds = measure(a, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    text = render(seconds, a, started, load)
-    print(text)
-    if not a.no_write:
-        write_section(text, BEGIN, END)
-    return 0
+    return run_and_record(a, "qf-submit-", measure, render, BEGIN, END)
 
 
 if __name__ == "__main__":
