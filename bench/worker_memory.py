@@ -2,16 +2,20 @@
 
 The embedded stack (`quantfarm run`, tests/support/stack.py) runs in a fresh home;
 one GPTQ job (w4 g128, 32x256 calibration tokens, evaluation at its default) is
-submitted over HTTP for a random Llama of width 1024 and 24 layers (fp32, 1.23 GiB
-of weights). The worker's /proc/PID/status is sampled every 0.5 s (RssAnon, RssFile,
-VmRSS, VmHWM) together with the job's layer progress and stage, so a climb per layer
-shows as rising RssAnon from one layer to the next.
+submitted over HTTP for a random fp32 Llama (default: width 1024, 24 layers, 1.23 GiB
+of weights; ``--preset tinyllama``: TinyLlama-1.1B's geometry, 4.4 GiB). The worker's
+/proc/PID/status is sampled every 0.5 s (RssAnon, RssFile, VmRSS, VmHWM) together with
+the job's layer progress and stage, so a climb per layer shows as rising RssAnon from
+one layer to the next.
 
-    .venv/bin/python -m bench.worker_memory [--quick] [--layers 24] [--hidden 1024] [--max-minutes M] [--write] [--json out.json]
+    .venv/bin/python -m bench.worker_memory [--quick | --preset tinyllama] [--layers 24] [--hidden H --intermediate I
+        --heads N --kv-heads K] [--samples 32 --seq-len 256] [--eval-windows W | --no-eval] [--threads 2]
+        [--max-minutes M] [--write [--keep-rows]] [--json out.json]
 
 ``--max-minutes`` cancels the job after M minutes and reports the layers it reached
 (on a busy machine a 24-layer job can take most of an hour). ``--write`` puts the
-table in RESULTS.md between its own markers.
+table in RESULTS.md between its own markers; with ``--keep-rows`` the rows already
+there for other models stay.
 
 The worker's VmHWM includes the process's start-up (imports, Celery): that is what a
 farm operator sizes a machine by.
@@ -30,9 +34,11 @@ from pathlib import Path
 
 from bench.common import CACHE, ROOT, md_table
 
-WIDE = {"hidden": 1024, "intermediate": 2816, "heads": 16, "kv_heads": 16}
-QUICK = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 4}
-CALIB = {"num_samples": 32, "seq_len": 256}
+PRESETS = {
+    "wide": {"hidden": 1024, "intermediate": 2816, "heads": 16, "kv_heads": 16, "layers": 24},
+    "tinyllama": {"hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "layers": 24},  # TinyLlama-1.1B
+    "quick": {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 4, "layers": 4},
+}
 FIELDS = ("RssAnon", "RssFile", "VmRSS", "VmHWM")
 
 
@@ -41,7 +47,7 @@ def model(layers: int, width: dict) -> Path:
     from tests.support.models import make_tiny_model, train_tokenizer
 
     tok = train_tokenizer(CACHE / "models" / "tokenizer")
-    name = f"random-llama-h{width['hidden']}-i{width['intermediate']}-l{layers}"
+    name = f"random-llama-h{width['hidden']}-i{width['intermediate']}-a{width['heads']}-kv{width['kv_heads']}-l{layers}"
     return make_tiny_model(CACHE / "models" / name, "llama", tokenizer_dir=tok, layers=layers, **width)
 
 
@@ -98,19 +104,24 @@ def per_layer(samples: list[dict]) -> list[dict]:
 BEGIN, END = "<!-- worker_memory:begin -->", "<!-- worker_memory:end -->"
 
 
-def run(layers: int, width: dict, log=print, env: dict | None = None, max_minutes: float | None = None) -> dict:
+def run(layers: int, width: dict, log=print, env: dict | None = None, max_minutes: float | None = None,
+        calib: dict | None = None, evaluation: dict | None = None, threads: int = 2) -> dict:
+    """One job; ``evaluation``: None keeps the spec's default, {"evaluate": False} turns it off,
+    {"evaluation": {"max_windows": W}} bounds it."""
     from tests.support.stack import EmbeddedStack
 
+    calib = calib or {"num_samples": 32, "seq_len": 256}
     src = model(layers, width)
     weights_mib = round(sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**20, 1)
     home = CACHE / "runs" / "worker-memory" / f"home-{os.getpid()}"
-    stack = EmbeddedStack(home, QUANTFARM_TORCH_THREADS="2", QUANTFARM_LOCAL_ROOTS=str(src.parent), **(env or {})).start()
+    stack = EmbeddedStack(home, QUANTFARM_TORCH_THREADS=str(threads), QUANTFARM_LOCAL_ROOTS=str(src.parent), **(env or {})).start()
     try:
         pid = stack.pid("worker")
         idle = proc_status(pid)
         log(f"[worker-memory] worker pid {pid} idle: {idle}; model {weights_mib} MiB")
         body = {"model": {"source": "local", "path": str(src)}, "method": "gptq",
-                "options": {"bits": 4, "group_size": 128}, "calibration": {"dataset": "builtin:code", **CALIB}}
+                "options": {"bits": 4, "group_size": 128}, "calibration": {"dataset": "builtin:code", **calib},
+                **(evaluation or {})}
         t0 = time.monotonic()
         job_id = stack.submit(body)
         sampler = Sampler(stack, pid, job_id)
@@ -131,43 +142,103 @@ def run(layers: int, width: dict, log=print, env: dict | None = None, max_minute
     samples = sampler.samples
     peak_anon = max((s.get("RssAnon", 0) for s in samples), default=0)
     hwm = max([s.get("VmHWM", 0) for s in samples] + [end.get("VmHWM", 0)])
-    res = {"layers": layers, "width": width, "calibration": CALIB, "weights_mib": weights_mib, "status": job["status"],
+    res = {"layers": layers, "width": width, "calibration": calib, "evaluation": evaluation, "threads": threads,
+           "weights_mib": weights_mib, "status": job["status"],
            "error": job.get("error"), "wall_s": round(wall, 1), "idle": idle, "end": end, "peak_rss_anon_mib": peak_anon,
            "vm_hwm_mib": hwm, "per_layer": per_layer(samples), "samples": samples, "load_avg": os.getloadavg(),
-           "metrics": {k: (job.get("metrics") or {}).get(k) for k in ("quantize_seconds", "perplexity_before", "perplexity_after")}}
+           "metrics": {k: (job.get("metrics") or {}).get(k) for k in ("quantize_seconds", "evaluate_seconds",
+                                                                        "perplexity_before", "perplexity_after")}}
     res["layers_done"] = max((s["layers_done"] or 0 for s in samples), default=0)
     res["weights_over_peak"] = round(weights_mib / hwm, 2) if hwm else None
     res["goal_met"] = job["status"] == "succeeded" and bool(hwm) and weights_mib >= 2 * hwm
     return res
 
 
+LATER = ("exporting", "evaluating", "uploading")
+
+
+def loop_rows(res: dict) -> list[dict]:
+    """The per-layer rows of the quantize loop (layers done >= 0, before export)."""
+    return [r for r in res["per_layer"] if r["stage"] not in LATER and r["layers_done"] is not None]
+
+
+def flatness(res: dict) -> dict:
+    """Does the peak inside a layer climb with depth? Least-squares slope of each layer's max RssAnon
+    (from the second layer on: the first also holds the embeddings' capture), its range, and the
+    seconds per layer (between the samples where the count of layers done changed)."""
+    rows = [r for r in loop_rows(res) if r["layers_done"] >= 1 and r["layers_done"] < res["layers"]]
+    out: dict = {"n": len(rows)}
+    if len(rows) >= 2:
+        xs, ys = [r["layers_done"] for r in rows], [r["rss_anon_max"] for r in rows]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        out.update(slope=round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 2) if var else 0.0,
+                   lo=min(ys), hi=max(ys))
+    first: dict[int, float] = {}
+    for smp in res["samples"]:
+        if smp.get("layers_done") is not None and smp.get("stage") not in LATER:
+            first.setdefault(smp["layers_done"], smp["t"])
+    steps = sorted(first)
+    secs = sorted(first[b] - first[a] for a, b in zip(steps, steps[1:]) if b == a + 1)
+    if secs:
+        out["median_layer_s"] = round(secs[len(secs) // 2], 1)
+    return out
+
+
 def layer_summary(res: dict) -> str:
     """RssAnon at a few layer counts of the quantize loop, then the later stages."""
-    loop = [r for r in res["per_layer"] if r["stage"] not in ("exporting", "evaluating", "uploading") and r["layers_done"] is not None]
+    loop = loop_rows(res)
     picks = sorted({0, len(loop) // 4, len(loop) // 2, 3 * len(loop) // 4, len(loop) - 1}) if loop else []
     parts = [f"L{loop[i]['layers_done']}: {loop[i]['rss_anon_max']:.0f}" for i in picks if 0 <= i < len(loop)]
-    for stage in ("exporting", "evaluating", "uploading"):
+    for stage in LATER:
         vals = [r["rss_anon_max"] for r in res["per_layer"] if r["stage"] == stage]
         if vals:
             parts.append(f"{stage}: {max(vals):.0f}")
     return ", ".join(parts)
 
 
-def table(res: dict) -> str:
+HEADER = ["model", "weights MiB", "calibration / evaluation", "job", "RssAnon MiB by layers done (max while current)",
+          "flat? (layers 1..n-1)", "peak RssAnon MiB", "worker VmHWM MiB", "weights / VmHWM", "goal (>= 2)"]
+
+
+def label(res: dict) -> str:
     w = res["width"]
-    return md_table(
-        ["model", "weights MiB", "job", "RssAnon MiB by layers done (max while current)", "peak RssAnon MiB", "worker VmHWM MiB",
-         "weights / VmHWM", "goal (>= 2)"],
-        [[f"Llama h{w['hidden']} i{w['intermediate']} x{res['layers']} fp32", res["weights_mib"], f"{res['status']} {res['wall_s']:.0f} s ({res['layers_done']}/{res['layers']} layers)",
-          layer_summary(res), f"{res['peak_rss_anon_mib']:.0f}", f"{res['vm_hwm_mib']:.0f}", res["weights_over_peak"],
-          "**met**" if res["goal_met"] else "NOT met"]])
+    return f"Llama h{w['hidden']} i{w['intermediate']} a{w['heads']}/kv{w['kv_heads']} x{res['layers']} fp32"
+
+
+def row(res: dict) -> list:
+    cal, ev, fl = res["calibration"], res.get("evaluation"), flatness(res)
+    evaluation = ("off" if ev.get("evaluate") is False else f"{ev['evaluation']['max_windows']} windows") if ev else "default (64 windows)"
+    flat = (f"{fl['lo']:.0f}–{fl['hi']:.0f}, slope {fl['slope']:+.1f} MiB/layer" if "slope" in fl else "—")
+    per = f", {fl['median_layer_s']:.0f} s/layer median" if "median_layer_s" in fl else ""
+    return [label(res), res["weights_mib"], f"{cal['num_samples']}×{cal['seq_len']} / {evaluation}",
+            f"{res['status']} {res['wall_s']:.0f} s ({res['layers_done']}/{res['layers']} layers{per}; {res['threads']} threads)",
+            layer_summary(res), flat, f"{res['peak_rss_anon_mib']:.0f}", f"{res['vm_hwm_mib']:.0f}", res["weights_over_peak"],
+            "**met**" if res["goal_met"] else "NOT met"]
+
+
+def table(res: dict, kept: list[str] | None = None) -> str:
+    text = md_table(HEADER, [row(res)])
+    return text + ("\n" + "\n".join(kept) if kept else "")
+
+
+def kept_rows(res: dict) -> list[str]:
+    """The rows of the section already in RESULTS.md for other models (``--keep-rows``)."""
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN not in text or END not in text:
+        return []
+    section = text[text.index(BEGIN):text.index(END)]
+    return [ln for ln in section.splitlines() if ln.startswith("| Llama") and not ln.startswith(f"| {label(res)} |")
+            and ln.count("|") == len(HEADER) + 1]
 
 
 def write(text: str, command: str, res: dict) -> None:
     from bench.common import write_section
 
     body = "\n".join([BEGIN, "## Memory of a real job's worker process, per layer", "",
-                      f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {res['load_avg'][0]:.1f} "
+                      f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+                      f"{res['load_avg_start'][0]:.1f} at the start, {res['load_avg'][0]:.1f} at the end "
                       "(2 cores shared with other work: the times are not comparable, the memory is).", "", text, "", END])
     write_section(body, BEGIN, END)
 
@@ -175,26 +246,47 @@ def write(text: str, command: str, res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="width 256, 4 layers: checks the harness")
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--hidden", type=int, help="override the width (intermediate = 2.75x)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="wide", help="a model geometry (default: wide)")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int, help="override the width (default intermediate 2.75x, heads = width / 64)")
+    ap.add_argument("--intermediate", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--samples", type=int, default=32, help="calibration samples")
+    ap.add_argument("--seq-len", type=int, default=256, help="calibration (and evaluation window) length")
+    ev = ap.add_mutually_exclusive_group()
+    ev.add_argument("--eval-windows", type=int, help="evaluation.max_windows (default: the spec's)")
+    ev.add_argument("--no-eval", action="store_true", help="evaluate: false")
+    ap.add_argument("--threads", type=int, default=2, help="QUANTFARM_TORCH_THREADS for the worker")
     ap.add_argument("--max-minutes", type=float, help="cancel the job after this long and report the layers reached")
     ap.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
+    ap.add_argument("--keep-rows", action="store_true", help="with --write: keep the section's rows for other models")
     ap.add_argument("--json")
     a = ap.parse_args()
-    width = dict(QUICK if a.quick else WIDE)
+    geo = dict(PRESETS["quick" if a.quick else a.preset])
     if a.hidden:
-        width = {"hidden": a.hidden, "intermediate": a.hidden * 11 // 4, "heads": a.hidden // 64, "kv_heads": a.hidden // 64}
-    layers = 4 if a.quick else a.layers
-    print(f"load average at start: {os.getloadavg()}")
-    res = run(layers, width, max_minutes=a.max_minutes)
-    print(table(res))
-    if a.write:
-        write(table(res), "python -m bench.worker_memory " + " ".join(sys.argv[1:]), res)
-    for r in res["per_layer"]:
-        print(r)
-    print(f"load average at end: {os.getloadavg()}")
+        geo.update(hidden=a.hidden, intermediate=a.hidden * 11 // 4, heads=a.hidden // 64, kv_heads=a.hidden // 64)
+    for key in ("layers", "intermediate", "heads", "kv_heads"):
+        if getattr(a, key) is not None:
+            geo[key] = getattr(a, key)
+    layers = geo.pop("layers")
+    evaluation = {"evaluate": False} if a.no_eval else ({"evaluation": {"max_windows": a.eval_windows}} if a.eval_windows else None)
+    start_load = os.getloadavg()
+    print(f"load average at start: {start_load}", flush=True)
+    res = run(layers, geo, max_minutes=a.max_minutes, calib={"num_samples": a.samples, "seq_len": a.seq_len},
+              evaluation=evaluation, threads=a.threads)
+    res["load_avg_start"] = start_load
+    res["flatness"] = flatness(res)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
+    text = table(res, kept_rows(res) if a.keep_rows else None)
+    print(text)
+    if a.write:
+        write(text, "python -m bench.worker_memory " + " ".join(sys.argv[1:]), res)
+    for r in res["per_layer"]:
+        print(r)
+    print(f"flatness: {res['flatness']}")
+    print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,27 @@ def test_the_memory_estimate_knows_the_engines_batch_size():
     from workers.engine import pipeline
 
     assert memory.BATCH_TOKENS == pipeline.BATCH_TOKENS
+
+
+def test_evaluation_frees_each_input_batch_as_its_output_exists():
+    """The evaluation walk advances its activations in place: when a layer runs batch j, the inputs of
+    batches 0..j-1 are already gone (a list-to-list forward would hold every input beside the outputs)."""
+    import types
+    import weakref
+
+    from workers.engine.evaluate import advance
+
+    inputs = [(torch.randn(2, 8, 16), {}) for _ in range(4)]
+    refs = [weakref.ref(h) for h, _ in inputs]
+    alive_at_call: list[int] = []
+
+    class Double(torch.nn.Module):
+        def forward(self, hidden):
+            alive_at_call.append(sum(r() is not None for r in refs))
+            return (hidden * 2,)
+
+    expect = [h * 2 for h, _ in inputs]
+    advance(types.SimpleNamespace(layer_kwargs=None), 0, Double(), inputs)
+    assert alive_at_call == [4, 3, 2, 1]
+    assert all(r() is None for r in refs)
+    assert all(torch.equal(h, e) for (h, _), e in zip(inputs, expect))
