@@ -5,7 +5,8 @@ layer's weights in float32, the calibration activations entering and leaving it
 (``num_samples × seq_len × hidden × 4`` each), its Hessians (GPTQ: one ``in × in``
 float32 matrix per distinct input), the MLP's intermediates for one batch of
 ``BATCH_TOKENS`` tokens, the widest stored linear input (GPTQ keeps the closing
-linear's inputs, ``num_samples × seq_len × intermediate × 4``, until it is solved),
+linear's inputs, ``num_samples × seq_len × intermediate × 4``, until it is solved;
+above ``STORED_INPUTS_MAX_BYTES`` it computes them again instead),
 the embeddings, and a fixed runtime overhead. Measured on a real worker (bench/
 worker_memory.py), those last two terms were most of a layer's working set.
 bitsandbytes quantizes while transformers loads, so its peak is the whole model.
@@ -19,6 +20,7 @@ from typing import Any
 
 OVERHEAD_BYTES = 512 * 1024**2
 BATCH_TOKENS = 4096  # workers/engine/pipeline.py runs a layer over batches of this many tokens
+STORED_INPUTS_MAX_BYTES = 256 * 1024**2  # workers/engine/methods/gptq.py: above it, inputs are recomputed
 WORK_BYTES = 4  # the engine computes in float32
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 LAYERWISE_WITH_HESSIANS = {"gptq"}
@@ -60,7 +62,7 @@ def estimate_peak_bytes(config: dict[str, Any], *, method: str, num_samples: int
     hessians = stored = 0
     if method in LAYERWISE_WITH_HESSIANS:
         hessians = WORK_BYTES * (2 * h * h + q * q + i * i)
-        stored = num_samples * seq_len * i * WORK_BYTES  # the closing linear's inputs, kept until it is solved
+        stored = min(num_samples * seq_len * i * WORK_BYTES, STORED_INPUTS_MAX_BYTES)  # kept until it is solved
     return int(layer_params * WORK_BYTES + activations + intermediates + hessians + stored
                + embeddings * sh["dtype"] + OVERHEAD_BYTES)
 

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import update
 
 from quantfarm.errors import TooLarge
+from quantfarm import memory
 from quantfarm.memory import estimate_peak_bytes
 from storage import farm, jobs
 from storage.jobs import JobStatus, Lease
@@ -37,10 +38,15 @@ def queue(db, estimate=None, team_id=None) -> str:
 def test_the_estimate_grows_with_calibration_and_depends_on_the_method():
     small = estimate_peak_bytes(LLAMA_7B, method="gptq", num_samples=128, seq_len=512)
     big = estimate_peak_bytes(LLAMA_7B, method="gptq", num_samples=512, seq_len=2048)
-    per_token = (2 * 4096 + 11008) * 4  # activations in and out, and the stored down_proj input (intermediate 11008)
+    per_token = 2 * 4096 * 4  # activations in and out
     assert 2 * GIB < small < big and big - small == (512 * 2048 - 128 * 512) * per_token
-    # 128 x 512 tokens: the stored down_proj inputs alone are 2.7 GiB (what a real worker holds before solving it)
-    assert small - estimate_peak_bytes(LLAMA_7B, method="rtn", num_samples=128, seq_len=512) > 128 * 512 * 11008 * 4
+    # The stored down_proj inputs (128 x 512 x 11008 x 4 = 2.7 GiB) are over the engine's bound, so GPTQ computes
+    # them again and holds only the bound; a calibration set under it is held whole.
+    hessians = 4 * (2 * 4096**2 + 4096**2 + 11008**2)
+    assert small - estimate_peak_bytes(LLAMA_7B, method="rtn", num_samples=128, seq_len=512) == hessians + memory.STORED_INPUTS_MAX_BYTES
+    few = 4 * 16  # 64 tokens: 2.8 MiB of down_proj inputs
+    assert (estimate_peak_bytes(LLAMA_7B, method="gptq", num_samples=4, seq_len=16)
+            - estimate_peak_bytes(LLAMA_7B, method="rtn", num_samples=4, seq_len=16)) == hessians + few * 11008 * 4
     whole = estimate_peak_bytes(LLAMA_7B, method="bnb-4bit", num_samples=128, seq_len=512)
     assert 12 * GIB < whole < 15 * GIB  # ~6.7 B parameters in float16, loaded whole
     assert estimate_peak_bytes({"architectures": ["X"]}, method="gptq", num_samples=1, seq_len=16) is None

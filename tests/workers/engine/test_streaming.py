@@ -219,8 +219,10 @@ def test_the_memory_estimate_knows_the_engines_batch_size():
     """quantfarm.memory (imported by the API, without torch) restates the engine's batch size; keep them equal."""
     from quantfarm import memory
     from workers.engine import pipeline
+    from workers.engine.methods import gptq
 
     assert memory.BATCH_TOKENS == pipeline.BATCH_TOKENS
+    assert memory.STORED_INPUTS_MAX_BYTES == gptq.STORED_INPUTS_MAX_BYTES
 
 
 def test_evaluation_frees_each_input_batch_as_its_output_exists():

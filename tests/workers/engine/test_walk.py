@@ -40,13 +40,27 @@ def plain_sequential(method, model: StreamedModel, layer, inputs) -> LayerOutput
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "opt"])
 @pytest.mark.parametrize("desc_act", [False, True])
-def test_the_walk_equals_one_forward_per_group(tiny_model, arch, desc_act):
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+def test_the_walk_equals_one_forward_per_group(tiny_model, arch, desc_act, recompute, monkeypatch):
+    """Also when the closing linears' inputs are computed again (over the bound) instead of kept, in 3 batches."""
+    from workers.engine import pipeline
+    from workers.engine.methods import gptq
+
+    monkeypatch.setattr(pipeline, "BATCH_TOKENS", 64)
+    if recompute:
+        monkeypatch.setattr(gptq, "STORED_INPUTS_MAX_BYTES", 0)
     model = StreamedModel(tiny_model(arch), CPU)
     ids = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
     inputs = model.capture_inputs(batches_of(ids))
+    assert len(inputs) == 3
+    passes = []
+    real_watch = gptq.LayerWalk.watch
+    monkeypatch.setattr(gptq.LayerWalk, "watch", lambda self, *a, **k: passes.append(1) or real_watch(self, *a, **k))
     method = method_for("gptq", GPTQOptions(bits=4, group_size=32, desc_act=desc_act, true_sequential=True))
 
     walked = method.quantize_layer(LayerContext(model, 0, model.load_layer(0), inputs))
+    closers = sum(g.closes is not None for g in model.arch.groups)
+    assert closers >= 1 and len(passes) == len(model.arch.groups) + (closers if recompute else 0)  # the second passes ran
     plain = plain_sequential(method, model, model.load_layer(0), inputs)
 
     assert walked.tensors.keys() == plain.tensors.keys() and len(walked.tensors) == 4 * len(model.arch.linears)

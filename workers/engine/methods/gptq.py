@@ -74,6 +74,15 @@ def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
     return out
 
 
+STORED_INPUTS_MAX_BYTES = 256 * 1024**2  # quantfarm/memory.py restates it for the admission estimate
+
+
+def stored_input_bytes(walk: LayerWalk, linear: nn.Module) -> int:
+    """What keeping ``linear``'s input for every calibration batch would take."""
+    tokens = sum(hidden.shape[:-1].numel() for hidden, _ in walk.inputs)
+    return tokens * linear.in_features * (walk.inputs[0][0].element_size() if walk.inputs else 0)
+
+
 class GPTQMethod(GPTQFormat):
     name = "gptq"
 
@@ -139,11 +148,16 @@ class GPTQMethod(GPTQFormat):
 
     def _one_group(self, ctx: LayerContext, walk: LayerWalk, group: LinearGroup, out: LayerOutput) -> None:
         first, h = group.names[0], HessianSum()
+        linear = ctx.layer.get_submodule(first)
         stored: list[torch.Tensor] = []
+        # The sub-module's output is computed from the linear's inputs once it is quantized: kept from this
+        # pass, or (when all of them would take more than STORED_INPUTS_MAX_BYTES) computed again by a second
+        # pass, which costs the sub-module's forward up to the linear but holds one batch instead of them all.
+        keep = group.closes is not None and stored_input_bytes(walk, linear) <= STORED_INPUTS_MAX_BYTES
 
-        def on_input(x, keep=group.closes is not None):
+        def on_input(x):
             h.add(x)
-            if keep:  # the sub-module's output is computed from it once the linear is quantized
+            if keep:
                 stored.append(x)
 
         returned = walk.watch(first, on_input, until_output_of=group.closes)
@@ -151,11 +165,15 @@ class GPTQMethod(GPTQFormat):
             self._store(out, name, res)
             set_quantized(ctx.layer, name, res.dequantize())
         h.H = None  # solved: free it before the outputs below are computed
-        if group.closes is not None:
-            linear = ctx.layer.get_submodule(first)
-            memo = walk.memo[group.closes] = []
+        if group.closes is None:
+            return
+        memo: list = []
+        if keep:
             for r in returned:  # each stored input is dropped once its output exists
                 memo.append(replace_first(r, linear(stored.pop(0))))
+        else:  # the same modules on the same inputs: the same values as stored ones (forward: not the hook again)
+            walk.watch(first, lambda x: memo.append(replace_first(returned[len(memo)], linear.forward(x))))
+        walk.memo[group.closes] = memo
 
     def _stage(self, ctx: LayerContext, walk: LayerWalk, run: list[LinearGroup], out: LayerOutput) -> None:
         """A sparse block's experts: one pass gathers every expert's Hessian, then each is solved."""
