@@ -233,13 +233,21 @@ def kept_rows(res: dict) -> list[str]:
             and ln.count("|") == len(HEADER) + 1]
 
 
+def every_layer(res: dict) -> str:
+    """The largest RssAnon (and VmHWM) seen while each count of layers done was current, every layer."""
+    return ", ".join(f"{r['layers_done']}: {r['rss_anon_max']:.0f}" for r in loop_rows(res))
+
+
 def write(text: str, command: str, res: dict) -> None:
     from bench.common import write_section
 
+    hwm = [f"{r['layers_done']}: {r['vm_hwm']:.0f}" for r in loop_rows(res)]
     body = "\n".join([BEGIN, "## Memory of a real job's worker process, per layer", "",
                       f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
                       f"{res['load_avg_start'][0]:.1f} at the start, {res['load_avg'][0]:.1f} at the end "
-                      "(2 cores shared with other work: the times are not comparable, the memory is).", "", text, "", END])
+                      "(2 cores shared with other work: the times are not comparable, the memory is).", "", text, "",
+                      f"First row, every layer (layers done: largest RssAnon MiB while current): {every_layer(res)}.", "",
+                      f"VmHWM MiB by layers done: {', '.join(hwm[::4])}.", "", END])
     write_section(body, BEGIN, END)
 
 
@@ -261,8 +269,11 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, help="cancel the job after this long and report the layers reached")
     ap.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
     ap.add_argument("--keep-rows", action="store_true", help="with --write: keep the section's rows for other models")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="save the whole result (every sample) here")
+    ap.add_argument("--from-json", help="render (and with --write, record) a saved result instead of running")
     a = ap.parse_args()
+    if a.from_json:
+        return report(json.loads(Path(a.from_json).read_text()), a)
     geo = dict(PRESETS["quick" if a.quick else a.preset])
     if a.hidden:
         geo.update(hidden=a.hidden, intermediate=a.hidden * 11 // 4, heads=a.hidden // 64, kv_heads=a.hidden // 64)
@@ -279,14 +290,27 @@ def main() -> None:
     res["flatness"] = flatness(res)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
+    report(res, a)
+    print(f"load average at end: {os.getloadavg()}")
+
+
+def command_for(res: dict) -> str:
+    """The command that runs ``res``'s configuration (every parameter spelled out)."""
+    w, cal, ev = res["width"], res["calibration"], res.get("evaluation")
+    evaluation = "" if not ev else (" --no-eval" if ev.get("evaluate") is False else f" --eval-windows {ev['evaluation']['max_windows']}")
+    return (f"python -m bench.worker_memory --layers {res['layers']} --hidden {w['hidden']} --intermediate {w['intermediate']} "
+            f"--heads {w['heads']} --kv-heads {w['kv_heads']} --samples {cal['num_samples']} --seq-len {cal['seq_len']}"
+            f"{evaluation} --threads {res['threads']}")
+
+
+def report(res: dict, a) -> None:
     text = table(res, kept_rows(res) if a.keep_rows else None)
     print(text)
     if a.write:
-        write(text, "python -m bench.worker_memory " + " ".join(sys.argv[1:]), res)
+        write(text, command_for(res) + " --write" + (" --keep-rows" if a.keep_rows else ""), res)
     for r in res["per_layer"]:
         print(r)
-    print(f"flatness: {res['flatness']}")
-    print(f"load average at end: {os.getloadavg()}")
+    print(f"flatness: {flatness(res)}")
 
 
 if __name__ == "__main__":
