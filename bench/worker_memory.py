@@ -94,8 +94,10 @@ def per_layer(samples: list[dict]) -> list[dict]:
         if "RssAnon" not in s:
             continue
         key = (s["layers_done"], s["stage"]) if s["layers_done"] is not None else (None, s["stage"])
-        r = rows.setdefault(key, {"layers_done": key[0], "stage": key[1], "rss_anon_max": 0.0, "vm_hwm": 0.0, "n": 0})
+        r = rows.setdefault(key, {"layers_done": key[0], "stage": key[1], "rss_anon_max": 0.0, "rss_anon_min": s["RssAnon"],
+                                  "vm_hwm": 0.0, "n": 0})
         r["rss_anon_max"] = max(r["rss_anon_max"], s["RssAnon"])
+        r["rss_anon_min"] = min(r["rss_anon_min"], s["RssAnon"])
         r["vm_hwm"] = max(r["vm_hwm"], s["VmHWM"])
         r["n"] += 1
     return list(rows.values())
@@ -174,6 +176,9 @@ def flatness(res: dict) -> dict:
         var = sum((x - mx) ** 2 for x in xs)
         out.update(slope=round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 2) if var else 0.0,
                    lo=min(ys), hi=max(ys))
+        floors = [r["rss_anon_min"] for r in rows if "rss_anon_min" in r]
+        if floors:
+            out.update(floor_lo=min(floors), floor_hi=max(floors))
     first: dict[int, float] = {}
     for smp in res["samples"]:
         if smp.get("layers_done") is not None and smp.get("stage") not in LATER:
@@ -209,7 +214,9 @@ def label(res: dict) -> str:
 def row(res: dict) -> list:
     cal, ev, fl = res["calibration"], res.get("evaluation"), flatness(res)
     evaluation = ("off" if ev.get("evaluate") is False else f"{ev['evaluation']['max_windows']} windows") if ev else "default (64 windows)"
-    flat = (f"{fl['lo']:.0f}–{fl['hi']:.0f}, slope {fl['slope']:+.1f} MiB/layer" if "slope" in fl else "—")
+    flat = (f"peaks {fl['lo']:.0f}–{fl['hi']:.0f}, slope {fl['slope']:+.1f} MiB/layer" if "slope" in fl else "—")
+    if "floor_lo" in fl:
+        flat += f"; floor {fl['floor_lo']:.0f}–{fl['floor_hi']:.0f}"
     per = f", {fl['median_layer_s']:.0f} s/layer median" if "median_layer_s" in fl else ""
     return [label(res), res["weights_mib"], f"{cal['num_samples']}×{cal['seq_len']} / {evaluation}",
             f"{res['status']} {res['wall_s']:.0f} s ({res['layers_done']}/{res['layers']} layers{per}; {res['threads']} threads)",
