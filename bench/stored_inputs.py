@@ -87,7 +87,7 @@ def main() -> None:
         f"{a.layers} layers, GPTQ w4 g128, {a.samples}×{a.seq_len} calibration tokens: the down_proj inputs of all batches "
         f"are {stored_mib:.0f} MiB.", "", text, "",
         f"Output bytes identical: **{'yes' if same else 'NO'}**. VmHWM saved: {kept['vm_hwm_mib'] - again['vm_hwm_mib']:.0f} MiB; "
-        f"CPU time {again['cpu_s'] / kept['cpu_s']:.2f}× (the second pass runs each MLP's gate and up projections again).",
+        f"CPU time {again['cpu_s'] / kept['cpu_s']:.2f}× (at bound 0 both closing linears are computed again: o_proj's inputs rerun the attention, down_proj's the MLP's gate and up projections; at the default 256 MiB bound only inputs over it are, here down_proj's).",
         "", "<!-- stored_inputs:end -->"])
     print(body)
     if a.write:
