@@ -18,7 +18,7 @@ from tests.support.hubserver import HubServer
 from tests.support.s3server import MotoServer
 
 GIB = 1024**3
-# A 405B-like shape: the estimate (~45 GiB) exceeds the only worker (24 GiB).
+# A 405B-like shape: the estimate (~40 GiB) exceeds the only worker (24 GiB).
 HUGE = {"model_type": "llama", "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
         "num_attention_heads": 128, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}
 SMALL = {**HUGE, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
