@@ -21,7 +21,7 @@ def perplexity_pair(model: StreamedModel, method: Method, ckpt: Checkpoints, ids
     for i in range(model.num_layers):
         layer = model.load_layer(i)
         before = model.forward_layer(layer, model.inputs_for(i, before))
-        method.apply(model.arch, layer, ckpt.load(i))
+        method.apply(model.arch.at(i), layer, ckpt.load(i))
         after = model.forward_layer(layer, model.inputs_for(i, after))
         model.release(layer)
         release_heap()
