@@ -239,10 +239,13 @@ def _with_sparse_blocks(arch: Arch, config) -> Arch:
     """``arch`` with its sparse block's groups, and per-layer groups where the first layers are dense."""
     spec = arch.moe
     sparse = arch.groups + moe_groups(spec, getattr(config, spec.num_experts))
-    first = int(getattr(config, spec.dense_first, 0) or 0) if spec.dense_first else 0
-    layers = int(config.num_hidden_layers)
-    if first <= 0:
+    first = (getattr(config, spec.dense_first, 0) or 0) if spec.dense_first else 0
+    if type(first) is not int or first < 0:
+        raise UnsupportedArchitecture(f"{spec.dense_first} must be a whole number of layers, not {first!r}.",
+                                      details={"model_type": arch.name})
+    if first == 0:
         return replace(arch, groups=sparse)
+    layers = int(config.num_hidden_layers)
     dense = arch.groups + spec.dense
     return replace(arch, groups=dense + sparse[len(arch.groups):],
                    layer_groups=tuple(dense if i < first else sparse for i in range(layers)))

@@ -1,11 +1,12 @@
 """Mixture-of-experts models: every expert quantized from its own statistics, loadable by GPTQModel.
 
 Tiny random Mixtral / Qwen2-MoE (with a shared expert) / Qwen3-MoE / DeepSeek-V2 (latent
-attention, shared experts) models are built here (the Hub is unreachable). transformers
-fuses each block's experts into 3-D tensors; the engine gives every expert its own
-linears, named as GPTQModel names them, and GPTQModel loads the artifact back. The engine's own dequantized model is
-the float source with its experts unfused (``moe.unfuse_loaded``) and each layer's
-checkpoint applied.
+attention, shared experts; V2-Lite's dense first layer; V2's low-rank queries) models are
+built here (the Hub is unreachable). transformers fuses each block's experts into 3-D
+tensors; the engine gives every expert its own linears, named as GPTQModel names them,
+and GPTQModel loads the artifact back (compared as ``moe_load`` says). The engine's own
+dequantized model is the float source with its experts unfused (``moe.unfuse_loaded``)
+and each layer's checkpoint applied.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.support.models import make_tiny_model
+from tests.workers.engine.moe_load import assert_loads_as_the_engine, gptqmodel_load
 from tests.workers.engine.helpers import OPTIONS, file_hashes, logits, open_checkpoints, run_job
 from workers.engine.arch import ARCHITECTURES, arch_for
 from workers.engine.methods import method_for
@@ -39,32 +41,6 @@ def engine_model(source, store, method: str, **options):
     for i, layer in enumerate(model.get_submodule(arch.layers)):
         m.apply(arch.at(i), layer, ckpt.load(i))
     return model
-
-
-_LOAD = """
-import sys, torch
-from gptqmodel import BACKEND, GPTQModel
-# The torch kernel loads in half precision; float32 after loading (fp16 scales stay exact).
-m = GPTQModel.load(sys.argv[1], device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model.float().eval()
-assert hasattr(m.get_submodule("model.layers.1.mlp.experts.3.down_proj"), "qweight")  # a quantized kernel per expert
-ids = torch.randint(3, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    torch.save(m(input_ids=ids).logits.float(), sys.argv[2])
-"""
-
-
-def gptqmodel_logits(out_dir, dest) -> torch.Tensor:
-    """Load the artifact with ``GPTQModel.load`` in a child process and return its logits on ``_ids()``.
-
-    A child, because GPTQModel swaps transformers' MoE classes process-wide on load
-    (its defuser), after which transformers saves Mixtral checkpoints other tests build wrongly.
-    """
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _LOAD, str(out_dir), str(dest)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(dest)
 
 
 def _ids() -> torch.Tensor:
@@ -114,9 +90,10 @@ def test_gptq_moe_loads_in_gptqmodel_like_the_engine(tiny_model, tmp_path, arch,
         assert {p + f"{n}.qweight" for n in table.at(i).linears} <= names
     assert not any("block_sparse_moe" in n or n.endswith("experts.gate_up_proj") for n in names)
 
-    got = gptqmodel_logits(tmp_path / "out", tmp_path / "logits.pt")
-    want = logits(engine_model(source, store, "gptq", **GPTQ), _ids())
-    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
+    loaded = gptqmodel_load(tmp_path / "out", tmp_path / "loaded.pt")
+    assert loaded["kinds"] == ["TorchLinear"]  # GPTQModel's torch GPTQ kernel
+    quantized = {f"{table.layers}.{i}.{n}.weight" for i in range(config.get("layers", 2)) for n in table.at(i).linears}
+    assert_loads_as_the_engine(loaded, engine_model(source, store, "gptq", **GPTQ), quantized)
     counts = res.metrics["expert_tokens"]
     assert set(counts) == {str(i) for i in sparse} and all(len(c["mlp"]) == EXPERTS for c in counts.values())
     assert all(sum(c["mlp"]) == 2 * 8 * 64 for c in counts.values())  # top-2 of every calibration token
@@ -184,8 +161,9 @@ def test_all_experts_gives_unrouted_experts_their_own_solve(dead_runs):
         assert torch.equal(a["self_attn.q_proj.qweight"], b["self_attn.q_proj.qweight"])  # attention is unaffected
 
 
+# V2-Lite's layout (a dense first layer, replayed, then sparse ones) runs in make test: a few seconds.
 @pytest.mark.parametrize(("arch", "config"), [("mixtral", {}), pytest.param("deepseek_v2", {}, marks=pytest.mark.matrix),
-                                               pytest.param("deepseek_v2", {"first_k_dense_replace": 1}, marks=pytest.mark.matrix)])
+                                               pytest.param("deepseek_v2", {"first_k_dense_replace": 1}, id="deepseek_v2_lite")])
 def test_moe_resume_after_a_crash_is_byte_identical(tiny_model, tmp_path, arch, config):
     class Crash(RuntimeError):
         pass
@@ -233,6 +211,12 @@ def test_deepseek_layers_get_their_own_groups_from_the_table():
     assert {g.prev for g in lite.at(0).groups if "mlp.gate_proj" in g.names} == {"post_attention_layernorm"}  # AWQ folds there
     assert set(lite.linears) == set(lite.at(0).linears) | set(sparse)  # the model-wide names: every kind's
 
+    from quantfarm.errors import UnsupportedArchitecture
+
+    cfg = DeepseekV2Config(num_hidden_layers=2, n_routed_experts=4)
+    cfg.first_k_dense_replace = -1  # transformers' own config checks refuse other types
+    with pytest.raises(UnsupportedArchitecture, match="first_k_dense_replace must be a whole number"):
+        arch_for(cfg)
     uniform = arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=None, n_routed_experts=4))
     assert uniform.layer_groups == () and uniform.at(1) is uniform and uniform.sparse(0)
 
