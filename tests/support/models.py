@@ -38,7 +38,18 @@ def train_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     return out_dir
 
 
-def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: int = 256, vocab: int = TOKENIZER_VOCAB, heads: int = 4, kv_heads: int = 2):
+def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: int = 256, vocab: int = TOKENIZER_VOCAB, heads: int = 4, kv_heads: int = 2,
+                **overrides):
+    """A tiny config of ``arch``; ``overrides`` set config attributes afterwards (DeepSeek's first_k_dense_replace)."""
+    config = _tiny_config(arch, layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab, heads=heads, kv_heads=kv_heads)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"{arch} configs have no {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def _tiny_config(arch: str, *, layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int):
     from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

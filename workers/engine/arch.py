@@ -41,6 +41,10 @@ class MoESpec:
     shared: bool = False  # a shared expert beside the routed ones: {shared}.{gate,up,down}_proj
     shared_name: str = "shared_expert"  # its module in the block (DeepSeek: shared_experts)
     shared_gate: str | None = "shared_expert_gate"  # a sigmoid gate on its output (Qwen2-MoE); None: added as is
+    # Layers with a dense MLP instead: the config attribute counting the first such layers
+    # (DeepSeek: first_k_dense_replace), and the groups of that MLP.
+    dense_first: str | None = None
+    dense: tuple[LinearGroup, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,26 @@ class Arch:
     moe: MoESpec | None = None  # sparse blocks; ``groups`` then lists attention only until ``arch_for``
     # Regex renames from the source's tensor names to the modules' (and the export's) names.
     renames: tuple[tuple[str, str], ...] = ()
+    # (config attribute, groups): where the config sets the attribute, these groups replace ``groups``
+    # (DeepSeek-V2's low-rank queries, q_lora_rank); the first match wins.
+    variants: tuple[tuple[str, tuple[LinearGroup, ...]], ...] = ()
+    # Each decoder layer's groups where layers differ (dense MLPs before sparse blocks); set by ``arch_for``.
+    # ``groups`` then holds every kind's groups, for names only: per-layer work reads ``at(i).groups``.
+    layer_groups: tuple[tuple[LinearGroup, ...], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
-        return tuple(n for g in self.groups for n in g.names)
+        return tuple(dict.fromkeys(n for g in self.groups for n in g.names))
+
+    def at(self, i: int) -> Arch:
+        """The entry for decoder layer ``i``: its own groups where layers differ, else this one."""
+        if not self.layer_groups:
+            return self
+        return replace(self, groups=self.layer_groups[i], layer_groups=())
+
+    def sparse(self, i: int) -> bool:
+        """Whether decoder layer ``i`` holds a sparse block."""
+        return self.moe is not None and any(g.stage == self.moe.block for g in self.at(i).groups)
 
 
 _LLAMA_GROUPS = (
@@ -139,6 +159,13 @@ _MLA_GROUPS = (
     LinearGroup(("self_attn.kv_b_proj",), "self_attn.kv_a_layernorm", "self_attn.kv_b_proj"),
     LinearGroup(("self_attn.o_proj",), None, "self_attn.o_proj", closes="self_attn"),
 )
+# With low-rank queries (q_lora_rank set, as in the full V2) q_a_proj replaces q_proj beside
+# kv_a_proj_with_mqa, and q_b_proj expands the normed query latent.
+_MLA_LORA_GROUPS = (
+    LinearGroup(("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "input_layernorm", "self_attn"),
+    LinearGroup(("self_attn.q_b_proj",), "self_attn.q_a_layernorm", "self_attn.q_b_proj"),
+    *_MLA_GROUPS[1:],
+)
 
 # Mixtral checkpoints say block_sparse_moe.experts.N.w1/w3/w2; transformers, GPTQModel and the
 # quantized checkpoints it reads say mlp.experts.N.gate_proj/up_proj/down_proj.
@@ -155,8 +182,10 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen2_moe": _moe("qwen2_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size", shared=True)),
     "qwen3_moe": _moe("qwen3_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size")),
     "deepseek_v2": replace(_moe("deepseek_v2", MoESpec("mlp", "n_routed_experts", "moe_intermediate_size", shared=True,
-                                                       shared_name="shared_experts", shared_gate=None)),
-                           groups=_MLA_GROUPS, awq_no_clip=("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+                                                       shared_name="shared_experts", shared_gate=None,
+                                                       dense_first="first_k_dense_replace", dense=_LLAMA_GROUPS[2:])),
+                           groups=_MLA_GROUPS, variants=(("q_lora_rank", _MLA_LORA_GROUPS),),
+                           awq_no_clip=("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa")),
     "gemma2": _gemma("gemma2", attn="eager"),
     "gemma3_text": _gemma("gemma3_text"),
     "phi3": Arch(name="phi3", layers="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
@@ -191,12 +220,32 @@ def arch_for(config) -> Arch:
             f"Architecture {model_type!r} is not supported; supported architectures: {supported}.",
             details={"model_type": model_type, "supported": sorted(ARCHITECTURES)},
         )
+    for attr, groups in arch.variants:
+        if getattr(config, attr, None):
+            arch = replace(arch, groups=groups)
+            break
     if arch.moe is not None:
         from workers.engine.moe import check_uniform
 
         why = check_uniform(config, arch.moe)
         if why:
-            raise UnsupportedArchitecture(f"{model_type!r} models whose {why} are not supported yet: every layer must be sparse.",
+            raise UnsupportedArchitecture(f"{model_type!r} models whose {why} are not supported yet.",
                                           details={"model_type": model_type})
-        arch = replace(arch, groups=arch.groups + moe_groups(arch.moe, getattr(config, arch.moe.num_experts)))
+        arch = _with_sparse_blocks(arch, config)
     return arch
+
+
+def _with_sparse_blocks(arch: Arch, config) -> Arch:
+    """``arch`` with its sparse block's groups, and per-layer groups where the first layers are dense."""
+    spec = arch.moe
+    sparse = arch.groups + moe_groups(spec, getattr(config, spec.num_experts))
+    first = (getattr(config, spec.dense_first, 0) or 0) if spec.dense_first else 0
+    if type(first) is not int or first < 0:
+        raise UnsupportedArchitecture(f"{spec.dense_first} must be a whole number of layers, not {first!r}.",
+                                      details={"model_type": arch.name})
+    if first == 0:
+        return replace(arch, groups=sparse)
+    layers = int(config.num_hidden_layers)
+    dense = arch.groups + spec.dense
+    return replace(arch, groups=dense + sparse[len(arch.groups):],
+                   layer_groups=tuple(dense if i < first else sparse for i in range(layers)))

@@ -26,7 +26,7 @@ def perplexity_pair(model: StreamedModel, method: Method, ckpt: Checkpoints, ids
     for i in range(model.num_layers):
         layer = model.load_layer(i)
         advance(model, i, layer, before)
-        method.apply(model.arch, layer, ckpt.load(i))
+        method.apply(model.arch.at(i), layer, ckpt.load(i))
         advance(model, i, layer, after)
         model.release(layer)
         release_heap()

@@ -42,12 +42,14 @@ def output_tensor_names(model: StreamedModel, method: Method, ckpt: Checkpoints,
     """Every output tensor as (name, layer or None, where it comes from: 'source' | 'ckpt')."""
     writer = writer or NativeWriter(method.format)
     prefix = model.arch.layers + "."
-    dropped = writer.replaced_weights(method, model.arch)
+    dropped: dict[int, set[str]] = {}  # per layer: a model's layers may differ (dense MLPs before sparse blocks)
     out: dict[str, tuple[int | None, str]] = {}
     for name in model.shards.names():
         layer = _layer_of(name, prefix)
+        if layer is not None and layer not in dropped:
+            dropped[layer] = writer.replaced_weights(method, model.arch.at(layer))
         rel = name[len(model.layer_prefix(layer)):] if layer is not None else None
-        if rel is not None and rel in dropped:
+        if rel is not None and rel in dropped[layer]:
             continue
         out[name] = (layer, "source")
     for i, entry in ckpt.layers.items():

@@ -77,22 +77,24 @@ class UnfusedMoE(nn.Module):
 
 
 def check_uniform(config, spec: MoESpec) -> str | None:
-    """Why this config's layers are not all sparse blocks, or None."""
+    """Why this config mixes dense and sparse layers in a way the table cannot say, or None.
+
+    Dense first layers (``spec.dense_first``) are table data; Qwen's dense layers
+    listed anywhere (``mlp_only_layers``, ``decoder_sparse_step``) are not yet.
+    """
     if getattr(config, "mlp_only_layers", None):
         return "layers listed in mlp_only_layers are dense"
     if getattr(config, "decoder_sparse_step", 1) not in (None, 1):
         return "decoder_sparse_step is not 1"
-    if getattr(config, "first_k_dense_replace", 0):
-        return "first layers are dense (first_k_dense_replace)"
-    if getattr(config, "q_lora_rank", None):
-        return "queries are low-rank (q_lora_rank; V2-Lite's plain q_proj is supported)"
     return None
 
 
 def install(layers: nn.ModuleList, arch: Arch, config) -> None:
-    """Replace every layer's fused sparse block with an ``UnfusedMoE`` (weights stay where the block's were)."""
+    """Replace every sparse layer's fused block with an ``UnfusedMoE`` (weights stay where the block's were)."""
     spec = arch.moe
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        if not arch.sparse(i):
+            continue
         fused = layer.get_submodule(spec.block)
         act = ACT2FN[config.hidden_act]
         device = next(iter(fused.gate.parameters())).device
@@ -108,7 +110,9 @@ def unfuse_loaded(model: nn.Module, arch: Arch) -> nn.Module:
     layers = model.get_submodule(arch.layers)
     fused = [layer.get_submodule(spec.block) for layer in layers]
     install(layers, arch, model.config)
-    for layer, block in zip(layers, fused):
+    for i, (layer, block) in enumerate(zip(layers, fused)):
+        if not arch.sparse(i):
+            continue
         moe = layer.get_submodule(spec.block)
         for e, expert in enumerate(moe.experts):
             for name, weight in zip(spec.linears, _expert_weights(block.experts, e, spec)):

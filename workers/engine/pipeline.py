@@ -121,7 +121,7 @@ def run_layers(
                 raise RuntimeError(f"{method.name} must return the source layer's outputs as next_inputs")
         # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
         # replayed one compute with identical weights from here on.
-        method.apply(model.arch, layer, tensors)
+        method.apply(model.arch.at(i), layer, tensors)
         if wants_next:
             inputs = nxt if nxt is not None else model.forward_layer(layer, inputs)
         model.release(layer)

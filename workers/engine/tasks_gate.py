@@ -49,7 +49,7 @@ def streamed_generations(model, method, ckpt) -> Generations:
         try:
             before = greedy(model.model, prompts, max_new_tokens, model.device, eos)
             for i, layer in enumerate(layers):
-                method.apply(model.arch, layer, ckpt.load(i))
+                method.apply(model.arch.at(i), layer, ckpt.load(i))
             after = greedy(model.model, prompts, max_new_tokens, model.device, eos)
         finally:
             for m in (*loaded, *layers):

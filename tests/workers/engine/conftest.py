@@ -29,17 +29,17 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer_dir):
-    """``tiny_model(arch, layers=2, shard=None)``: the path of a random tiny model, built once per session."""
+    """``tiny_model(arch, layers=2, shard=None, **config)``: the path of a random tiny model, built once per session."""
     from tests.support.models import make_tiny_model
 
     built: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("models")
 
-    def get(arch: str = "llama", *, layers: int = 2, shard: str | None = None) -> Path:
-        key = (arch, layers, shard)
+    def get(arch: str = "llama", *, layers: int = 2, shard: str | None = None, **config) -> Path:
+        key = (arch, layers, shard, *sorted(config.items()))
         if key not in built:
-            name = f"{arch}-l{layers}" + (f"-{shard}" if shard else "")
-            built[key] = make_tiny_model(root / name, arch, tokenizer_dir=tokenizer_dir, shard=shard, layers=layers)
+            name = f"{arch}-l{layers}" + (f"-{shard}" if shard else "") + "".join(f"-{k}{v}" for k, v in sorted(config.items()))
+            built[key] = make_tiny_model(root / name, arch, tokenizer_dir=tokenizer_dir, shard=shard, layers=layers, **config)
         return built[key]
 
     return get

@@ -65,7 +65,7 @@ def fake_quantized(source: Path, store: LocalStore, method: str, **options):
     m = method_for(method, OPTIONS[method](**options))
     ckpt = open_checkpoints(store)
     for i, layer in enumerate(model.get_submodule(arch.layers)):
-        m.apply(arch, layer, ckpt.load(i))
+        m.apply(arch.at(i), layer, ckpt.load(i))
     return model.eval()
 
 

@@ -1,11 +1,12 @@
 """Mixture-of-experts models: every expert quantized from its own statistics, loadable by GPTQModel.
 
 Tiny random Mixtral / Qwen2-MoE (with a shared expert) / Qwen3-MoE / DeepSeek-V2 (latent
-attention, shared experts) models are built here (the Hub is unreachable). transformers
-fuses each block's experts into 3-D tensors; the engine gives every expert its own
-linears, named as GPTQModel names them, and GPTQModel loads the artifact back. The engine's own dequantized model is
-the float source with its experts unfused (``moe.unfuse_loaded``) and each layer's
-checkpoint applied.
+attention, shared experts; V2-Lite's dense first layer; V2's low-rank queries) models are
+built here (the Hub is unreachable). transformers fuses each block's experts into 3-D
+tensors; the engine gives every expert its own linears, named as GPTQModel names them,
+and GPTQModel loads the artifact back (compared as ``moe_load`` says). The engine's own
+dequantized model is the float source with its experts unfused (``moe.unfuse_loaded``)
+and each layer's checkpoint applied.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.support.models import make_tiny_model
+from tests.workers.engine.moe_load import assert_loads_as_the_engine, gptqmodel_load
 from tests.workers.engine.helpers import OPTIONS, file_hashes, logits, open_checkpoints, run_job
 from workers.engine.arch import ARCHITECTURES, arch_for
 from workers.engine.methods import method_for
@@ -37,34 +39,8 @@ def engine_model(source, store, method: str, **options):
     m = method_for(method, OPTIONS[method](**options))
     ckpt = open_checkpoints(store)
     for i, layer in enumerate(model.get_submodule(arch.layers)):
-        m.apply(arch, layer, ckpt.load(i))
+        m.apply(arch.at(i), layer, ckpt.load(i))
     return model
-
-
-_LOAD = """
-import sys, torch
-from gptqmodel import BACKEND, GPTQModel
-# The torch kernel loads in half precision; float32 after loading (fp16 scales stay exact).
-m = GPTQModel.load(sys.argv[1], device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model.float().eval()
-assert hasattr(m.get_submodule("model.layers.1.mlp.experts.3.down_proj"), "qweight")  # a quantized kernel per expert
-ids = torch.randint(3, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    torch.save(m(input_ids=ids).logits.float(), sys.argv[2])
-"""
-
-
-def gptqmodel_logits(out_dir, dest) -> torch.Tensor:
-    """Load the artifact with ``GPTQModel.load`` in a child process and return its logits on ``_ids()``.
-
-    A child, because GPTQModel swaps transformers' MoE classes process-wide on load
-    (its defuser), after which transformers saves Mixtral checkpoints other tests build wrongly.
-    """
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _LOAD, str(out_dir), str(dest)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(dest)
 
 
 def _ids() -> torch.Tensor:
@@ -81,20 +57,45 @@ def test_unfused_experts_compute_what_transformers_computes(tiny_model):
     assert torch.allclose(logits(model, _ids()), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", *(pytest.param(a, marks=pytest.mark.matrix) for a in ("qwen2_moe", "qwen3_moe", "deepseek_v2"))])
-def test_gptq_moe_loads_in_gptqmodel_like_the_engine(tiny_model, tmp_path, arch):
-    source = tiny_model(arch)
+GPTQ_LOADS = [
+    pytest.param("mixtral", {}, id="mixtral"),
+    *(pytest.param(a, {}, id=a, marks=pytest.mark.matrix) for a in ("qwen2_moe", "qwen3_moe", "deepseek_v2")),
+    # DeepSeek-V2-Lite's layout: a dense first layer (first_k_dense_replace=1), then sparse blocks
+    pytest.param("deepseek_v2", {"layers": 3, "first_k_dense_replace": 1}, id="deepseek_v2_lite", marks=pytest.mark.matrix),
+    # the full DeepSeek-V2's low-rank queries (q_a_proj, q_a_layernorm, q_b_proj)
+    pytest.param("deepseek_v2", {"q_lora_rank": 128}, id="deepseek_v2_q_lora", marks=pytest.mark.matrix),
+]
+
+
+def exported_names(out) -> set[str]:
+    index = out / "model.safetensors.index.json"
+    return set(json.loads(index.read_text())["weight_map"]) if index.exists() else set(load_file(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize(("arch", "config"), GPTQ_LOADS)
+def test_gptq_moe_loads_in_gptqmodel_like_the_engine(tiny_model, tmp_path, arch, config):
+    from transformers import AutoConfig
+
+    source = tiny_model(arch, **config)
+    table = arch_for(AutoConfig.from_pretrained(source))
+    sparse = [i for i in range(config.get("layers", 2)) if table.sparse(i)]
     res, store = run_job(source, tmp_path, "gptq", **GPTQ)
-    names = set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]) \
-        if (tmp_path / "out" / "model.safetensors.index.json").exists() else set(load_file(tmp_path / "out" / "model.safetensors"))
-    assert "model.layers.0.mlp.experts.3.down_proj.qweight" in names and "model.layers.0.mlp.gate.weight" in names
+    names = exported_names(tmp_path / "out")
+    for i in range(config.get("layers", 2)):
+        p = f"model.layers.{i}."
+        if i in sparse:
+            assert p + "mlp.experts.3.down_proj.qweight" in names and p + "mlp.gate.weight" in names
+        else:  # a dense MLP, quantized like any other
+            assert p + "mlp.down_proj.qweight" in names and not any(n.startswith(p + "mlp.experts.") for n in names)
+        assert {p + f"{n}.qweight" for n in table.at(i).linears} <= names
     assert not any("block_sparse_moe" in n or n.endswith("experts.gate_up_proj") for n in names)
 
-    got = gptqmodel_logits(tmp_path / "out", tmp_path / "logits.pt")
-    want = logits(engine_model(source, store, "gptq", **GPTQ), _ids())
-    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
+    loaded = gptqmodel_load(tmp_path / "out", tmp_path / "loaded.pt")
+    assert loaded["kinds"] == ["TorchLinear"]  # GPTQModel's torch GPTQ kernel
+    quantized = {f"{table.layers}.{i}.{n}.weight" for i in range(config.get("layers", 2)) for n in table.at(i).linears}
+    assert_loads_as_the_engine(loaded, engine_model(source, store, "gptq", **GPTQ), quantized)
     counts = res.metrics["expert_tokens"]
-    assert set(counts) == {"0", "1"} and all(len(c["mlp"]) == EXPERTS for c in counts.values())
+    assert set(counts) == {str(i) for i in sparse} and all(len(c["mlp"]) == EXPERTS for c in counts.values())
     assert all(sum(c["mlp"]) == 2 * 8 * 64 for c in counts.values())  # top-2 of every calibration token
 
 
@@ -160,12 +161,14 @@ def test_all_experts_gives_unrouted_experts_their_own_solve(dead_runs):
         assert torch.equal(a["self_attn.q_proj.qweight"], b["self_attn.q_proj.qweight"])  # attention is unaffected
 
 
-@pytest.mark.parametrize("arch", ["mixtral", pytest.param("deepseek_v2", marks=pytest.mark.matrix)])
-def test_moe_resume_after_a_crash_is_byte_identical(tiny_model, tmp_path, arch):
+# V2-Lite's layout (a dense first layer, replayed, then sparse ones) runs in make test: a few seconds.
+@pytest.mark.parametrize(("arch", "config"), [("mixtral", {}), pytest.param("deepseek_v2", {}, marks=pytest.mark.matrix),
+                                               pytest.param("deepseek_v2", {"first_k_dense_replace": 1}, id="deepseek_v2_lite")])
+def test_moe_resume_after_a_crash_is_byte_identical(tiny_model, tmp_path, arch, config):
     class Crash(RuntimeError):
         pass
 
-    source = tiny_model(arch, layers=3)
+    source = tiny_model(arch, layers=3, **config)
     whole, _ = run_job(source, tmp_path / "whole", "gptq", **GPTQ)
 
     def crash_after_first(report):
@@ -188,16 +191,40 @@ def test_moe_layers_that_are_not_all_sparse_are_refused(tmp_path, tokenizer_dir)
     cfg = Qwen3MoeConfig(num_hidden_layers=2, mlp_only_layers=[1])
     with pytest.raises(UnsupportedArchitecture, match="mlp_only_layers"):
         arch_for(cfg)
+    with pytest.raises(UnsupportedArchitecture, match="decoder_sparse_step"):
+        arch_for(Qwen3MoeConfig(num_hidden_layers=2, decoder_sparse_step=2))
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"} <= set(ARCHITECTURES)
+
+
+def test_deepseek_layers_get_their_own_groups_from_the_table():
+    """V2-Lite's dense first layers and the full V2's low-rank queries are table data, layer by layer."""
     from transformers import DeepseekV2Config
 
-    with pytest.raises(UnsupportedArchitecture, match="first_k_dense_replace"):
-        arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=None))
-    with pytest.raises(UnsupportedArchitecture, match="q_lora_rank"):
-        arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=64))
-    lite = arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=None, n_routed_experts=4))
-    assert "self_attn.kv_b_proj" in lite.linears and "mlp.shared_experts.down_proj" in lite.linears
-    assert "mlp.experts.3.down_proj" in lite.linears
-    assert {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"} <= set(ARCHITECTURES)
+    lite = arch_for(DeepseekV2Config(num_hidden_layers=4, first_k_dense_replace=2, q_lora_rank=None, n_routed_experts=4))
+    assert [lite.sparse(i) for i in range(4)] == [False, False, True, True]
+    attn = ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj")
+    assert lite.at(0).linears == (*attn, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert lite.at(0).groups == lite.at(1).groups and lite.at(2).groups == lite.at(3).groups
+    sparse = lite.at(2).linears
+    assert sparse[:4] == attn and "mlp.experts.3.down_proj" in sparse and "mlp.shared_experts.down_proj" in sparse
+    assert "mlp.gate_proj" not in sparse
+    assert {g.prev for g in lite.at(0).groups if "mlp.gate_proj" in g.names} == {"post_attention_layernorm"}  # AWQ folds there
+    assert set(lite.linears) == set(lite.at(0).linears) | set(sparse)  # the model-wide names: every kind's
+
+    from quantfarm.errors import UnsupportedArchitecture
+
+    cfg = DeepseekV2Config(num_hidden_layers=2, n_routed_experts=4)
+    cfg.first_k_dense_replace = -1  # transformers' own config checks refuse other types
+    with pytest.raises(UnsupportedArchitecture, match="first_k_dense_replace must be a whole number"):
+        arch_for(cfg)
+    uniform = arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=None, n_routed_experts=4))
+    assert uniform.layer_groups == () and uniform.at(1) is uniform and uniform.sparse(0)
+
+    full = arch_for(DeepseekV2Config(num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=64, n_routed_experts=4))
+    assert full.linears[:5] == ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_b_proj",
+                                "self_attn.kv_b_proj", "self_attn.o_proj")
+    assert "self_attn.q_proj" not in full.linears
+    assert [g.prev for g in full.groups[:2]] == ["input_layernorm", "self_attn.q_a_layernorm"]
 
 
 def test_awq_rounds_experts_without_tokens_plainly_and_scales_the_rest(dead, tmp_path):

@@ -74,7 +74,7 @@ def fake_quant_model(source: Path, ckpt_dir: Path, method):
     arch = arch_for(model.config)
     layers = model.get_submodule(arch.layers)
     for i, tensors in enumerate(checkpoint_layers(ckpt_dir)):
-        method.apply(arch, layers[i], tensors)
+        method.apply(arch.at(i), layers[i], tensors)
     return model
 
 

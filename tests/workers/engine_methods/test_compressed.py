@@ -57,7 +57,7 @@ def engine_model(source, ckpt_dir, method, options):
     m = method_for(method, spec.method_options()[method](**options))
     ckpt = open_checkpoints(LocalStore(ckpt_dir))
     for i, layer in enumerate(model.get_submodule(arch.layers)):
-        m.apply(arch, layer, ckpt.load(i))
+        m.apply(arch.at(i), layer, ckpt.load(i))
     return model.eval()
 
 

@@ -39,10 +39,17 @@ def unquantized_linears(model: StreamedModel) -> list[str]:
     for name, module in model.model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        if name.startswith(prefix) and name[len(prefix):].split(".", 1)[-1] in model.arch.linears:
-            continue
+        if name.startswith(prefix):
+            i, rel = name[len(prefix):].split(".", 1)
+            if rel in model.arch.at(int(i)).linears:
+                continue
         out.append(name)
     return out
+
+
+def _linears_in(model: StreamedModel, method: LayerwiseMethod, names) -> list[str]:
+    """The quantized linears whose packed tensors a layer's checkpoint holds (layers may differ)."""
+    return [n for n in model.arch.linears if f"{n}.{method.packed_keys[0]}" in names]
 
 
 class CompressedTensorsWriter(FormatWriter):
@@ -58,17 +65,16 @@ class CompressedTensorsWriter(FormatWriter):
         return keys + ([] if method.int_scheme()["sym"] else ["weight_zero_point"])
 
     def tensor_names(self, method: LayerwiseMethod, model: StreamedModel, names: list[str]) -> list[str]:
-        arch = model.arch
-        packed = {f"{n}.{k}" for n in arch.linears for k in method.packed_keys}
+        linears = _linears_in(model, method, names)
+        packed = {f"{n}.{k}" for n in linears for k in method.packed_keys}
         out = [n for n in names if n not in packed]
-        return out + [f"{n}.{k}" for n in arch.linears for k in self._keys(method)]
+        return out + [f"{n}.{k}" for n in linears for k in self._keys(method)]
 
     def layer_tensors(self, method: LayerwiseMethod, model: StreamedModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        arch = model.arch
         scheme = method.int_scheme()
         bits, offset = scheme["bits"], 1 << (scheme["bits"] - 1)
         out = dict(tensors)
-        for name in arch.linears:
+        for name in _linears_in(model, method, tensors):
             res = method.unpack({k: out.pop(f"{name}.{k}") for k in method.packed_keys})
             rows, cols = res.codes.shape
             g = scheme["group_size"] if scheme["group_size"] > 0 else cols

@@ -26,7 +26,7 @@ class LayerContext:
 
     @property
     def arch(self) -> Arch:
-        return self.model.arch
+        return self.model.arch.at(self.index)  # this layer's groups
 
 
 @dataclass
