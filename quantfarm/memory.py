@@ -9,6 +9,8 @@ linear's inputs, ``num_samples × seq_len × intermediate × 4``, until it is so
 above ``STORED_INPUTS_MAX_BYTES`` it computes them again instead),
 the embeddings, and a fixed runtime overhead. Measured on a real worker (bench/
 worker_memory.py), those last two terms were most of a layer's working set.
+A sparse (MoE) layer holds every expert, and with GPTQ every expert's Hessians at once;
+where dense and sparse layers mix (DeepSeek's first_k_dense_replace) the larger one counts.
 bitsandbytes quantizes while transformers loads, so its peak is the whole model.
 """
 
@@ -35,15 +37,39 @@ def _shape(config: dict[str, Any]) -> dict[str, int] | None:
         return None
     heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
     head_dim = cfg.get("head_dim") or h // max(1, heads)
+    dense_i = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 1
+    expert_i = cfg.get("moe_intermediate_size") or dense_i
+    # Shared experts: Qwen2/3-MoE name their width, DeepSeek counts expert-wide ones.
+    shared_i = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * expert_i
     return {
         "h": h, "layers": layers, "heads": heads, "head_dim": head_dim,
         "kv": cfg.get("num_key_value_heads") or heads,
-        "i": cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h,
-        "experts": cfg.get("num_local_experts") or cfg.get("num_experts") or 1,
+        "dense_i": dense_i, "experts": experts, "expert_i": expert_i, "shared_i": shared_i,
+        # DeepSeek's first layers are dense MLPs of the wider intermediate_size.
+        "dense_layers": layers if experts == 1 else min(layers, max(0, int(cfg.get("first_k_dense_replace") or 0))),
         "vocab": cfg.get("vocab_size") or 0,
         "tied": bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))),
         "dtype": DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16").replace("torch.", ""), 2),
     }
+
+
+def _mlp_kinds(sh: dict[str, int]) -> list[tuple[int, int, int, int]]:
+    """Each kind of MLP the layers have: (layers of it, parameters, GPTQ Hessian elements, widest intermediate).
+
+    A sparse layer's experts (and its shared expert) each hold their own Hessians at once: one
+    pass gathers them all before any is solved (workers/engine/methods/gptq.py).
+    """
+    h, kinds = sh["h"], []
+    if sh["dense_layers"]:
+        i = sh["dense_i"]
+        kinds.append((sh["dense_layers"], 3 * h * i, h * h + i * i, i))
+    if sh["dense_layers"] < sh["layers"]:
+        e, i, si = sh["experts"], sh["expert_i"], sh["shared_i"]
+        params = 3 * h * i * e + 3 * h * si + h * e
+        hessians = e * (h * h + i * i) + (h * h + si * si if si else 0)
+        kinds.append((sh["layers"] - sh["dense_layers"], params, hessians, max(i, si)))
+    return kinds
 
 
 def estimate_peak_bytes(config: dict[str, Any], *, method: str, num_samples: int, seq_len: int) -> int | None:
@@ -51,20 +77,23 @@ def estimate_peak_bytes(config: dict[str, Any], *, method: str, num_samples: int
     sh = _shape(config)
     if sh is None:
         return None
-    h, i, q = sh["h"], sh["i"], sh["heads"] * sh["head_dim"]
+    h, q = sh["h"], sh["heads"] * sh["head_dim"]
     attention = h * q + 2 * h * sh["kv"] * sh["head_dim"] + q * h
-    layer_params = attention + 3 * h * i * sh["experts"]
+    kinds = _mlp_kinds(sh)
     embeddings = sh["vocab"] * h * (1 if sh["tied"] else 2)
     if method in WHOLE_MODEL:
-        return int((sh["layers"] * layer_params + embeddings) * sh["dtype"] + OVERHEAD_BYTES)
+        model_params = sh["layers"] * attention + sum(n * params for n, params, _, _ in kinds)
+        return int((model_params + embeddings) * sh["dtype"] + OVERHEAD_BYTES)
     activations = 2 * num_samples * seq_len * h * WORK_BYTES
-    intermediates = 3 * BATCH_TOKENS * i * WORK_BYTES  # gate, up and their product for one batch
-    hessians = stored = 0
-    if method in LAYERWISE_WITH_HESSIANS:
-        hessians = WORK_BYTES * (2 * h * h + q * q + i * i)
-        stored = min(num_samples * seq_len * i * WORK_BYTES, STORED_INPUTS_MAX_BYTES)  # kept until it is solved
-    return int(layer_params * WORK_BYTES + activations + intermediates + hessians + stored
-               + embeddings * sh["dtype"] + OVERHEAD_BYTES)
+    peak_layer = 0
+    for _, params, hessian_elements, widest in kinds:
+        layer = (attention + params) * WORK_BYTES
+        layer += 3 * BATCH_TOKENS * widest * WORK_BYTES  # gate, up and their product for one batch
+        if method in LAYERWISE_WITH_HESSIANS:
+            layer += WORK_BYTES * (h * h + q * q + hessian_elements)  # attention's two inputs, then the MLP's
+            layer += min(num_samples * seq_len * widest * WORK_BYTES, STORED_INPUTS_MAX_BYTES)  # kept until solved
+        peak_layer = max(peak_layer, layer)
+    return int(peak_layer + activations + embeddings * sh["dtype"] + OVERHEAD_BYTES)
 
 
 def estimate_for_spec(config: dict[str, Any], spec: dict[str, Any]) -> int | None:

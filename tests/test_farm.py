@@ -52,6 +52,27 @@ def test_the_estimate_grows_with_calibration_and_depends_on_the_method():
     assert estimate_peak_bytes({"architectures": ["X"]}, method="gptq", num_samples=1, seq_len=16) is None
 
 
+DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 2048, "intermediate_size": 10944,
+                    "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
+                    "first_k_dense_replace": 1, "num_hidden_layers": 27, "num_attention_heads": 16,
+                    "num_key_value_heads": 16, "vocab_size": 102400, "torch_dtype": "bfloat16",
+                    "tie_word_embeddings": False}
+
+
+def test_the_estimate_counts_every_expert_and_the_wider_dense_layers():
+    """DeepSeek names its experts n_routed_experts; a sparse layer holds all 64 (and their Hessians with GPTQ)."""
+    h, e, i = 2048, 64, 1408
+    experts_fp32 = 3 * h * i * e * 4  # one sparse layer's expert weights: 2.1 GiB
+    est = estimate_peak_bytes(DEEPSEEK_V2_LITE, method="gptq", num_samples=128, seq_len=512)
+    rtn = estimate_peak_bytes(DEEPSEEK_V2_LITE, method="rtn", num_samples=128, seq_len=512)
+    assert rtn > experts_fp32 and est - rtn >= e * (h * h + i * i) * 4  # every expert's two Hessians
+    # Read as a dense model (the experts unnamed, as before) the estimate was 2.5 GiB lower.
+    dense = {k: v for k, v in DEEPSEEK_V2_LITE.items() if k not in ("n_routed_experts", "n_shared_experts")}
+    assert est - estimate_peak_bytes(dense, method="gptq", num_samples=128, seq_len=512) > 2 * GIB
+    whole = estimate_peak_bytes(DEEPSEEK_V2_LITE, method="bnb-4bit", num_samples=128, seq_len=512)
+    assert 28 * GIB < whole < 33 * GIB  # ~15.7 B parameters in bfloat16
+
+
 def test_a_job_is_claimed_only_by_a_worker_it_fits(db):
     big_job = queue(db, 5 * GIB)
     small_job = queue(db, 1 * GIB)
