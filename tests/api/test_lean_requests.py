@@ -200,3 +200,32 @@ def test_a_read_on_a_connection_the_server_dropped_is_a_503_and_the_next_one_wor
         r = client.get(path)
         assert r.status_code == 200 and job_id in r.get_data(as_text=True)
     db.dispose()
+
+
+def test_lean_json_and_security_headers_answer_as_flask_would(sqlite_url, store, tmp_path):
+    """api/app.py LeanJSON writes Flask's bytes; api/auth.py security_headers never doubles a header a response set."""
+    from datetime import datetime, timezone
+
+    from flask import Flask, Response
+    from flask.json.provider import DefaultJSONProvider
+
+    from api.auth import security_headers
+
+    db = Database(sqlite_url)
+    app = make_app(db, store, RecordingDispatcher(), tmp_path)
+    plain = Flask("plain")
+    plain.json = DefaultJSONProvider(plain)
+    plain.json.sort_keys = False
+    value = {"z": 1, "a": ["é", "✓", None, 2.5, True], "at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "n": {"b": {}}}
+    with app.app_context():
+        lean = app.json.response(value)
+    with plain.app_context():
+        flask_own = plain.json.response(value)
+    assert lean.get_data() == flask_own.get_data() and lean.headers == flask_own.headers
+    assert lean.get_data().startswith(b'{"z":1,"a":["\\u00e9"')
+
+    own = security_headers(Response("<p>", content_type="text/html; charset=utf-8", headers={"x-frame-options": "SAMEORIGIN"}))
+    assert own.headers.getlist("X-Frame-Options") == ["SAMEORIGIN"]
+    assert own.headers["X-Content-Type-Options"] == "nosniff" and "frame-ancestors 'none'" in own.headers["Content-Security-Policy"]
+    assert "Content-Security-Policy" not in security_headers(Response("{}", content_type="application/json")).headers
+    db.dispose()
