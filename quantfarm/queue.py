@@ -1,6 +1,7 @@
 """Broker settings and task dispatch by name, shared by the API and the workers.
 
-The API enqueues with ``send_task`` by name, so it never imports the workers.
+The API enqueues by task name (``send_task``, or on Redis the same message pushed by
+``RedisWakeups``), so it never imports the workers.
 """
 
 from __future__ import annotations
