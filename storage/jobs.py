@@ -239,9 +239,12 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
     return job
 
 
-_INSERT_JOB = Fixed(insert(Job.__table__), keys=tuple(_new_job(method="", model_ref="", spec={}, secrets={}, priority=0,
-                                                            team_id="", created_by=None, memory_estimate=None)))
-_INSERT_EVENT = Fixed(insert(JobEvent.__table__), keys=tuple(_created_event({"id": "", "created_by": None, "created_at": None})))
+# The columns _new_job and _created_event fill, in their order.
+_INSERT_JOB = Fixed(insert(Job.__table__), keys=(
+    "id", "team_id", "created_by", "status", "stage", "method", "model_ref", "spec", "secrets", "priority", "memory_estimate",
+    "attempt", "claim", "cancel_requested", "metrics", "created_at", "updated_at", "enqueued_at"))
+_INSERT_EVENT = Fixed(insert(JobEvent.__table__), keys=(
+    "job_id", "kind", "from_status", "to_status", "stage", "message", "data", "actor", "at"))
 
 
 def insert_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
