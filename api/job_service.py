@@ -24,6 +24,7 @@ from storage import job_reads
 from storage import jobs as job_store
 from storage import teams as team_store
 from storage.layout import upload_prefix
+from storage.lean import Fixed
 from storage.models import Job, Team
 from storage.peek import estimate_remote
 from storage.sources import check_local_path
@@ -107,16 +108,16 @@ def _task_set_problems(store, upload_id: str, team_id: str) -> dict[str, str]:
 
 
 # The team's own quota (NULL: the farm's) and its queued jobs, in one statement.
-_QUOTA = select(
+_QUOTA = Fixed(select(
     select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery(),
     select(func.count()).select_from(Job)
     .where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value).scalar_subquery(),
-)
+))
 
 
 def check_quota(s, team_id: str) -> None:
     """Raise QuotaExceeded (429) when the team already has its limit of queued jobs."""
-    own, queued = s.connection().execute(_QUOTA, {"team_id": team_id}).one()  # Core: no ORM execution layer
+    [(own, queued)] = _QUOTA.rows(s.connection(), {"team_id": team_id})  # storage/lean.py: no ORM, no result layer
     limit = own if own is not None else services().settings.team_max_queued
     if queued >= limit:
         raise QuotaExceeded(
@@ -160,15 +161,14 @@ def submit(spec, via: str = "api") -> dict:
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
         estimate = estimate_at_submit(public) or remote_estimate
         farm.admit(s, estimate, svc.settings.worker_ttl_seconds)  # 422 too_large when no live worker fits
-        job = job_store.create_job(
+        job = job_store.insert_job(
             s, method=spec.method, model_ref=model_ref(spec.model), spec=public,
             secrets=spec_secrets(spec), priority=spec.priority, team_id=team_id, created_by=who.key_id,
             memory_estimate=estimate,
         )
-        view = job_view(job, artifacts=[])
-    enqueue(job.id)  # only after the commit, so a worker always finds the row
-    log.info("Created job %s via %s (%s, %s) for team %s", job.id, via, job.method, job.model_ref, team_id)
-    return view
+    enqueue(job["id"])  # only after the commit, so a worker always finds the row
+    log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], team_id)
+    return job_reads.inserted_job_view(job)
 
 
 def get(job_id: str) -> dict:

@@ -46,11 +46,15 @@ class HttpMetrics:
                                 ["route", "method", "code"], registry=self.registry)
         self.seconds = Histogram("quantfarm_http_request_duration_seconds", "Time to answer an HTTP request, by route and method.",
                                  ["route", "method"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self._children: dict[tuple[str, str, int], tuple] = {}  # each label set's counter and histogram, looked up once
 
     def observe(self, route: str, method: str, code: int, seconds: float) -> None:
-        method = method if method in METHODS else "other"
-        self.requests.labels(route, method, str(code)).inc()
-        self.seconds.labels(route, method).observe(seconds)
+        key = (route, method if method in METHODS else "other", code)  # bounded: routes and codes are the app's own
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(key[0], key[1], str(code)), self.seconds.labels(key[0], key[1]))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def text(self) -> bytes:
         """This app's HTTP metrics, summed over every process of a gunicorn master when multiprocess."""

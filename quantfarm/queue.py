@@ -1,10 +1,16 @@
 """Broker settings and task dispatch by name, shared by the API and the workers.
 
-The API enqueues with ``send_task`` by name, so it never imports the workers.
+The API enqueues by task name (``send_task``, or on Redis the same message pushed by
+``RedisWakeups``), so it never imports the workers.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import uuid
 from typing import Any
 
 from quantfarm.settings import Settings
@@ -13,6 +19,7 @@ RUN_JOB = "quantfarm.run_job"
 SWEEP = "quantfarm.sweep"
 DELIVER_WEBHOOK = "quantfarm.deliver_webhook"
 GC = "quantfarm.gc"
+_HOSTNAME = socket.gethostname()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -59,17 +66,27 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 class Dispatcher:
-    """Sends tasks by name: jobs to the job queue, webhooks to the service queue."""
+    """Sends tasks by name: jobs to the job queue, webhooks to the service queue.
+
+    On Redis a job's wake-up is pushed by ``RedisWakeups`` (one client per
+    process, a ready-made message); other brokers (the embedded filesystem one)
+    go through Celery's ``send_task``.
+    """
 
     def __init__(self, settings: Settings):
         from celery import Celery
 
         self.app = Celery("quantfarm-client")
         self.app.conf.update(celery_config(settings))
+        url = settings.resolved_broker_url
+        self.wakeups = RedisWakeups(url, settings.queue) if url.startswith(("redis://", "rediss://")) else None
 
     def run_job(self, job_id: str) -> None:
         """Wake a worker (the id is a hint: the worker claims the best runnable job)."""
-        self.app.send_task(RUN_JOB, args=[job_id])
+        if self.wakeups is not None:
+            self.wakeups.send(RUN_JOB, [job_id])
+        else:
+            self.app.send_task(RUN_JOB, args=[job_id])
 
     def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:
         self.app.send_task(DELIVER_WEBHOOK, args=[delivery_id], countdown=countdown or None)
@@ -78,3 +95,52 @@ class Dispatcher:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         return True
+
+
+class RedisWakeups:
+    """Celery task messages pushed straight onto a Redis queue, with one redis-py client per process.
+
+    ``send_task`` costs a submit about a quarter of its CPU: kombu builds a new
+    redis-py client (and its callback table) for each of a publish's two round
+    trips (the exchange's bindings, then the push), and Celery assembles the
+    message field by field. This builds the same message (Celery's task protocol
+    2 in kombu's Redis envelope, as ``send_task`` sends it to the default
+    exchange) and pushes it with one LPUSH on a pooled connection; a Celery
+    worker consuming the queue cannot tell the two apart
+    (tests/api/test_dispatch_redis.py compares them field by field).
+    """
+
+    _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+    def __init__(self, url: str, queue: str):
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.queue = queue
+        self.reply_to = str(uuid.uuid4())  # Celery's client app has one such id per process; nothing replies to it
+        # Thread-safe (a pool of connections); a forked child opens its own. A connection the server dropped
+        # (a Redis restart) is retried on a fresh one; a broker that is down fails the send within seconds.
+        self.client = redis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2), retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+    def message(self, name: str, args: list[Any]) -> bytes:
+        task_id = str(uuid.uuid4())
+        body = base64.b64encode(json.dumps([args, {}, self._EMBED]).encode()).decode()
+        headers = {
+            "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": None, "expires": None, "group": None,
+            "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id, "parent_id": None,
+            "argsrepr": repr(args), "kwargsrepr": "{}", "origin": f"gen{os.getpid()}@{_HOSTNAME}", "ignore_result": None,
+            "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        }
+        properties = {
+            "correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": self.queue}, "priority": 0, "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        }
+        return json.dumps({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+                           "headers": headers, "properties": properties}).encode()
+
+    def send(self, name: str, args: list[Any]) -> None:
+        self.client.lpush(self.queue, self.message(name, args))

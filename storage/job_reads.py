@@ -1,12 +1,14 @@
-"""The API's job reads: one Core statement each, the columns a view shows, no ORM objects.
+"""The API's job reads: one statement each, the columns a view shows, no ORM objects.
 
 GET one job and a page of jobs are most of the API's traffic. Each is one
 statement, jobs LEFT JOIN artifacts (a job has at most one artifact per kind),
-built once per shape with bound parameters so SQLAlchemy's compiled cache is hit
-without rebuilding the statement, and run on a plain autocommit connection (no
-Session, no BEGIN/COMMIT). Rows carry the view's attribute names, so
-storage.views builds the same objects as from ORM rows. Encrypted secrets are
-never selected: no view shows them.
+built once per shape with bound parameters, and run on a plain autocommit
+connection (no Session, no BEGIN/COMMIT), on PostgreSQL through the driver's
+own cursor (storage/lean.py: SQLAlchemy's execute and result layers were about
+40% of a GET's CPU). Rows carry the view's
+attributes in JOB_COLUMNS order, so storage.views builds the same objects as
+from ORM rows (PostgreSQL's timestamps come back naive, in UTC, as stored).
+Encrypted secrets are never selected: no view shows them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy import Integer, bindparam, select
 from sqlalchemy.engine import Connection
 
 from quantfarm.errors import NotFound
+from storage.lean import Fixed
 from storage.models import Artifact, Job
 from storage.views import job_view
 
@@ -32,6 +35,7 @@ JOB_COLUMNS = ("id", "team_id", "created_by", "status", "stage", "method", "mode
 ARTIFACT_COLUMNS = ("id", "job_id", "kind", "format", "file_count", "size_bytes", "sha256", "location", "hub_url",
                     "hub_commit", "source_revision", "source_files", "created_at")
 ArtifactRow = namedtuple("ArtifactRow", ARTIFACT_COLUMNS)
+JobRow = namedtuple("JobRow", JOB_COLUMNS)
 _PREFIX = "artifact_"
 _N = len(JOB_COLUMNS)
 
@@ -45,13 +49,13 @@ def _with_artifacts(jobs):
 
 
 @lru_cache(maxsize=None)
-def _one_statement(scoped: bool):
+def _one_statement(scoped: bool) -> Fixed:
     stmt = _with_artifacts(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
-    return stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt
+    return Fixed(stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt)
 
 
 @lru_cache(maxsize=None)
-def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool):
+def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool) -> Fixed:
     page = select(*[_JOBS.c[name] for name in JOB_COLUMNS]).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
     if scoped:
         page = page.where(_JOBS.c.team_id == bindparam("team_id"))
@@ -59,27 +63,27 @@ def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: 
         page = page.where(_JOBS.c.status == bindparam("status"))
     if after:
         page = page.where(_JOBS.c.id < bindparam("cursor"))
-    return _with_artifacts(page.subquery("page")) if with_artifacts else page
+    return Fixed(_with_artifacts(page.subquery("page")) if with_artifacts else page)
 
 
 def _views(rows, with_artifacts: bool) -> list[dict[str, Any]]:
     """One job view per job in ``rows`` (one row per job and artifact), in row order."""
-    jobs: list[Any] = []
+    jobs: list[JobRow] = []
     arts: dict[str, list[ArtifactRow]] = {}
     for row in rows:
         job_id = row[0]
         if job_id not in arts:
-            jobs.append(row)
+            jobs.append(JobRow._make(row[:_N]))
             arts[job_id] = []
         if with_artifacts and row[_N] is not None:
             arts[job_id].append(ArtifactRow._make(row[_N:]))
-    return [job_view(j, artifacts=arts[j[0]]) for j in jobs]
+    return [job_view(j, artifacts=arts[j.id]) for j in jobs]
 
 
 def job_view_by_id(conn: Connection, job_id: str, *, team_id: str | None = None) -> dict[str, Any]:
     """Return the view of one job, or raise NotFound (also for another team's job when ``team_id`` is given)."""
     params = {"job_id": job_id} if team_id is None else {"job_id": job_id, "team_id": team_id}
-    views = _views(conn.execute(_one_statement(team_id is not None), params).all(), True)
+    views = _views(_one_statement(team_id is not None).rows(conn, params), True)
     if not views:
         raise NotFound(f"No job with id {job_id!r}.", details={"resource": "job", "id": job_id})
     return views[0]
@@ -96,6 +100,11 @@ def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 
     if cursor:
         params["cursor"] = cursor
     stmt = _page_statement(team_id is not None, bool(status), bool(cursor), with_artifacts)
-    views = _views(conn.execute(stmt, params).all(), with_artifacts)  # fetchall, not a fetchone per row
+    views = _views(stmt.rows(conn, params), with_artifacts)  # fetchall, not a fetchone per row
     nxt = views[limit - 1]["id"] if len(views) > limit else None
     return views[:limit], nxt
+
+
+def inserted_job_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The view of a job storage.jobs.insert_job just wrote (its columns not in ``row`` are NULL; no artifacts yet)."""
+    return job_view(JobRow._make(row.get(name) for name in JOB_COLUMNS), artifacts=[])

@@ -10,7 +10,10 @@ from storage.models import Artifact, Job, JobEvent, WebhookDelivery
 
 
 def iso(dt: datetime | None) -> str | None:
-    return None if dt is None else dt.isoformat().replace("+00:00", "Z")
+    """ISO 8601 in UTC with a Z; a naive value is UTC (as the database stores it: storage.job_reads reads it raw)."""
+    if dt is None:
+        return None
+    return dt.isoformat() + "Z" if dt.tzinfo is None else dt.isoformat().replace("+00:00", "Z")
 
 
 def artifact_view(a: Artifact) -> dict[str, Any]:

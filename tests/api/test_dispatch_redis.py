@@ -46,3 +46,36 @@ def test_submitted_job_lands_in_the_redis_queue(sqlite_url, store, tmp_path, que
     args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     assert (args, kwargs) == ([job_id], {})
     db.dispose()
+
+
+def test_the_wake_up_is_the_message_celery_would_send(tmp_path, queue):
+    """RedisWakeups pushes, field for field, what Celery's own send_task pushes (only the fresh ids differ)."""
+    r, name = queue
+    dispatcher = Dispatcher(Settings(home=tmp_path / "home", broker_url=REDIS, queue=name))
+    assert dispatcher.wakeups is not None
+    dispatcher.app.send_task(RUN_JOB, args=["job_a"])  # Celery's way
+    dispatcher.run_job("job_a")  # ours
+    ours, celerys = (json.loads(m) for m in r.lrange(name, 0, -1))  # LPUSH: the newest first
+
+    fresh = {("headers", "id"), ("headers", "root_id"), ("properties", "correlation_id"), ("properties", "delivery_tag"),
+             ("properties", "reply_to")}
+    for part in ("headers", "properties"):
+        assert list(ours[part]) == list(celerys[part]), part
+        assert {k: v for k, v in ours[part].items() if (part, k) not in fresh} == \
+            {k: v for k, v in celerys[part].items() if (part, k) not in fresh}, part
+    assert ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
+    assert ours["headers"]["id"] != celerys["headers"]["id"]
+    assert {k: v for k, v in ours.items() if k not in ("headers", "properties")} == \
+        {k: v for k, v in celerys.items() if k not in ("headers", "properties")}  # body, content type and encoding
+
+
+def test_the_wake_up_client_outlives_a_dropped_connection(tmp_path, queue):
+    """A pooled connection the server dropped (as a Redis restart does) costs a retry, not the wake-up."""
+    r, name = queue
+    dispatcher = Dispatcher(Settings(home=tmp_path / "home", broker_url=REDIS, queue=name))
+    dispatcher.run_job("job_1")
+    mine = dispatcher.wakeups.client.client_id()
+    r.client_kill_filter(_id=mine)
+    dispatcher.run_job("job_2")
+    assert r.llen(name) == 2
+    assert dispatcher.wakeups.client.client_id() != mine

@@ -176,3 +176,56 @@ def test_healthz_fast_path_answers_as_the_flask_view_does(sqlite_url, store, tmp
                for code in ("200", "503")}
     assert counted == {"200": 2, "503": 2}
     db.dispose()
+
+
+def test_a_read_on_a_connection_the_server_dropped_is_a_503_and_the_next_one_works(pg_url, store, tmp_path, monkeypatch):
+    """GET one job and a page run on psycopg's own cursor: a dropped connection is still a 503, then replaced."""
+    import storage.db as dbmod
+    from tests.conftest import _admin_exec, _truncate
+
+    monkeypatch.setattr(dbmod.time, "monotonic", lambda: 1000.0)  # never idle: no ping at checkout hides the drop
+    db = Database(pg_url)
+    _truncate(db)
+    job_id = make_app(db, store, RecordingDispatcher(), tmp_path).test_client().post("/v1/jobs", json=MINIMAL).get_json()["id"]
+    db.dispose()
+    db = Database(pg_url)  # one pooled connection: the reads below are sequential
+    client = make_app(db, store, RecordingDispatcher(), tmp_path).test_client()
+    for path in (f"/v1/jobs/{job_id}", "/v1/jobs?limit=5"):
+        assert client.get(path).status_code == 200
+        with db.read() as s:
+            pid = s.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        _admin_exec(f"SELECT pg_terminate_backend({pid})")  # as a database restart would
+        r = client.get(path)
+        assert (r.status_code, r.headers["Retry-After"], r.get_json()["error"]) == (503, "2", "service_unavailable")
+        r = client.get(path)
+        assert r.status_code == 200 and job_id in r.get_data(as_text=True)
+    db.dispose()
+
+
+def test_lean_json_and_security_headers_answer_as_flask_would(sqlite_url, store, tmp_path):
+    """api/app.py LeanJSON writes Flask's bytes; api/auth.py security_headers never doubles a header a response set."""
+    from datetime import datetime, timezone
+
+    from flask import Flask, Response
+    from flask.json.provider import DefaultJSONProvider
+
+    from api.auth import security_headers
+
+    db = Database(sqlite_url)
+    app = make_app(db, store, RecordingDispatcher(), tmp_path)
+    plain = Flask("plain")
+    plain.json = DefaultJSONProvider(plain)
+    plain.json.sort_keys = False
+    value = {"z": 1, "a": ["é", "✓", None, 2.5, True], "at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "n": {"b": {}}}
+    with app.app_context():
+        lean = app.json.response(value)
+    with plain.app_context():
+        flask_own = plain.json.response(value)
+    assert lean.get_data() == flask_own.get_data() and lean.headers == flask_own.headers
+    assert lean.get_data().startswith(b'{"z":1,"a":["\\u00e9"')
+
+    own = security_headers(Response("<p>", content_type="text/html; charset=utf-8", headers={"x-frame-options": "SAMEORIGIN"}))
+    assert own.headers.getlist("X-Frame-Options") == ["SAMEORIGIN"]
+    assert own.headers["X-Content-Type-Options"] == "nosniff" and "frame-ancestors 'none'" in own.headers["Content-Security-Policy"]
+    assert "Content-Security-Policy" not in security_headers(Response("{}", content_type="application/json")).headers
+    db.dispose()

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def prod(pg_url, tmp_path):
-    yield from _prod(pg_url, tmp_path, {})
+    # The worker's database poll waits 10 minutes: only the submit's wake-up can start a job in this test.
+    yield from _prod(pg_url, tmp_path, {"QUANTFARM_WORKER_POLL_SECONDS": "600"})
 
 
 def _prod(pg_url, tmp_path, extra_env):
@@ -110,12 +111,22 @@ def wait(client, job_id, until=("succeeded", "failed", "cancelled"), timeout=180
 def test_job_runs_through_redis_and_postgres(prod, tiny_llama):
     settings, db, client, start_worker, tmp = prod
     start_worker()
+    deadline = time.monotonic() + 120
+    while b" ready." not in (tmp / "worker0.log").read_bytes():  # Celery consumes; the poller has looked once
+        assert time.monotonic() < deadline, (tmp / "worker0.log").read_text()[-3000:]
+        time.sleep(0.2)
     r = client.post("/v1/jobs", json={"model": {"source": "local", "path": str(tiny_llama)}, "method": "rtn"})
     assert r.status_code == 201
     job_id = r.get_json()["id"]
     job = wait(client, job_id, logs=tmp)
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 1 and len(job["artifacts"]) == 1
+    # Started by the API's wake-up message (workers.tasks.run_job logs it once the job ended), not by the poll.
+    woken = f"woken for {job_id}; ran [('{job_id}', 'succeeded')]"
+    deadline = time.monotonic() + 30
+    while woken not in (tmp / "worker0.log").read_text():
+        assert time.monotonic() < deadline, (tmp / "worker0.log").read_text()[-3000:]
+        time.sleep(0.2)
     # A duplicate delivery of the same message (as Redis does after its visibility timeout) is harmless.
     Dispatcher(settings).run_job(job_id)
     time.sleep(3)
