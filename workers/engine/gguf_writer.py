@@ -164,6 +164,7 @@ def write_gguf(
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[model_arch])
     _metadata(writer, config, name)
     writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama-quantize writes it
     _tokenizer(writer, source_dir, config)
     shards = ShardReader(source_dir)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -63,7 +63,7 @@ def test_reader_round_trip_of_tensors_metadata_and_tokenizer(gguf_run):
     assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
     assert field("llama.context_length") == config.max_position_embeddings
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
-    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0 and field("general.quantization_version") == 2
     tok = AutoTokenizer.from_pretrained(source)
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     assert field("tokenizer.ggml.tokens")[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
