@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -114,10 +115,17 @@ def llama_ppl(bin_dir: Path, path: Path, held_txt: Path, base: Path, chunks: int
     """llama-perplexity of ``path``: the first call writes ``base`` (tokens + logits), the others read it."""
     cmd = [bin_dir / "llama-perplexity", "-m", path, "-c", SEQ_LEN, "-b", SEQ_LEN, "-t", THREADS, "--kl-divergence-base", base]
     out = _sh(cmd + (["-f", held_txt, "--chunks", chunks] if first else ["--kl-divergence"]), log)
+    return parse_ppl(out, first=first)
+
+
+def parse_ppl(out: str, *, first: bool) -> dict:
     if first:
         return {"ppl": _num(r"Final estimate: PPL = ([\d.]+)", out)}
+    # the closing statistics are sometimes cut from the captured output; the last per-chunk row carries the running value
+    rows = re.findall(r"^\s*\d+\s+.*?([\d.]+) ±\s+[\d.]+ %\s*$", out, re.M)
+    top = _num(r"Same top p:\s*([\d.]+)", out)
     return {"ppl": _num(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out), "kld": _num(r"Mean\s+KLD:\s*([-\d.]+)", out),
-            "same_top_p": _num(r"Same top p:\s*([\d.]+)", out)}
+            "same_top_p": top if top is not None else (float(rows[-1]) if rows else None)}
 
 
 def base_tokens(base: Path) -> list[int]:
@@ -212,12 +220,12 @@ def table(r: dict) -> str:
                      "transformers ppl", "Δ vs F32"], out)
 
 
-def render(r: dict, argv: list[str], started: str, load: str, origin: str) -> str:
+def render(r: dict, argv: list[str], started: str, load: str, origin: str, note: str = "") -> str:
     ppl = (lambda k: r["rows"][k]["llama"]["ppl"])
     lines = [BEGIN, "## GGUF: ours against llama.cpp's own llama-quantize", "",
-             f"`python -m bench.llamacpp {' '.join(argv)}` — started {started}, load average {load} "
+             f"`python -m bench.llamacpp {shlex.join(argv)}` — started {started}, load average {load} "
              f"(end {', '.join(f'{x:.2f}' for x in os.getloadavg())}); llama.cpp {r['llama_version']}{' (' + origin + ')' if origin else ''}.",
-             "",
+             "", *([note, ""] if note else []),
              f"Model `{r['model']}`. llama.cpp's files: `convert_hf_to_gguf.py --outtype f32`, then `llama-quantize` "
              f"(`--imatrix` from `llama-imatrix -c {SEQ_LEN} --chunks {r['calib_windows']}` on our {r['calib_windows']} "
              "calibration windows decoded to text). Ours: the `gguf` method through the engine, as a job runs it. "
@@ -246,6 +254,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--llama-src", default=os.environ.get("LLAMA_CPP_SRC"), help="llama.cpp tree with convert_hf_to_gguf.py and gguf-py")
     ap.add_argument("--origin", default="", help="where that llama.cpp came from, for the record")
     ap.add_argument("--model", help="another trained model folder (default: the bench model)")
+    ap.add_argument("--note", default="", help="a line for RESULTS.md under the command (why this model, ...)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers column")
     ap.add_argument("--no-write", action="store_true")
@@ -256,7 +265,7 @@ def main(argv: list[str]) -> int:
     r = run(Path(a.llama_bin), Path(a.llama_src), quick=a.quick, hf=not a.no_hf, model=a.model)
     (CACHE / "llamacpp" / "result.json").write_text(json.dumps(r, indent=1, default=str))
     shown = [{"--llama-bin": "$LLAMA_CPP_BIN", "--llama-src": "$LLAMA_CPP_SRC"}.get(argv[i - 1], x) if i else x for i, x in enumerate(argv)]
-    text = render(r, shown, started, load, a.origin)
+    text = render(r, shown, started, load, a.origin, a.note)
     print(text)
     if not a.no_write and not a.quick:
         write_section(text, BEGIN, END)
