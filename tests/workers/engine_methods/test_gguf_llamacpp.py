@@ -43,7 +43,9 @@ def test_llama_cpp_tokenizes_and_scores_our_gguf_as_transformers_does(tiny_sourc
                         "-b", str(N_CTX), "--chunks", str(CHUNKS), "-t", "2", "--kl-divergence-base", str(tmp_path / "base.kld")],
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr).group(1))
+    # llama-perplexity prints "[k]running perplexity," after each chunk; the last lines of its output are sometimes cut
+    running = [float(x) for x in re.findall(r"\[\d+\]([\d.]+),", r.stdout)]
+    assert len(running) >= CHUNKS // 2, r.stdout[-2000:]
 
     raw = (tmp_path / "base.kld").read_bytes()  # "_logits_", n_ctx, n_vocab, n_chunk, then the tokens it scored
     n_ctx, _, n_chunk = np.frombuffer(raw[8:20], dtype=np.int32)
@@ -56,5 +58,5 @@ def test_llama_cpp_tokenizes_and_scores_our_gguf_as_transformers_does(tiny_sourc
     with torch.no_grad():
         logp = model(ids).logits.log_softmax(-1)
     first = n_ctx // 2  # llama-perplexity scores the second half of each window
-    nll = -logp[:, first:-1].gather(-1, ids[:, first + 1:, None]).mean()
-    assert ppl == pytest.approx(math.exp(float(nll)), rel=0.01)
+    nll = -logp[:, first:-1].gather(-1, ids[:, first + 1:, None])[: len(running)].mean()
+    assert running[-1] == pytest.approx(math.exp(float(nll)), rel=0.01)
