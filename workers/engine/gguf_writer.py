@@ -71,6 +71,33 @@ def _metadata(writer, config, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
+# tokenizer.json's Split regex (before a ByteLevel step that does not split) -> llama.cpp's name for that pre-tokenizer
+_SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for the split a ``tokenizer.json`` pre-tokenizer makes.
+
+    llama.cpp splits text by the regexes of that name before BPE; a name whose split
+    differs (its ``default`` also cuts digit runs and punctuation apart) makes it
+    tokenize the text differently from transformers. Unknown splits are refused.
+    """
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") if isinstance(s, dict) else None for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space", False):
+        return "gpt-2"  # ByteLevel's own split is GPT-2's regex
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space", False):
+        name = _SPLIT_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name
+    raise UnsupportedModel(
+        "GGUF export writes byte-level BPE tokenizers that split text as GPT-2, Llama 3 or Qwen2 do; "
+        f"this tokenizer's pre-tokenizer ({', '.join(str(k) for k in kinds)}) has no llama.cpp equivalent we know.")
+
+
 def _tokenizer(writer, source_dir: Path, config) -> None:
     """A byte-level BPE vocabulary (``gpt2`` in llama.cpp's terms) from ``tokenizer.json``."""
     try:
@@ -83,6 +110,7 @@ def _tokenizer(writer, source_dir: Path, config) -> None:
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise UnsupportedModel(f"GGUF export writes byte-level BPE vocabularies, not {model.get('type')!r} ones.")
+    pre = pre_tokenizer_name(tok.get("pre_tokenizer"))
     vocab = dict(model["vocab"])
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     vocab.update(special)
@@ -93,7 +121,7 @@ def _tokenizer(writer, source_dir: Path, config) -> None:
         tokens[i], types[i] = text, (3 if text in special else 1)  # CONTROL / NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -136,6 +164,7 @@ def write_gguf(
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[model_arch])
     _metadata(writer, config, name)
     writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama-quantize writes it
     _tokenizer(writer, source_dir, config)
     shards = ShardReader(source_dir)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

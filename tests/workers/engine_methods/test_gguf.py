@@ -63,9 +63,9 @@ def test_reader_round_trip_of_tensors_metadata_and_tokenizer(gguf_run):
     assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
     assert field("llama.context_length") == config.max_position_embeddings
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
-    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0 and field("general.quantization_version") == 2
     tok = AutoTokenizer.from_pretrained(source)
-    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     assert field("tokenizer.ggml.tokens")[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
     assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")) == (0, 1)
 
@@ -137,4 +137,58 @@ def test_a_tokenizer_linking_outside_the_model_is_not_read(tiny_source, tmp_path
     (src / "tokenizer.json").unlink()
     (src / "tokenizer.json").symlink_to(secret)
     with pytest.raises(UnsupportedModel, match="links outside the model folder"):
+        quantize(_req(src), LocalStore(tmp_path / "ckpt"), tmp_path / "out", device=CPU)
+
+
+# llama.cpp's split regexes per tokenizer.ggml.pre name (src/llama-vocab.cpp), applied in order, each to the
+# pieces the previous one left: a stand-in for llama.cpp's tokenizer, which CI does not have.
+LLAMA_CPP_SPLIT = {
+    "gpt-2": [r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"],
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+                r"\p{N}+", r"[0-9][0-9][0-9]"],
+}
+
+
+def _llama_cpp_split(name: str, text: str) -> list[str]:
+    import regex
+
+    pieces = [text]
+    for rx in LLAMA_CPP_SPLIT[name]:
+        out = []
+        for p in pieces:
+            at = 0
+            for m in regex.finditer(rx, p):
+                out += [p[at:m.start()]] * (m.start() > at) + [m.group()]
+                at = m.end()
+            out += [p[at:]] * (at < len(p))
+        pieces = out
+    return pieces
+
+
+def test_llama_cpp_splits_text_as_transformers_does_by_the_declared_pre_tokenizer(gguf_run):
+    """The file's ``tokenizer.ggml.pre`` names the split llama.cpp makes before BPE; a wrong name (the writer once
+    wrote ``default``) makes llama.cpp tokenize code differently from the model's own tokenizer."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    source, out, _ = gguf_run
+    pre = gguf.GGUFReader(out / "model.gguf").fields["tokenizer.ggml.pre"].contents()
+    text = "def f(x, n=12345):\n    return x.y[0] + 'it''s'  # don't\n\n\tz = a->b == c ~ d | 7.5e-3\n"
+    hf = [text[a:b] for _, (a, b) in AutoTokenizer.from_pretrained(source).backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+    assert _llama_cpp_split(pre, text) == hf
+    assert _llama_cpp_split("default", text) != hf  # the check tells the names apart
+
+
+def test_a_pre_tokenizer_llama_cpp_has_no_name_for_is_refused(tiny_source, tmp_path):
+    import json
+    import shutil
+
+    from quantfarm.errors import UnsupportedModel
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source("llama"), src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UnsupportedModel, match=r"pre-tokenizer \(Metaspace\) has no llama.cpp equivalent"):
         quantize(_req(src), LocalStore(tmp_path / "ckpt"), tmp_path / "out", device=CPU)
