@@ -56,7 +56,8 @@ def summarize(runs: list[Measured]) -> dict:
     return {
         "ok": True, "runs": len(ok),
         "quant_s": med([m.result["quant_seconds"] for m in ok]), "wall_s": med([m.wall_s for m in ok]),
-        "import_s": med([m.result["import_seconds"] for m in ok]),
+        "import_s": med([m.result["import_seconds"] for m in ok]), "cpu_s": med([m.cpu_s for m in ok]),
+        "quant_cpu_s": med([m.result.get("quant_cpu_seconds", 0.0) for m in ok]),
         "peak_rss_mb": med([m.peak_rss_mb for m in ok]), "sampled_rss_mb": med([m.sampled_rss_mb for m in ok]),
         "ru_maxrss_mb": med([m.ru_maxrss_mb for m in ok]),
         "quant_s_all": [m.result["quant_seconds"] for m in ok], "wall_s_all": [m.wall_s for m in ok],
