@@ -122,25 +122,31 @@ def prepare_hinv(H: torch.Tensor, damp_percent: float, desc_act: bool) -> tuple[
 
     Returns ``(Hinv, perm, dead)``: the upper Cholesky factor of H⁻¹ (permuted by
     act-order when asked), the permutation (or None), and the mask of dead input
-    columns. Modules sharing an input share this result.
+    columns. Modules sharing an input share this result. The caller's ``H`` is not changed.
+
+    The factor comes from one Cholesky and one triangular inverse: with ``J`` the
+    exchange matrix and ``JHJ = L Lᵀ``, ``H = R Rᵀ`` for the upper triangular
+    ``R = JLJ``, so ``H⁻¹ = R⁻ᵀR⁻¹`` and the upper factor is ``R⁻¹ = J L⁻¹ J``. The
+    textbook route (Cholesky, ``cholesky_inverse``, Cholesky again) does 1.5x the
+    arithmetic, and LAPACK's ``potri`` behind ``cholesky_inverse`` is slow on CPU: on
+    a 5632-wide down_proj Hessian it took 31 of the 34 CPU seconds; this takes 5.
     """
-    H = H.clone().double() if H.dtype == torch.float64 else H.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    perm = None
-    if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm][:, perm]
-    damp = damp_percent * torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0], device=H.device)
-    H[idx, idx] += damp
-    # Drop each intermediate as soon as the next exists: at most two in x in copies beside the caller's H.
+    H = H.double() if H.dtype == torch.float64 else H.float()
+    n = H.shape[0]
+    diag = torch.diag(H)
+    dead = diag == 0
+    diag = torch.where(dead, torch.ones_like(diag), diag)
+    perm = torch.argsort(diag, descending=True) if desc_act else None
+    rev = (perm if perm is not None else torch.arange(n, device=H.device)).flip(0)
+    H = H[rev][:, rev]  # J (act-order H) J, a copy: the caller's H is untouched
+    d = H.diagonal()
+    d.copy_(diag[rev]).add_(damp_percent * torch.mean(diag))
+    # At most two n x n tensors at a time beside the caller's H.
     L = torch.linalg.cholesky(H)
-    del H
-    Hinv = torch.cholesky_inverse(L)
+    del H, d
+    Linv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
     del L
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)
-    return Hinv, perm, dead
+    return Linv.flip(0, 1), perm, dead
 
 
 def gptq_quantize(
