@@ -6,6 +6,7 @@ Weights are ``[rows, cols]`` = ``[out_features, in_features]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,10 @@ import torch
 _MIN_SCALE = 1e-6
 # Inputs at least this wide accumulate H block-wise, using its symmetry (smaller ones gain nothing).
 _SYMMETRIC_FROM = 512
+# Within a lazy block, the per-column rank-1 updates reach only this many columns ahead; a GEMM carries each
+# sub-block's errors to the rest of the block. Rank-1 updates over the whole 128-column block stream it through
+# memory once per column, which made the column sweep memory-bound at real widths.
+_SUBBLOCK = 16
 
 
 @dataclass
@@ -192,25 +197,29 @@ def gptq_quantize(
     losses = torch.zeros(rows, dtype=dtype, device=WT.device)
     scale = zero = None
 
+    sub = math.gcd(_SUBBLOCK, gs)  # a group always starts a sub-block, so its parameters see every update before it
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = WT[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = (order[col] if order is not None else col) // gs if static else col // gs
-            if static or col % gs == 0:  # a group starts: its parameters see the error-updated weights
-                if not static:
-                    scales[g], zeros[g] = find_params(W1[i:i + gs].t(), bits, sym, min_zero=min_zero)
-                scale, zero = scales[g].to(dtype), zeros[g].to(dtype)
-            col_group[col] = g
-            w = W1[i]
-            q = codes[col]  # written in place: fewer tensors per column, the loop is op-bound
-            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
-            err = Err1[i]
-            torch.sub(w, q.sub(zero).mul_(scale), out=err).div_(Hinv1[i, i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                g = (order[col] if order is not None else col) // gs if static else col // gs
+                if static or col % gs == 0:  # a group starts: its parameters see the error-updated weights
+                    if not static:
+                        scales[g], zeros[g] = find_params(W1[i:i + gs].t(), bits, sym, min_zero=min_zero)
+                    scale, zero = scales[g].to(dtype), zeros[g].to(dtype)
+                col_group[col] = g
+                w = W1[i]
+                q = codes[col]  # written in place: fewer tensors per column, the loop is op-bound
+                torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
+                err = Err1[i]
+                torch.sub(w, q.sub(zero).mul_(scale), out=err).div_(Hinv1[i, i])
+                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
+            W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
         losses += Err1.square().sum(0) / 2  # (w - wq)² / d² / 2, summed over the block's columns
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
