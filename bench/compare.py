@@ -34,7 +34,7 @@ class Tool:
         return self.python.is_file()
 
 
-def run_tools(tools: dict[str, Tool], repeats: int, log_dir: Path, tag: str, log=print) -> dict[str, list[Measured]]:
+def run_tools(tools: dict[str, Tool], repeats: int, log_dir: Path, tag: str, log=print, timeout: float = 1800) -> dict[str, list[Measured]]:
     """Run every tool ``repeats`` times, interleaved so a burst of load hits all alike."""
     runs: dict[str, list[Measured]] = {k: [] for k in tools}
     for r in range(repeats):
@@ -42,7 +42,8 @@ def run_tools(tools: dict[str, Tool], repeats: int, log_dir: Path, tag: str, log
             if (t.context and r > 0) or not t.available():
                 continue
             log(f"[{tag}] {label} run {r + 1}/{repeats}")
-            runs[label].append(run_measured(f"{label} {r}", t.python, t.script, [*t.args, "--out", str(t.out)], env=pinned_env(), log_dir=log_dir))
+            runs[label].append(run_measured(f"{label} {r}", t.python, t.script, [*t.args, "--out", str(t.out)], env=pinned_env(), log_dir=log_dir,
+                                             timeout=timeout))
     return runs
 
 

@@ -133,7 +133,8 @@ def run_real(geometry: str, layers: int = 4, repeats: int = 1, log=print, evalua
     batch = max(1, BATCH_TOKENS // REAL_SEQ)
     work = CACHE / "runs" / f"real-{geometry}-l{layers}"
     ts = real_tools(src, calib, batch, work)
-    runs = run_tools(ts, repeats, work / "logs", f"real {geometry}", log)
+    # bf16 peers on a CPU without bf16 instructions run for hours at these widths: a 30 min limit killed GPTQModel
+    runs = run_tools(ts, repeats, work / "logs", f"real {geometry}", log, timeout=6 * 3600)
     summaries = {k: summarize(v) for k, v in runs.items()}
     base = evaluate_all(ts, summaries, src, held, work / "logs") if evaluate else None
     return {"geometry": geometry, "arch": arch, **dims, "layers": layers, "calib": [REAL_CALIB, REAL_SEQ], "batch_windows": batch,

@@ -59,7 +59,7 @@ def main() -> None:
     write_result(
         a.result, tool="gptqmodel", method=a.method, threads=threads, import_seconds=round(t_imports, 3),
         quant_seconds=round(t_quant, 3), quant_cpu_seconds=round(time.process_time() - c0, 3), load_seconds=round(t_load, 3), solve_seconds=round(t_solve, 3),
-        quantization_config=qcfg, dtype=a.dtype, versions=versions("gptqmodel", "torch", "transformers"),
+        quantization_config=qcfg, dtype=str(getattr(getattr(model, "model", None), "dtype", a.dtype)), versions=versions("gptqmodel", "torch", "transformers"),
     )
 
 
