@@ -6,7 +6,6 @@ Weights are ``[rows, cols]`` = ``[out_features, in_features]``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +14,6 @@ import torch
 _MIN_SCALE = 1e-6
 # Inputs at least this wide accumulate H block-wise, using its symmetry (smaller ones gain nothing).
 _SYMMETRIC_FROM = 512
-# Within a lazy block, the per-column rank-1 updates reach only this many columns ahead; a GEMM carries each
-# sub-block's errors to the rest of the block. Rank-1 updates over the whole 128-column block stream it through
-# memory once per column, which made the column sweep memory-bound at real widths.
-_SUBBLOCK = 16
 
 
 @dataclass
@@ -127,31 +122,25 @@ def prepare_hinv(H: torch.Tensor, damp_percent: float, desc_act: bool) -> tuple[
 
     Returns ``(Hinv, perm, dead)``: the upper Cholesky factor of H⁻¹ (permuted by
     act-order when asked), the permutation (or None), and the mask of dead input
-    columns. Modules sharing an input share this result. The caller's ``H`` is not changed.
-
-    The factor comes from one Cholesky and one triangular inverse: with ``J`` the
-    exchange matrix and ``JHJ = L Lᵀ``, ``H = R Rᵀ`` for the upper triangular
-    ``R = JLJ``, so ``H⁻¹ = R⁻ᵀR⁻¹`` and the upper factor is ``R⁻¹ = J L⁻¹ J``. The
-    textbook route (Cholesky, ``cholesky_inverse``, Cholesky again) does 1.5x the
-    arithmetic, and LAPACK's ``potri`` behind ``cholesky_inverse`` is slow on CPU: on
-    a 5632-wide down_proj Hessian it took 31 of the 34 CPU seconds; this takes 5.
+    columns. Modules sharing an input share this result.
     """
-    H = H.double() if H.dtype == torch.float64 else H.float()
-    n = H.shape[0]
-    diag = torch.diag(H)
-    dead = diag == 0
-    diag = torch.where(dead, torch.ones_like(diag), diag)
-    perm = torch.argsort(diag, descending=True) if desc_act else None
-    rev = (perm if perm is not None else torch.arange(n, device=H.device)).flip(0)
-    H = H[rev][:, rev]  # J (act-order H) J, a copy: the caller's H is untouched
-    d = H.diagonal()
-    d.copy_(diag[rev]).add_(damp_percent * torch.mean(diag))
-    # At most two n x n tensors at a time beside the caller's H.
+    H = H.clone().double() if H.dtype == torch.float64 else H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    damp = damp_percent * torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += damp
+    # Drop each intermediate as soon as the next exists: at most two in x in copies beside the caller's H.
     L = torch.linalg.cholesky(H)
-    del H, d
-    Linv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    del H
+    Hinv = torch.cholesky_inverse(L)
     del L
-    return Linv.flip(0, 1), perm, dead
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    return Hinv, perm, dead
 
 
 def gptq_quantize(
@@ -197,29 +186,25 @@ def gptq_quantize(
     losses = torch.zeros(rows, dtype=dtype, device=WT.device)
     scale = zero = None
 
-    sub = math.gcd(_SUBBLOCK, gs)  # a group always starts a sub-block, so its parameters see every update before it
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = WT[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for j1 in range(0, i2 - i1, sub):
-            j2 = min(j1 + sub, i2 - i1)
-            for i in range(j1, j2):
-                col = i1 + i
-                g = (order[col] if order is not None else col) // gs if static else col // gs
-                if static or col % gs == 0:  # a group starts: its parameters see the error-updated weights
-                    if not static:
-                        scales[g], zeros[g] = find_params(W1[i:i + gs].t(), bits, sym, min_zero=min_zero)
-                    scale, zero = scales[g].to(dtype), zeros[g].to(dtype)
-                col_group[col] = g
-                w = W1[i]
-                q = codes[col]  # written in place: fewer tensors per column, the loop is op-bound
-                torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
-                err = Err1[i]
-                torch.sub(w, q.sub(zero).mul_(scale), out=err).div_(Hinv1[i, i])
-                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
-            W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = (order[col] if order is not None else col) // gs if static else col // gs
+            if static or col % gs == 0:  # a group starts: its parameters see the error-updated weights
+                if not static:
+                    scales[g], zeros[g] = find_params(W1[i:i + gs].t(), bits, sym, min_zero=min_zero)
+                scale, zero = scales[g].to(dtype), zeros[g].to(dtype)
+            col_group[col] = g
+            w = W1[i]
+            q = codes[col]  # written in place: fewer tensors per column, the loop is op-bound
+            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
+            err = Err1[i]
+            torch.sub(w, q.sub(zero).mul_(scale), out=err).div_(Hinv1[i, i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
         losses += Err1.square().sum(0) / 2  # (w - wq)² / d² / 2, summed over the block's columns
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
