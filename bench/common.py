@@ -52,6 +52,7 @@ class Measured:
     peak_rss_mb: float  # the child's own VmHWM (see run_measured); ru_maxrss when the child did not report it
     sampled_rss_mb: float  # max RSS of the process tree, sampled every 20 ms (cross-check)
     ru_maxrss_mb: float = 0.0  # wait4's ru_maxrss: floored at this parent's RSS when the child was spawned
+    cpu_s: float = 0.0  # the child's user + system CPU seconds (wait4): less sensitive to a shared machine's load than wall
     result: dict[str, Any] = field(default_factory=dict)
     log_tail: str = ""
 
@@ -126,7 +127,7 @@ def run_measured(label: str, python: Path, script: Path, args: list[str], *, env
     ru = round(usage.ru_maxrss / 1024, 1)
     peak = result.get("vmhwm_mb") or ru
     return Measured(label, proc.returncode, round(wall, 2), peak_rss_mb=peak, sampled_rss_mb=round(peak_sample / 2**20, 1),
-                    ru_maxrss_mb=ru, result=result, log_tail=tail)
+                    ru_maxrss_mb=ru, cpu_s=round(usage.ru_utime + usage.ru_stime, 2), result=result, log_tail=tail)
 
 
 def machine() -> dict[str, Any]:

@@ -34,7 +34,7 @@ class Tool:
         return self.python.is_file()
 
 
-def run_tools(tools: dict[str, Tool], repeats: int, log_dir: Path, tag: str, log=print) -> dict[str, list[Measured]]:
+def run_tools(tools: dict[str, Tool], repeats: int, log_dir: Path, tag: str, log=print, timeout: float = 1800) -> dict[str, list[Measured]]:
     """Run every tool ``repeats`` times, interleaved so a burst of load hits all alike."""
     runs: dict[str, list[Measured]] = {k: [] for k in tools}
     for r in range(repeats):
@@ -42,7 +42,8 @@ def run_tools(tools: dict[str, Tool], repeats: int, log_dir: Path, tag: str, log
             if (t.context and r > 0) or not t.available():
                 continue
             log(f"[{tag}] {label} run {r + 1}/{repeats}")
-            runs[label].append(run_measured(f"{label} {r}", t.python, t.script, [*t.args, "--out", str(t.out)], env=pinned_env(), log_dir=log_dir))
+            runs[label].append(run_measured(f"{label} {r}", t.python, t.script, [*t.args, "--out", str(t.out)], env=pinned_env(), log_dir=log_dir,
+                                             timeout=timeout))
     return runs
 
 
@@ -56,7 +57,8 @@ def summarize(runs: list[Measured]) -> dict:
     return {
         "ok": True, "runs": len(ok),
         "quant_s": med([m.result["quant_seconds"] for m in ok]), "wall_s": med([m.wall_s for m in ok]),
-        "import_s": med([m.result["import_seconds"] for m in ok]),
+        "import_s": med([m.result["import_seconds"] for m in ok]), "cpu_s": med([m.cpu_s for m in ok]),
+        "quant_cpu_s": med([m.result.get("quant_cpu_seconds", 0.0) for m in ok]),
         "peak_rss_mb": med([m.peak_rss_mb for m in ok]), "sampled_rss_mb": med([m.sampled_rss_mb for m in ok]),
         "ru_maxrss_mb": med([m.ru_maxrss_mb for m in ok]),
         "quant_s_all": [m.result["quant_seconds"] for m in ok], "wall_s_all": [m.wall_s for m in ok],

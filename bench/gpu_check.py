@@ -37,16 +37,16 @@ def cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def model(width: dict, layers: int) -> Path:
-    """A random Llama at ``width`` with ``layers`` layers, stored in bf16 (built once, cached)."""
+def model(width: dict, layers: int, arch: str = "llama") -> Path:
+    """A random ``arch`` model at ``width`` with ``layers`` layers, stored in bf16 (built once, cached)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from tests.support.models import make_tiny_model, train_tokenizer
 
     tok = train_tokenizer(CACHE / "models" / "tokenizer")
-    name = f"random-llama-h{width['hidden']}-i{width['intermediate']}-kv{width['kv_heads']}-l{layers}-bf16"
-    return make_tiny_model(CACHE / "models" / name, "llama", tokenizer_dir=tok, layers=layers, dtype=torch.bfloat16, **width)
+    name = f"random-{arch}-h{width['hidden']}-i{width['intermediate']}-kv{width['kv_heads']}-l{layers}-bf16"
+    return make_tiny_model(CACHE / "models" / name, arch, tokenizer_dir=tok, layers=layers, dtype=torch.bfloat16, **width)
 
 
 def jobs(model_dir: Path, calib: Path, work: Path, device: str) -> dict[str, tuple[Path, list[str], str]]:

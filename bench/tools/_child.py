@@ -47,6 +47,15 @@ def warm_imports(arch: str = "llama") -> None:
             pass
 
 
+def model_type(model_dir: str) -> str:
+    """The ``model_type`` in a model directory's config.json (``llama`` when unreadable)."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f).get("model_type", "llama")
+    except (OSError, ValueError):
+        return "llama"
+
+
 def parser(desc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=desc)
     ap.add_argument("--model", required=True, help="source model directory")

@@ -14,6 +14,7 @@ from pathlib import Path
 from _child import (
     T_START,
     load_windows,
+    model_type,
     parser,
     pin_threads,
     versions,
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     ap.add_argument("--options", default="{}", help="QuantizeConfig fields as JSON")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", help="model dtype (its AWQ packer takes only float16/bfloat16)")
+    ap.add_argument("--dtype", default="float32", help="model dtype (its AWQ packer takes only float16/bfloat16); auto: its own choice (bf16 on CPU)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = ap.parse_args()
     threads = pin_threads()
@@ -35,7 +36,7 @@ def main() -> None:
     import torch
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
-    warm_imports()
+    warm_imports(model_type(a.model))
     t_imports = time.perf_counter() - T_START
     windows = load_windows(a.calib)
     calib = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
@@ -44,9 +45,9 @@ def main() -> None:
         opts.setdefault("method", "awq")
     shutil.rmtree(a.out, ignore_errors=True)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     # fp32 like the source and the other tools where it can (gptqmodel would pick bf16 on CPU by itself).
-    model = GPTQModel.load(a.model, QuantizeConfig(**opts), dtype=getattr(torch, a.dtype))
+    model = GPTQModel.load(a.model, QuantizeConfig(**opts), dtype=a.dtype if a.dtype == "auto" else getattr(torch, a.dtype))
     t_load = time.perf_counter() - t0
     # On CPU the AWQ GEMM path must be told to use the portable torch kernel (its default asks for CUDA).
     kw = {"backend": BACKEND.AWQ_TORCH} if a.method == "awq" and a.device == "cpu" else {}
@@ -57,8 +58,8 @@ def main() -> None:
     qcfg = json.loads(Path(a.out, "config.json").read_text()).get("quantization_config", {})
     write_result(
         a.result, tool="gptqmodel", method=a.method, threads=threads, import_seconds=round(t_imports, 3),
-        quant_seconds=round(t_quant, 3), load_seconds=round(t_load, 3), solve_seconds=round(t_solve, 3),
-        quantization_config=qcfg, dtype=a.dtype, versions=versions("gptqmodel", "torch", "transformers"),
+        quant_seconds=round(t_quant, 3), quant_cpu_seconds=round(time.process_time() - c0, 3), load_seconds=round(t_load, 3), solve_seconds=round(t_solve, 3),
+        quantization_config=qcfg, dtype=str(getattr(getattr(model, "model", None), "dtype", a.dtype)), versions=versions("gptqmodel", "torch", "transformers"),
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from _child import (
     T_START,
     load_windows,
+    model_type,
     parser,
     pin_threads,
     versions,
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="model dtype; auto: the checkpoint's (what its examples load)")
+    ap.add_argument("--actorder", default="none", help="none, static, group, or default (GPTQModifier's own default)")
     a = ap.parse_args()
     threads = pin_threads()
 
@@ -38,7 +41,7 @@ def main() -> None:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    warm_imports()
+    warm_imports(model_type(a.model))
     t_imports = time.perf_counter() - T_START
     windows = load_windows(a.calib)
     n, seq_len = windows.shape
@@ -47,11 +50,12 @@ def main() -> None:
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=a.bits, type="int", symmetric=True, strategy="group", group_size=a.group_size),
     )
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=a.damp, actorder=None, block_size=128)
+    order = {} if a.actorder == "default" else {"actorder": None if a.actorder == "none" else a.actorder}
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=a.damp, block_size=128, **order)
     shutil.rmtree(a.out, ignore_errors=True)
 
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=a.dtype if a.dtype == "auto" else getattr(torch, a.dtype))
     tok = AutoTokenizer.from_pretrained(a.model)
     t_load = time.perf_counter() - t0
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=seq_len,
@@ -63,8 +67,8 @@ def main() -> None:
     qcfg = json.loads(Path(a.out, "config.json").read_text()).get("quantization_config", {})
     write_result(
         a.result, tool="llm-compressor", method="gptq", threads=threads, import_seconds=round(t_imports, 3),
-        quant_seconds=round(t_quant, 3), load_seconds=round(t_load, 3), solve_seconds=round(t_solve, 3),
-        quantization_config=qcfg, versions=versions("llmcompressor", "compressed-tensors", "torch", "transformers"),
+        quant_seconds=round(t_quant, 3), quant_cpu_seconds=round(time.process_time() - c0, 3), load_seconds=round(t_load, 3), solve_seconds=round(t_solve, 3),
+        quantization_config=qcfg, dtype=str(model.dtype), versions=versions("llmcompressor", "compressed-tensors", "torch", "transformers"),
     )
 
 

@@ -220,6 +220,26 @@ def test_gptq_solves_stacked_rows_like_separate_ones():
         assert torch.equal(part.zeros, whole.zeros[:, sl])
 
 
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_prepare_hinv_is_the_upper_factor_of_the_damped_inverse(desc_act):
+    """UᵀU = H⁻¹ (dead columns set to 1, damped, act-order permuted), U upper triangular; the caller's H is untouched."""
+    _W, H, _X = make_problem(seed=3, dead=(7, 100))
+    before = H.clone()
+    U, perm, dead = prepare_hinv(H, DAMP, desc_act)
+    assert torch.equal(H, before)
+    assert dead.nonzero().flatten().tolist() == [7, 100]
+    Hd = H.clone()
+    Hd[dead, dead] = 1.0
+    if desc_act:
+        assert torch.equal(perm, torch.argsort(torch.diag(Hd), descending=True))
+        Hd = Hd[perm][:, perm]
+    else:
+        assert perm is None
+    Hd += DAMP * torch.mean(torch.diag(Hd)) * torch.eye(COLS, dtype=torch.float64)
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-9, atol=1e-12)
+
+
 def test_gptq_rejects_group_size_that_does_not_divide():
     W, H, _ = make_problem(0, cols=96, rows=4)
     Hinv, perm, dead = prepare_hinv(H, DAMP, False)
