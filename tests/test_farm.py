@@ -52,6 +52,16 @@ def test_the_estimate_grows_with_calibration_and_depends_on_the_method():
     assert estimate_peak_bytes({"architectures": ["X"]}, method="gptq", num_samples=1, seq_len=16) is None
 
 
+def test_the_estimate_covers_a_measured_workers_peak():
+    """bench/RESULTS.md, "Memory of a real job's worker process": a 48-layer width-1024 fp32 Llama, GPTQ at 16x256,
+    peaked at 1,100 MiB (VmHWM) on a real job's worker. The estimate must not read under what a worker really holds,
+    or admission sends a job to a worker it does not fit."""
+    config = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 48, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": 1024, "torch_dtype": "float32", "tie_word_embeddings": False}
+    est = estimate_peak_bytes(config, method="gptq", num_samples=16, seq_len=256)
+    assert 1100 * 1024**2 <= est < 1400 * 1024**2
+
+
 DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 2048, "intermediate_size": 10944,
                     "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
                     "first_k_dense_replace": 1, "num_hidden_layers": 27, "num_attention_heads": 16,
