@@ -43,34 +43,34 @@ class FastPath:
         # The metrics' route labels, as Flask's hook reads them from the matched rule.
         self.health_route, self.job_route, self.list_route = (
             rules["service.healthz"], rules["jobs.get_job"], rules["jobs.list_jobs"])
-        self.svc = app.extensions["quantfarm"]
-        self.keys: auth.KeyCache = app.extensions["quantfarm_keys"]
-        self.metrics = app.extensions["quantfarm_metrics"]
-        self._health: tuple | None = None  # (memo answer, status line, headers, body) of the last health check
+        self._health: tuple | None = None  # (memo answer, its encoded answer): encoded once per check
 
     def __call__(self, environ, start_response):
         if environ.get("REQUEST_METHOD") == "GET":
             path = environ.get("PATH_INFO", "")
             if path == "/healthz":
-                answer = self._healthz
+                handler = self._healthz
             elif path == "/v1/jobs":
-                answer = self._jobs_page
+                handler = self._jobs_page
             elif path.startswith("/v1/jobs/"):
-                answer = self._job
+                handler = self._job
             else:
-                answer = None
-            if answer is not None and self._trusted_host(environ):
+                handler = None
+            if handler is not None and self._trusted_host(environ):
                 started = time.perf_counter()
                 try:
-                    done = answer(environ)
+                    done = handler(environ)
                 except Exception:  # whatever it was, Flask meets it again and answers it
                     done = None
                 if done is not None:
                     route, code, status, headers, body = done
                     start_response(status, headers)
-                    self.metrics.observe(route, "GET", code, time.perf_counter() - started)
+                    self.app.extensions["quantfarm_metrics"].observe(route, "GET", code, time.perf_counter() - started)
                     return [body]
         return self.wsgi_app(environ, start_response)
+
+    def _db(self):
+        return self.app.extensions["quantfarm"].db
 
     def _trusted_host(self, environ) -> bool:
         trusted = self.app.config.get("TRUSTED_HOSTS")
@@ -101,14 +101,14 @@ class FastPath:
         header = environ.get("HTTP_AUTHORIZATION")
         if header is None or "HTTP_COOKIE" in environ:
             return None
-        return auth.cached_principal(self.keys, auth.bearer_key(header))
+        return auth.cached_principal(self.app.extensions["quantfarm_keys"], auth.bearer_key(header))
 
     def _job(self, environ):
         match = _JOB_PATH.fullmatch(environ["PATH_INFO"])
         who = self._caller(environ) if match is not None and not environ.get("QUERY_STRING") else None
         if who is None:
             return None
-        return self._respond(self.job_route, job_service.read_job(self.svc.db, who, match[1]))
+        return self._respond(self.job_route, job_service.read_job(self._db(), who, match[1]))
 
     def _jobs_page(self, environ):
         query = environ.get("QUERY_STRING", "")
@@ -120,7 +120,7 @@ class FastPath:
         who = self._caller(environ)
         if who is None:
             return None
-        return self._respond(self.list_route, jobs_page(self.svc.db, who, args, int(self.app.config["JOBS_PAGE_MAX"])))
+        return self._respond(self.list_route, jobs_page(self._db(), who, args, int(self.app.config["JOBS_PAGE_MAX"])))
 
 
 def install(app: Flask) -> None:
