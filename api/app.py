@@ -58,7 +58,7 @@ class LeanJSON(DefaultJSONProvider):
 
 def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, store=None) -> Flask:
     """Build the API app; missing services are built from ``settings``."""
-    from api import auth, crosssite, errors, service
+    from api import auth, crosssite, errors, fastpath, service
 
     settings = settings or Settings()
     if db is None:
@@ -84,9 +84,10 @@ def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, st
     crosssite.register(app)
     auth.register(app)
     service.register_request_metrics(app)
-    service.register_health_fast_path(app)
+    service.register_health(app)
     for name in BLUEPRINT_MODULES:
         app.register_blueprint(importlib.import_module(name).bp)
+    fastpath.install(app)  # the plain GETs of /healthz and jobs, answered before Flask (api/fastpath.py)
     return app
 
 

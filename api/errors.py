@@ -203,9 +203,9 @@ def _bad_text_at(value: Any, path: str, bad) -> str | None:
     return None
 
 
-def query_int(name: str, default: int, lo: int, hi: int) -> int:
-    """Return an integer query parameter in [lo, hi] or raise ValidationFailed naming it."""
-    raw = request.args.get(name)
+def query_int(name: str, default: int, lo: int, hi: int, args=None) -> int:
+    """Return an integer query parameter (of ``args``, else the request's) in [lo, hi] or raise ValidationFailed naming it."""
+    raw = (request.args if args is None else args).get(name)
     if raw is None or raw == "":
         return default
     try:

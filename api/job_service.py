@@ -173,15 +173,29 @@ def submit(spec, via: str = "api") -> dict:
 
 def get(job_id: str) -> dict:
     """Return the caller's job (one statement: storage/job_reads.py)."""
-    who = auth.require(Role.VIEWER)
-    with services().db.connect_read() as conn:
+    return read_job(services().db, auth.current(), job_id)
+
+
+def read_job(db, who: auth.Principal, job_id: str) -> dict:
+    """Return ``who``'s job; raise Forbidden below the viewer role, NotFound for a job outside their scope.
+
+    ``get`` and api/fastpath.py (which resolves ``who`` without Flask) both answer with this.
+    """
+    who.require(Role.VIEWER)
+    with db.connect_read() as conn:
         return job_reads.job_view_by_id(conn, job_id, team_id=who.scope)
 
 
 def page(*, status: str | None, limit: int, cursor: str | None, with_artifacts: bool = True) -> tuple[list[dict], str | None]:
     """Return one page of the caller's jobs (every team's for an admin), calibration texts left out."""
-    who = auth.require(Role.VIEWER)
-    with services().db.connect_read() as conn:
+    return read_page(services().db, auth.current(), status=status, limit=limit, cursor=cursor, with_artifacts=with_artifacts)
+
+
+def read_page(db, who: auth.Principal, *, status: str | None, limit: int, cursor: str | None,
+              with_artifacts: bool = True) -> tuple[list[dict], str | None]:
+    """Return one page of ``who``'s jobs and the next cursor (``page``'s answer; api/fastpath.py's too)."""
+    who.require(Role.VIEWER)
+    with db.connect_read() as conn:
         views, nxt = job_reads.job_views_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope,
                                               with_artifacts=with_artifacts)
     return [summary_view(v) for v in views], nxt

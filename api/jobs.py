@@ -36,20 +36,28 @@ def get_job(job_id: str):
 
 @bp.get("/v1/jobs")
 def list_jobs():
-    status = request.args.get("status") or None
-    cursor = request.args.get("cursor") or None
+    return jobs_page(services().db, auth.current(), request.args, int(current_app.config["JOBS_PAGE_MAX"]))
+
+
+def jobs_page(db, who: auth.Principal, args, page_max: int) -> dict:
+    """The body of GET /v1/jobs for ``who`` and the query ``args`` (its first values; the view's and api/fastpath.py's).
+
+    Raises ValidationFailed naming each bad parameter, then Forbidden or a database error.
+    """
+    status = args.get("status") or None
+    cursor = args.get("cursor") or None
     bad = {}
     if status is not None and status not in STATUSES:
         bad["status"] = f"must be one of {', '.join(STATUSES)}"
     if cursor is not None and not _CURSOR.match(cursor):
         bad["cursor"] = "must be a next_cursor value from a previous page"
     try:
-        limit = query_int("limit", 50, 1, int(current_app.config["JOBS_PAGE_MAX"]))
+        limit = query_int("limit", 50, 1, page_max, args)
     except ValidationFailed as exc:
         bad.update(exc.fields)
     if bad:
         raise ValidationFailed(bad)
-    items, nxt = job_service.page(status=status, limit=limit, cursor=cursor)
+    items, nxt = job_service.read_page(db, who, status=status, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": nxt}
 
 

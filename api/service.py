@@ -1,9 +1,8 @@
 """Service endpoints: /healthz and /metrics (Prometheus text format, built in api/metrics.py).
 
-Load balancers poll ``GET /healthz`` constantly, so it is answered before Flask
-sees the request (``HealthFastPath``): the memo's answer, encoded once per
-check, with the headers Flask would add. Anything else about it (another
-method, an untrusted Host) goes to the Flask view, which answers the same way.
+Load balancers poll ``GET /healthz`` constantly: it answers from a 1 s memo
+of the checks, and a plain GET of it is answered before Flask sees the request
+(api/fastpath.py) from the same memo, with the same bytes and headers.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import threading
 import time
 
 from flask import Blueprint, Flask, Response, current_app
-from werkzeug.exceptions import SecurityError
-from werkzeug.wsgi import get_host
 
 from api.context import services
 
@@ -33,9 +30,9 @@ def register_request_metrics(app: Flask) -> None:
     metrics.register(app)
 
 
-def register_health_fast_path(app: Flask) -> None:
-    _memo(app)
-    app.wsgi_app = HealthFastPath(app, app.wsgi_app)
+def register_health(app: Flask) -> None:
+    """Give the app its health memo (the view and api/fastpath.py answer from it)."""
+    app.extensions["quantfarm_health"] = HealthMemo()
 
 
 class HealthMemo:
@@ -72,58 +69,20 @@ def _check(svc) -> tuple[dict, int]:
     return body, 200
 
 
-def _memo(app: Flask) -> HealthMemo:
-    return app.extensions.setdefault("quantfarm_health", HealthMemo())
+def health_answer(app: Flask) -> tuple[dict, int]:
+    """The health body and status, from the app's memo (the same tuple until the next check)."""
+    svc = app.extensions["quantfarm"]
+    return app.extensions["quantfarm_health"].get(lambda: _check(svc))
+
+
+def health_headers(status: int) -> dict[str, str]:
+    return {"Retry-After": str(HEALTH_RETRY_AFTER_SECONDS)} if status == 503 else {}
 
 
 @bp.get("/healthz")
 def healthz():
-    svc = services()
-    body, status = _memo(current_app).get(lambda: _check(svc))
-    headers = {"Retry-After": str(HEALTH_RETRY_AFTER_SECONDS)} if status == 503 else {}
-    return body, status, headers
-
-
-class HealthFastPath:
-    """WSGI middleware: ``GET /healthz`` from the memo, without a request context, hooks or routing.
-
-    The response is the Flask view's, byte for byte: the same JSON, status, Retry-After,
-    security headers (api/auth.py), and the request is counted in the HTTP metrics.
-    """
-
-    def __init__(self, app: Flask, wsgi_app):
-        self.app, self.wsgi_app = app, wsgi_app
-        self._encoded: tuple[object, str, list[tuple[str, str]], bytes] | None = None
-
-    def _encode(self, answer: tuple[dict, int]):
-        from api.auth import security_headers
-
-        body, status = answer
-        headers = {"Retry-After": str(HEALTH_RETRY_AFTER_SECONDS)} if status == 503 else {}
-        resp = security_headers(self.app.make_response((body, status, headers)))
-        data = resp.get_data()
-        return answer, resp.status, list(resp.headers.items()), data
-
-    def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO") != "/healthz" or environ.get("REQUEST_METHOD") != "GET" or environ.get("QUERY_STRING"):
-            return self.wsgi_app(environ, start_response)
-        trusted = self.app.config.get("TRUSTED_HOSTS")
-        if trusted is not None:
-            try:
-                get_host(environ, trusted)
-            except SecurityError:
-                return self.wsgi_app(environ, start_response)  # Flask answers its 400
-        started = time.perf_counter()
-        svc = self.app.extensions["quantfarm"]
-        answer = _memo(self.app).get(lambda: _check(svc))
-        encoded = self._encoded
-        if encoded is None or encoded[0] is not answer:
-            with self.app.app_context():
-                encoded = self._encoded = self._encode(answer)
-        _, status, headers, data = encoded
-        start_response(status, headers)
-        self.app.extensions["quantfarm_metrics"].observe("/healthz", "GET", answer[1], time.perf_counter() - started)
-        return [data]
+    body, status = health_answer(current_app)
+    return body, status, health_headers(status)
 
 
 @bp.get("/metrics")

@@ -1,0 +1,165 @@
+"""api/fastpath.py: the plain GETs of one job and a page of jobs answered before Flask, as the Flask views answer them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from flask import request_started
+from werkzeug.test import Client
+
+from storage.db import Database
+from storage.models import Artifact, utcnow
+from tests.api.conftest import MINIMAL, RecordingDispatcher, make_app
+from tests.api.test_service import _parse_metrics
+
+
+def _key(db, team: str, role: str) -> tuple[str, dict[str, str]]:
+    from storage import teams as team_store
+
+    with db.session() as s:
+        t = team_store.create_team(s, team)
+        return t.id, {"Authorization": f"Bearer {team_store.create_key(s, t.id, role=role, name=role).key}"}
+
+
+@pytest.fixture
+def farm(pg_url, store, tmp_path):
+    """An app with auth on: team t1 (a member key, 25 jobs, two with artifacts), team t2 (a member key, 3 jobs), an admin."""
+    from tests.conftest import _truncate
+
+    db = Database(pg_url)
+    _truncate(db)
+    app = make_app(db, store, RecordingDispatcher(), tmp_path, auth="on")
+    client = app.test_client()
+    (t1, member), (_, other), (_, admin) = _key(db, "t1", "member"), _key(db, "t2", "member"), _key(db, "t3", "admin")
+    ids = [client.post("/v1/jobs", json=MINIMAL, headers=member).get_json()["id"] for _ in range(25)]
+    theirs = [client.post("/v1/jobs", json=MINIMAL, headers=other).get_json()["id"] for _ in range(3)]
+    t0 = utcnow()
+    with db.session() as s:
+        for n, (job_id, name, kind) in enumerate(((ids[3], "art_b1", "model"), (ids[3], "art_b2", "eval"), (ids[20], "art_a1", "model"))):
+            s.add(Artifact(id=name, job_id=job_id, kind=kind, format="gptq", location="x", sha256="ab" * 32, file_count=1,
+                           size_bytes=7, files=[], created_at=t0 + timedelta(seconds=n)))
+    dispatched: list[str] = []
+    request_started.connect(lambda sender, **kw: dispatched.append(kw.get("path", "")), app, weak=False)
+    for who in (member, other, admin):
+        client.get("/v1/jobs", headers=who)  # a key's first use: Flask reads it and records its use
+    yield {"app": app, "db": db, "client": client, "member": member, "other": other, "admin": admin, "t1": t1,
+           "ids": ids, "theirs": theirs, "flask_calls": dispatched}
+    db.dispose()
+
+
+def flask_view(app):
+    """A client of the app's own Flask handling, the fast path left out."""
+    return Client(app.wsgi_app.wsgi_app, app.response_class)
+
+
+def test_fast_answers_equal_the_flask_views(farm):
+    app, client, ids, theirs = farm["app"], farm["client"], farm["ids"], farm["theirs"]
+    member, other, admin = farm["member"], farm["other"], farm["admin"]
+    newest = ids[::-1]
+    first = client.get("/v1/jobs?limit=20", headers=member).get_json()
+    assert first["next_cursor"] == newest[19]
+    requests = [
+        (f"/v1/jobs/{ids[3]}", member), (f"/v1/jobs/{ids[20]}", member), (f"/v1/jobs/{theirs[0]}", other),
+        (f"/v1/jobs/{theirs[0]}", admin),  # an admin reads every team's jobs
+        ("/v1/jobs?limit=20", member), (f"/v1/jobs?limit=20&cursor={newest[19]}", member),
+        (f"/v1/jobs?status=queued&cursor={newest[19]}&limit=3", member), ("/v1/jobs", member), ("/v1/jobs?limit=", member),
+        ("/v1/jobs?limit=200", admin), ("/v1/jobs?limit=2&status=running", admin), ("/v1/jobs", other),
+    ]
+    view = flask_view(app)
+    for path, who in requests:
+        farm["flask_calls"].clear()
+        fast = client.get(path, headers=who)
+        assert farm["flask_calls"] == [], path  # answered before Flask
+        slow = view.get(path, headers=who)
+        assert farm["flask_calls"] != [], path
+        assert (fast.status, fast.get_data()) == (slow.status, slow.get_data()) and fast.status_code == 200, path
+        assert sorted(fast.headers.items()) == sorted(slow.headers.items()), path
+    assert fast.headers["X-Frame-Options"] == "DENY" and fast.headers["Content-Type"] == "application/json"
+
+    page = client.get(f"/v1/jobs?limit=20&cursor={newest[19]}", headers=member).get_json()
+    assert [j["id"] for j in page["items"]] == newest[20:] and page["next_cursor"] is None
+    job = client.get(f"/v1/jobs/{ids[3]}", headers=member).get_json()
+    assert [a["id"] for a in job["artifacts"]] == ["art_b1", "art_b2"] and job["team_id"] == farm["t1"]
+    everyone = client.get("/v1/jobs?limit=200", headers=admin).get_json()["items"]
+    assert {j["id"] for j in everyone} == set(ids) | set(theirs)
+    assert [j["id"] for j in client.get("/v1/jobs", headers=other).get_json()["items"]] == theirs[::-1]  # own team only
+
+    m = _parse_metrics(client.get("/metrics", headers=admin).get_data(as_text=True))
+    counted = {route: m[("quantfarm_http_requests_total", (("code", "200"), ("method", "GET"), ("route", route)))]
+               for route in ("/v1/jobs/<job_id>", "/v1/jobs")}
+    # Each request above twice (fast and Flask), the fixture's three first uses, the first page and the four reads after.
+    assert counted == {"/v1/jobs/<job_id>": 4 * 2 + 1, "/v1/jobs": 8 * 2 + 3 + 1 + 3}
+
+
+def test_everything_else_goes_to_flask(farm, monkeypatch):
+    app, client, ids, theirs = farm["app"], farm["client"], farm["ids"], farm["theirs"]
+    member, other = farm["member"], farm["other"]
+    job = f"/v1/jobs/{ids[0]}"
+    cases = [
+        ("no key", job, {}, 401), ("another scheme", job, {"Authorization": "Basic abc"}, 401),
+        ("an unknown key", job, {"Authorization": "Bearer qf_not_a_key"}, 401),
+        ("another team's job", f"/v1/jobs/{theirs[0]}", member, 404), ("no such job", f"/v1/jobs/job_{'0' * 26}", member, 404),
+        ("an id of another form", "/v1/jobs/JOB_X", member, 404), ("a query on one job", f"{job}?x=1", member, 200),
+        ("a bad status", "/v1/jobs?status=nope", member, 422), ("a bad limit", "/v1/jobs?limit=0", member, 422),
+        ("a bad cursor", "/v1/jobs?cursor=job_x", member, 422), ("a limit given twice", "/v1/jobs?limit=1&limit=2", member, 200),
+        ("another parameter", "/v1/jobs?limit=1&x=1", member, 200), ("an escaped value", "/v1/jobs?status=queue%64", member, 200),
+        ("an untrusted host", job, {**member, "Host": "evil.example"}, 400),
+    ]
+    view = flask_view(app)
+    for what, path, headers, status in cases:
+        farm["flask_calls"].clear()
+        r = client.get(path, headers=headers)
+        assert farm["flask_calls"] != [] or status == 400, what  # (a bad Host fails before Flask's request_started)
+        slow = view.get(path, headers=headers)
+        assert (r.status_code, r.get_data(), sorted(r.headers.items())) == (status, slow.get_data(), sorted(slow.headers.items())), what
+    assert client.get("/v1/jobs?limit=1&limit=2", headers=member).get_json()["next_cursor"] == ids[-1]  # Flask's first value
+    farm["flask_calls"].clear()
+    assert client.head(job, headers=member).status_code == 200 and farm["flask_calls"]
+    client.set_cookie("quantfarm_session", "x")  # a page session's cookie: Flask looks at it
+    farm["flask_calls"].clear()
+    assert client.get(job, headers=member).status_code == 200 and farm["flask_calls"]
+    client.delete_cookie("quantfarm_session")
+
+    # A key whose last use is due to be recorded: Flask records it, then the fast path answers again.
+    import api.auth as auth_mod
+    from storage.models import ApiKey
+
+    with farm["db"].session() as s:
+        key = s.query(ApiKey).filter(ApiKey.role == "member", ApiKey.team_id == farm["t1"]).one()
+        before = key.last_used_at
+    now = auth_mod.time.monotonic()
+    monkeypatch.setattr(auth_mod.time, "monotonic", lambda: now + auth_mod.LAST_USED_EVERY + 1)
+    for answered_by_flask in (True, False):
+        farm["flask_calls"].clear()
+        assert client.get(job, headers=member).status_code == 200
+        assert bool(farm["flask_calls"]) == answered_by_flask
+    with farm["db"].session() as s:
+        assert s.get(ApiKey, key.id).last_used_at > before
+
+    # A revoked key is forgotten at once: Flask answers its 401.
+    assert client.delete(f"/v1/keys/{key.id}", headers=member).status_code == 200
+    farm["flask_calls"].clear()
+    assert client.get(job, headers=member).status_code == 401 and farm["flask_calls"]
+    assert client.get("/v1/jobs", headers=other).status_code == 200
+
+
+def test_a_database_error_is_answered_once_by_flask(farm, monkeypatch):
+    """The fast path's read fails: Flask reads again and answers (a 503 while the database stays down), counted once."""
+    import sqlalchemy as sa
+
+    client, member = farm["client"], farm["member"]
+    reads = []
+
+    def down():
+        reads.append(1)
+        raise sa.exc.OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(farm["db"], "connect_read", down)
+    farm["flask_calls"].clear()
+    r = client.get(f"/v1/jobs/{farm['ids'][0]}", headers=member)
+    assert (r.status_code, r.headers["Retry-After"], r.get_json()["error"]) == (503, "2", "service_unavailable")
+    assert len(reads) == 2 and farm["flask_calls"]  # the fast path's try, then Flask's
+    monkeypatch.undo()
+    m = _parse_metrics(client.get("/metrics", headers=member).get_data(as_text=True))
+    assert m[("quantfarm_http_requests_total", (("code", "503"), ("method", "GET"), ("route", "/v1/jobs/<job_id>")))] == 1
