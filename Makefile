@@ -11,12 +11,17 @@ run: install
 	$(VENV)/bin/quantfarm run
 
 # `make test` (what CI runs) keeps one case per architecture family and format; `make test-all` adds the
-# full matrices (tests marked `matrix`).
+# full matrices (tests marked `matrix`). Two test processes (pytest-xdist, a file each at a time): on two cores
+# one process left a core idle most of the time (tests wait on the processes they start). TEST_PROCESSES=0 runs
+# everything in one process.
+TEST_PROCESSES ?= 2
+XDIST := $(if $(filter 0,$(TEST_PROCESSES)),-p no:xdist,-n $(TEST_PROCESSES) --dist loadfile)
+
 test: install services browser tools
-	$(PY) -m pytest -m "not matrix" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not matrix" $(XDIST) $(PYTEST_ARGS)
 
 test-all: install services browser tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 install: $(STAMP)
 

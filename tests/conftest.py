@@ -15,9 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 
 PG_ADMIN = os.environ.get("QUANTFARM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("QUANTFARM_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# Each pytest-xdist worker (gw0, gw1, ...) gets a Redis database of its own (1, 2, ...): a test that flushes its
+# broker, or a worker that takes a wake-up, must never touch another test process's.
+_XDIST = os.environ.get("PYTEST_XDIST_WORKER", "")
+REDIS_URL = os.environ.get("QUANTFARM_TEST_REDIS") or (
+    f"redis://127.0.0.1:6379/{1 + int(_XDIST.removeprefix('gw'))}" if _XDIST.startswith("gw") else "redis://127.0.0.1:6379/0")
 # The key ring of every test database (any process of a test that reads secrets sets QUANTFARM_SECRET_KEY to it).
 TEST_SECRET_KEY = "quantfarm-test-secret-key-0001"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files marked ``trains`` first (a stable sort: every file stays whole), so that with two test processes the
+    longest work starts at once instead of last."""
+    items.sort(key=lambda item: item.get_closest_marker("trains") is None)
 
 
 def test_keyring():

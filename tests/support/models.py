@@ -6,6 +6,10 @@ break on others (an intermediate size of 688, say).
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,14 +23,40 @@ def stdlib_text(max_chars: int = 2_000_000, skip_holdout: bool = True) -> list[s
     return builtin_code_texts(holdout=not skip_holdout, max_chars=max_chars)
 
 
+def built_once(out_dir: Path, marker: str, build: Callable[[Path], object]) -> Path:
+    """``out_dir``, built by ``build(work_dir)`` once however many test processes ask at the same time.
+
+    The first process to take the folder's lock builds it in a private folder and renames it into place when
+    whole (``marker`` is a file the build writes); the others wait on the lock and find it built. A killed build
+    leaves only its private folder behind, never a half-built ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / marker).is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out_dir / marker).is_file():
+            return out_dir
+        work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)  # only a layout from before this lock lacks the marker
+        build(work)
+        if not (work / marker).is_file():
+            raise RuntimeError(f"building {out_dir.name} wrote no {marker}")
+        work.rename(out_dir)
+    return out_dir
+
+
 def train_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     """Train a byte-level BPE on stdlib sources and save it as a transformers tokenizer."""
+    return built_once(out_dir, "tokenizer.json", lambda work: _train_tokenizer(work, vocab_size))
+
+
+def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    out_dir = Path(out_dir)
-    if (out_dir / "tokenizer.json").is_file():
-        return out_dir
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -35,7 +65,6 @@ def train_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
-    return out_dir
 
 
 def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128, intermediate: int = 256, vocab: int = TOKENIZER_VOCAB, heads: int = 4, kv_heads: int = 2,
@@ -106,19 +135,18 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", *, tokenizer_dir: Path, 
     """Build a random tiny model with the shared tokenizer and save it with ``save_pretrained``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).to(dtype)
-    # Random init gives near-uniform logits; widen the weights so quantization error shows in the logits.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(3.0)
-    model.save_pretrained(out_dir, max_shard_size=shard or "2GB")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    return out_dir
+    def build(work: Path) -> None:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).to(dtype)
+        # Random init gives near-uniform logits; widen the weights so quantization error shows in the logits.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and "embed" not in name:
+                    p.mul_(3.0)
+        model.save_pretrained(work, max_shard_size=shard or "2GB")
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(work)
+
+    return built_once(out_dir, "config.json", build)
 
 
 def add_bert(out_dir: Path) -> Path:

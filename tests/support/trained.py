@@ -4,8 +4,8 @@ A random model has nothing for quantization to lose, so comparing methods needs 
 model that has learnt something. The default one (4 layers, hidden 128) trains in
 about three minutes of one CPU core to a held-out perplexity of ~38 (random: ~1000).
 Half the steps reach ~60 in half the time, but 4-bit rounding then moves its loss
-so little that GPTQ's edge over RTN is within evaluation noise. It is cached: it is built in a private directory, the marker file is written last, and
-the directory is renamed into place, so a killed training never leaves a half model.
+so little that GPTQ's edge over RTN is within evaluation noise. It is cached (tests/support/models.py ``built_once``): built once across test processes, in a private
+directory renamed into place, so a killed training never leaves a half model.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from tests.support.models import TOKENIZER_VOCAB, train_tokenizer
+from tests.support.models import TOKENIZER_VOCAB, built_once, train_tokenizer
 
 MARKER = "quantfarm-trained.json"
 EVAL_WINDOWS = 256
@@ -50,42 +49,38 @@ class TrainSpec:
                 f"-v{self.vocab}-s{self.steps}-b{self.batch}x{self.seq_len}-lr{self.lr:g}-wd{self.weight_decay:g}-seed{self.seed}")
 
 
-def trained_llama(cache_dir: Path, *, threads: int = 2, dtype: torch.dtype = torch.float32, log=print, **overrides) -> Path:
+def trained_llama(cache_dir: Path, *, threads: int | None = None, dtype: torch.dtype = torch.float32, log=print, **overrides) -> Path:
     """Return the directory of a trained tiny Llama under ``cache_dir``, training it once.
 
     ``overrides`` are ``TrainSpec`` fields (a bigger model for the bench: ``hidden=256,
     layers=8, steps=1500``). The directory holds safetensors weights, config,
     generation config, tokenizer and ``quantfarm-trained.json`` with the held-out
-    perplexity before and after training. On a shared, loaded machine pass
-    ``threads=1``: two OpenMP threads fighting other processes run several times slower.
+    perplexity before and after training. The weights do not depend on ``threads``
+    (one and two threads give the same bytes); by default training takes the cores
+    this process has to itself (``train_threads``).
     """
     spec = TrainSpec(**overrides)
     cache_dir = Path(cache_dir)
     tag = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
-    out = cache_dir / (spec.dirname() + tag)
-    if (out / MARKER).is_file():
-        return out
     tokenizer_dir = train_tokenizer(cache_dir / f"tokenizer-{spec.vocab}" if spec.vocab != TOKENIZER_VOCAB else cache_dir / "tokenizer", spec.vocab)
-    work = cache_dir / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)  # only an older, killed layout lacks the marker
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        report = _train(spec, tokenizer_dir, work, dtype)
-    finally:
-        torch.set_num_threads(prev_threads)
-    (work / MARKER).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    try:
-        work.rename(out)
-    except OSError:  # another process finished the same model first; theirs is as good
-        shutil.rmtree(work, ignore_errors=True)
-        if not (out / MARKER).is_file():
-            raise
-        return out
-    log(f"trained {out.name}: held-out perplexity {report['perplexity_random']:.1f} (random init) -> "
-        f"{report['perplexity']:.2f} after {spec.steps} steps in {report['seconds']:.0f} s")
-    return out
+
+    def build(work: Path) -> None:
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or train_threads())
+        try:
+            report = _train(spec, tokenizer_dir, work, dtype)
+        finally:
+            torch.set_num_threads(prev_threads)
+        (work / MARKER).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        log(f"trained {spec.dirname() + tag}: held-out perplexity {report['perplexity_random']:.1f} (random init) -> "
+            f"{report['perplexity']:.2f} after {spec.steps} steps in {report['seconds']:.0f} s")
+
+    return built_once(cache_dir / (spec.dirname() + tag), MARKER, build)
+
+
+def train_threads() -> int:
+    """Two threads when this process has the machine's two cores; one beside another test process (pytest-xdist)."""
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, len(os.sched_getaffinity(0))))
 
 
 def trained_report(model_dir: Path) -> dict:

@@ -51,4 +51,4 @@ def trained_model():
     from tests.conftest import CACHE
     from tests.support.trained import trained_llama
 
-    return trained_llama(CACHE, threads=1)
+    return trained_llama(CACHE)

@@ -20,6 +20,8 @@ from tests.support.trained import EVAL_WINDOWS
 from tests.workers.engine.helpers import open_checkpoints, run_job
 from workers.engine.arch import ARCHITECTURES
 
+pytestmark = pytest.mark.trains  # trains its model (tests/support/trained.py) when the cache is empty
+
 CALIBRATION = dict(num_samples=128, seq_len=128)
 EVALUATION = dict(max_windows=EVAL_WINDOWS)
 OLD_DEFAULT = dict(desc_act=False, static_groups=False)

@@ -38,7 +38,7 @@ def trained():
     from tests.conftest import CACHE
     from tests.support.trained import trained_llama
 
-    return trained_llama(CACHE, threads=1)
+    return trained_llama(CACHE)
 
 
 def with_outliers(src, dst):

@@ -18,6 +18,8 @@ from workers.engine.methods.gguf import tensor_type, use_more_bits, write_model
 from workers.engine.pipeline import QuantizeRequest
 from workers.engine.run import quantize
 
+pytestmark = pytest.mark.trains  # trains its model (tests/support/trained.py) when the cache is empty
+
 Q4KM = spec.GGUFOptions(quant_type="Q4_K_M")
 
 
@@ -145,7 +147,7 @@ def trained_wide():
     from tests.conftest import CACHE
     from tests.support.trained import trained_llama
 
-    return trained_llama(CACHE, threads=1, hidden=256, intermediate=512, layers=2, steps=600)
+    return trained_llama(CACHE, hidden=256, intermediate=512, layers=2, steps=600)
 
 
 def test_the_importance_matrix_lowers_the_output_error_of_a_trained_model(trained_wide, tmp_path):
