@@ -11,11 +11,12 @@ run: install
 	$(VENV)/bin/quantfarm run
 
 # `make test` (what CI runs) keeps one case per architecture family and format; `make test-all` adds the
-# full matrices (tests marked `matrix`). Two test processes (pytest-xdist, a file each at a time): on two cores
+# full matrices (tests marked `matrix`). Two test processes (pytest-xdist, a file each at a time, in the order the
+# collection hook sets: files that train a model first): on two cores
 # one process left a core idle most of the time (tests wait on the processes they start). TEST_PROCESSES=0 runs
 # everything in one process.
 TEST_PROCESSES ?= 2
-XDIST := $(if $(filter 0,$(TEST_PROCESSES)),-p no:xdist,-n $(TEST_PROCESSES) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_PROCESSES)),-p no:xdist,-n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder)
 
 test: install services browser tools
 	$(PY) -m pytest -m "not matrix" $(XDIST) $(PYTEST_ARGS)
