@@ -45,11 +45,22 @@ class HealthMemo:
         self._answer: tuple[dict, int] | None = None
 
     def get(self, check) -> tuple[dict, int]:
-        with self._lock:  # one check at a time; the others wait and reuse its answer
+        """The memo's answer; a stale one is checked again by one caller while the others keep the last answer.
+
+        Only the very first check is waited for: no probe queues behind a slow database ping.
+        """
+        answer, at = self._answer, self._at
+        if answer is not None and time.monotonic() - at < self.ttl:
+            return answer
+        if not self._lock.acquire(blocking=answer is None):
+            return answer  # another caller is checking now
+        try:
             now = time.monotonic()
             if self._answer is None or now - self._at >= self.ttl:
                 self._answer, self._at = check(), now
             return self._answer
+        finally:
+            self._lock.release()
 
 
 def _check(svc) -> tuple[dict, int]:

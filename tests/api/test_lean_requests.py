@@ -43,6 +43,33 @@ def test_healthz_is_checked_at_most_once_a_second(sqlite_url, store, tmp_path, m
     db.dispose()
 
 
+def test_a_stale_health_answer_is_checked_again_by_one_caller_while_the_others_keep_the_last():
+    """A load balancer's probes never queue behind a slow check: only the first check of all is waited for."""
+    import threading
+
+    from api.service import HealthMemo
+
+    memo = HealthMemo(ttl=0.0)  # every answer is stale at once
+    assert memo.get(lambda: ({"status": "ok"}, 200)) == ({"status": "ok"}, 200)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_check():
+        entered.set()
+        release.wait(10)
+        return {"status": "unavailable"}, 503
+
+    checking = threading.Thread(target=memo.get, args=(slow_check,))
+    checking.start()
+    assert entered.wait(10)
+    calls = []
+    # While the slow check runs, another caller gets the last answer at once and runs no check of its own.
+    assert memo.get(lambda: calls.append(1) or ({"status": "other"}, 200)) == ({"status": "ok"}, 200) and calls == []
+    release.set()
+    checking.join(10)
+    assert memo.get(lambda: calls.append(1) or ({"status": "ok"}, 200)) == ({"status": "ok"}, 200) and calls == [1]
+    assert memo._answer == ({"status": "ok"}, 200)
+
+
 @pytest.fixture
 def statements(monkeypatch):
     """Every statement psycopg sends, BEGIN and COMMIT included."""
