@@ -41,9 +41,15 @@ class MoESpec:
     shared: bool = False  # a shared expert beside the routed ones: {shared}.{gate,up,down}_proj
     shared_name: str = "shared_expert"  # its module in the block (DeepSeek: shared_experts)
     shared_gate: str | None = "shared_expert_gate"  # a sigmoid gate on its output (Qwen2-MoE); None: added as is
-    # Layers with a dense MLP instead: the config attribute counting the first such layers
-    # (DeepSeek: first_k_dense_replace), and the groups of that MLP.
+    # Layers with a dense MLP instead, as config attributes say (each optional): how many of the
+    # first layers (DeepSeek: first_k_dense_replace), which layers by index (Qwen: mlp_only_layers),
+    # and a period (Qwen: decoder_sparse_step; layer i is sparse where (i + 1) % step == 0); with
+    # ``dense_without_experts`` (Qwen), a config with no experts makes every layer dense.
+    # ``dense``: the groups of that MLP.
     dense_first: str | None = None
+    dense_listed: str | None = None
+    sparse_step: str | None = None
+    dense_without_experts: bool = False
     dense: tuple[LinearGroup, ...] = ()
 
 
@@ -176,11 +182,15 @@ _MIXTRAL_RENAMES = (
     (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
 )
 
+# Qwen MoE configs may make any layer dense (a plain MLP of intermediate_size), by index or by period.
+_QWEN_DENSE = {"dense_listed": "mlp_only_layers", "sparse_step": "decoder_sparse_step", "dense_without_experts": True,
+               "dense": _LLAMA_GROUPS[2:]}
+
 
 ARCHITECTURES: dict[str, Arch] = {
     "mixtral": _moe("mixtral", MoESpec("mlp", "num_local_experts", "intermediate_size"), _MIXTRAL_RENAMES),
-    "qwen2_moe": _moe("qwen2_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size", shared=True)),
-    "qwen3_moe": _moe("qwen3_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size")),
+    "qwen2_moe": _moe("qwen2_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size", shared=True, **_QWEN_DENSE)),
+    "qwen3_moe": _moe("qwen3_moe", MoESpec("mlp", "num_experts", "moe_intermediate_size", **_QWEN_DENSE)),
     "deepseek_v2": replace(_moe("deepseek_v2", MoESpec("mlp", "n_routed_experts", "moe_intermediate_size", shared=True,
                                                        shared_name="shared_experts", shared_gate=None,
                                                        dense_first="first_k_dense_replace", dense=_LLAMA_GROUPS[2:])),
@@ -225,27 +235,41 @@ def arch_for(config) -> Arch:
             arch = replace(arch, groups=groups)
             break
     if arch.moe is not None:
-        from workers.engine.moe import check_uniform
-
-        why = check_uniform(config, arch.moe)
-        if why:
-            raise UnsupportedArchitecture(f"{model_type!r} models whose {why} are not supported yet.",
-                                          details={"model_type": model_type})
         arch = _with_sparse_blocks(arch, config)
     return arch
 
 
+def _whole(config, attr: str, default: int, model_type: str, least: int = 0) -> int:
+    """A config attribute that must be a whole number of at least ``least`` (a hostile config says anything)."""
+    value = getattr(config, attr, None)
+    value = default if value is None else value
+    if type(value) is not int or value < least:
+        raise UnsupportedArchitecture(f"{attr} must be a whole number of at least {least}, not {value!r}.",
+                                      details={"model_type": model_type})
+    return value
+
+
+def sparse_layers(arch: Arch, config) -> list[bool]:
+    """Which decoder layers hold a sparse block, as the config's dense-layer attributes say."""
+    spec, name = arch.moe, arch.name
+    layers = _whole(config, "num_hidden_layers", 0, name, least=1)
+    experts = _whole(config, spec.num_experts, 0, name, least=0 if spec.dense_without_experts else 1)
+    first = _whole(config, spec.dense_first, 0, name) if spec.dense_first else 0
+    step = _whole(config, spec.sparse_step, 1, name, least=1) if spec.sparse_step else 1
+    listed = (getattr(config, spec.dense_listed, None) or []) if spec.dense_listed else []
+    if not isinstance(listed, (list, tuple)) or any(type(i) is not int for i in listed):
+        raise UnsupportedArchitecture(f"{spec.dense_listed} must be a list of layer indices, not {listed!r}.",
+                                      details={"model_type": name})
+    return [experts > 0 and i >= first and i not in listed and (i + 1) % step == 0 for i in range(layers)]
+
+
 def _with_sparse_blocks(arch: Arch, config) -> Arch:
-    """``arch`` with its sparse block's groups, and per-layer groups where the first layers are dense."""
+    """``arch`` with its sparse block's groups, and per-layer groups where some layers are dense."""
     spec = arch.moe
+    flags = sparse_layers(arch, config)
     sparse = arch.groups + moe_groups(spec, getattr(config, spec.num_experts))
-    first = (getattr(config, spec.dense_first, 0) or 0) if spec.dense_first else 0
-    if type(first) is not int or first < 0:
-        raise UnsupportedArchitecture(f"{spec.dense_first} must be a whole number of layers, not {first!r}.",
-                                      details={"model_type": arch.name})
-    if first == 0:
+    if all(flags):
         return replace(arch, groups=sparse)
-    layers = int(config.num_hidden_layers)
     dense = arch.groups + spec.dense
-    return replace(arch, groups=dense + sparse[len(arch.groups):],
-                   layer_groups=tuple(dense if i < first else sparse for i in range(layers)))
+    names = dense + (sparse[len(arch.groups):] if any(flags) else ())
+    return replace(arch, groups=names, layer_groups=tuple(sparse if s else dense for s in flags))

@@ -76,19 +76,6 @@ class UnfusedMoE(nn.Module):
         return out.reshape(shape)
 
 
-def check_uniform(config, spec: MoESpec) -> str | None:
-    """Why this config mixes dense and sparse layers in a way the table cannot say, or None.
-
-    Dense first layers (``spec.dense_first``) are table data; Qwen's dense layers
-    listed anywhere (``mlp_only_layers``, ``decoder_sparse_step``) are not yet.
-    """
-    if getattr(config, "mlp_only_layers", None):
-        return "layers listed in mlp_only_layers are dense"
-    if getattr(config, "decoder_sparse_step", 1) not in (None, 1):
-        return "decoder_sparse_step is not 1"
-    return None
-
-
 def install(layers: nn.ModuleList, arch: Arch, config) -> None:
     """Replace every sparse layer's fused block with an ``UnfusedMoE`` (weights stay where the block's were)."""
     spec = arch.moe

@@ -36,9 +36,9 @@ def tiny_model(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("models")
 
     def get(arch: str = "llama", *, layers: int = 2, shard: str | None = None, **config) -> Path:
-        key = (arch, layers, shard, *sorted(config.items()))
+        key = (arch, layers, shard, *sorted((k, repr(v)) for k, v in config.items()))  # lists (mlp_only_layers) too
         if key not in built:
-            name = f"{arch}-l{layers}" + (f"-{shard}" if shard else "") + "".join(f"-{k}{v}" for k, v in sorted(config.items()))
+            name = f"{arch}-l{layers}" + (f"-{shard}" if shard else "") + "".join(f"-{k}{v}" for k, v in sorted(config.items())).replace(" ", "")
             built[key] = make_tiny_model(root / name, arch, tokenizer_dir=tokenizer_dir, shard=shard, layers=layers, **config)
         return built[key]
 

@@ -64,6 +64,9 @@ GPTQ_LOADS = [
     pytest.param("deepseek_v2", {"layers": 3, "first_k_dense_replace": 1}, id="deepseek_v2_lite", marks=pytest.mark.matrix),
     # the full DeepSeek-V2's low-rank queries (q_a_proj, q_a_layernorm, q_b_proj)
     pytest.param("deepseek_v2", {"q_lora_rank": 128}, id="deepseek_v2_q_lora", marks=pytest.mark.matrix),
+    # (Qwen's dense layers between sparse ones are not here: GPTQModel's module tree for Qwen MoE has
+    # sparse layers only, so it leaves a dense layer's quantized MLP unloaded; vLLM's Qwen MoE models
+    # build those MLPs as quantized linears. See test_qwen_dense_layers_quantize_and_resume.)
 ]
 
 
@@ -183,16 +186,71 @@ def test_moe_resume_after_a_crash_is_byte_identical(tiny_model, tmp_path, arch, 
     assert resumed.metrics["expert_tokens"] == whole.metrics["expert_tokens"]
 
 
-def test_moe_layers_that_are_not_all_sparse_are_refused(tmp_path, tokenizer_dir):
-    from transformers import Qwen3MoeConfig
+def test_qwen_dense_layers_quantize_and_resume(tiny_model, tmp_path):
+    """A Qwen2-MoE (shared expert) whose middle layer is dense (mlp_only_layers): its plain MLP is quantized
+    like any dense model's, the sparse layers' experts as usual, and a resume is byte-identical."""
+    class Crash(RuntimeError):
+        pass
+
+    source = tiny_model("qwen2_moe", layers=3, mlp_only_layers=[1])
+    whole, _ = run_job(source, tmp_path / "whole", "gptq", **GPTQ)
+    names = exported_names(tmp_path / "whole" / "out")
+    for i, sparse in enumerate([True, False, True]):
+        p = f"model.layers.{i}.mlp."
+        assert (p + "experts.3.down_proj.qweight" in names) is sparse and (p + "shared_expert.down_proj.qweight" in names) is sparse
+        assert (p + "down_proj.qweight" in names) is not sparse and (p + "gate_proj.qweight" in names) is not sparse
+        assert not any(n.startswith(p) and n.endswith(".weight") and "proj" in n and "shared_expert_gate" not in n
+                       for n in names), i  # every projection quantized, none left in float
+    assert set(whole.metrics["expert_tokens"]) == {"0", "2"}  # counted where there are experts
+
+    def crash_after_first(report):
+        if report.index == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_job(source, tmp_path / "resumed", "gptq", on_layer=crash_after_first, **GPTQ)
+    resumed, _ = run_job(source, tmp_path / "resumed", "gptq", **GPTQ)
+    assert resumed.layers_replayed == [0, 1] and resumed.layers_computed == [2]
+    assert file_hashes(tmp_path / "resumed" / "out") == file_hashes(tmp_path / "whole" / "out")
+
+
+def test_qwen_dense_layers_are_read_from_the_config_as_transformers_builds_them():
+    """mlp_only_layers and decoder_sparse_step put a plain MLP where transformers does; bad values are refused clearly."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen3MoeConfig
 
     from quantfarm.errors import UnsupportedArchitecture
+    from workers.engine.arch import sparse_layers
 
-    cfg = Qwen3MoeConfig(num_hidden_layers=2, mlp_only_layers=[1])
-    with pytest.raises(UnsupportedArchitecture, match="mlp_only_layers"):
-        arch_for(cfg)
-    with pytest.raises(UnsupportedArchitecture, match="decoder_sparse_step"):
-        arch_for(Qwen3MoeConfig(num_hidden_layers=2, decoder_sparse_step=2))
+    small = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=64, num_experts=4)
+    cases = [(Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=[1, 7]), [True, False, True, True]),
+             (Qwen3MoeConfig, dict(num_hidden_layers=4, decoder_sparse_step=2), [False, True, False, True]),
+             (Qwen2MoeConfig, dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]), [False, True, False, False]),
+             (Qwen2MoeConfig, dict(num_hidden_layers=2), [True, True])]
+    for cls, kw, want in cases:
+        cfg = cls(**small, **kw)
+        table = arch_for(cfg)
+        assert [table.sparse(i) for i in range(len(want))] == want, kw
+        built = AutoModelForCausalLM.from_config(cfg).model.layers  # what transformers builds, layer by layer
+        assert [hasattr(layer.mlp, "experts") for layer in built] == want, kw
+        for i, sparse in enumerate(want):  # each layer's groups name exactly the linears that layer has
+            have = {n for n, m in built[i].named_modules() if isinstance(m, torch.nn.Linear)}
+            names = set(table.at(i).linears)
+            assert names <= have or sparse, (kw, i, names - have)  # sparse: transformers fuses experts, the engine unfuses
+            assert ("mlp.down_proj" in names) is not sparse, (kw, i)
+    dense = arch_for(Qwen3MoeConfig(**{**small, "num_experts": 0}, num_hidden_layers=2))
+    assert sparse_layers(dense, Qwen3MoeConfig(**{**small, "num_experts": 0}, num_hidden_layers=2)) == [False, False]
+    assert not any("experts" in n for n in dense.linears) and "mlp.down_proj" in dense.linears
+
+    for attr, value, says in [("mlp_only_layers", "1", "mlp_only_layers must be a list of layer indices"),
+                              ("mlp_only_layers", [1.5], "mlp_only_layers must be a list of layer indices"),
+                              ("decoder_sparse_step", 0, "decoder_sparse_step must be a whole number of at least 1"),
+                              ("decoder_sparse_step", "2", "decoder_sparse_step must be a whole number"),
+                              ("num_experts", -1, "num_experts must be a whole number")]:
+        cfg = Qwen3MoeConfig(**small, num_hidden_layers=2)
+        cfg.__dict__[cfg.attribute_map.get(attr, attr)] = value  # past transformers' field checks: the table must not rely on them
+        with pytest.raises(UnsupportedArchitecture, match=says):
+            arch_for(cfg)
     assert {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"} <= set(ARCHITECTURES)
 
 
