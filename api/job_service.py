@@ -107,19 +107,23 @@ def _task_set_problems(store, upload_id: str, team_id: str) -> dict[str, str]:
     return {}
 
 
-# The team's own quota (NULL: the farm's) and its queued jobs, in one statement.
-_QUOTA = Fixed(select(
-    select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery(),
-    select(func.count()).select_from(Job)
-    .where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value).scalar_subquery(),
-))
+_OWN_LIMIT = select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery()
+_QUEUED = select(Job.id).where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value)
+# The team's own quota (NULL: the farm's) and its queued jobs counted up to that limit, in one statement: the count
+# reads every queued job's row (PostgreSQL ~0.2 µs each: 1.5 ms at 8,000), so it stops where the answer is known.
+_QUOTA = Fixed(select(_OWN_LIMIT, select(func.count()).select_from(
+    _QUEUED.limit(func.coalesce(_OWN_LIMIT, bindparam("farm_limit"))).subquery()).scalar_subquery()))
+_QUEUED_COUNT = Fixed(select(func.count()).select_from(_QUEUED.subquery()))  # all of them, for the 429's details
 
 
 def check_quota(s, team_id: str) -> None:
     """Raise QuotaExceeded (429) when the team already has its limit of queued jobs."""
-    [(own, queued)] = _QUOTA.rows(s.connection(), {"team_id": team_id})  # storage/lean.py: no ORM, no result layer
-    limit = own if own is not None else services().settings.team_max_queued
+    farm_limit = services().settings.team_max_queued
+    # storage/lean.py: no ORM, no result layer
+    [(own, queued)] = _QUOTA.rows(s.connection(), {"team_id": team_id, "farm_limit": farm_limit})
+    limit = own if own is not None else farm_limit
     if queued >= limit:
+        [(queued,)] = _QUEUED_COUNT.rows(s.connection(), {"team_id": team_id})
         raise QuotaExceeded(
             f"Your team has {queued} queued jobs, its limit; wait for some to start or cancel some.",
             details={"queued": queued, "limit": limit, "retry_after": QUOTA_RETRY_AFTER},
@@ -153,9 +157,13 @@ def submit(spec, via: str = "api") -> dict:
     public = public_spec(spec)
     # A Hub or S3 model's config.json, read now (bounded, the job's own credentials, outside the transaction).
     remote_estimate = estimate_remote(svc.db, spec, public, team_id, svc.settings)
-    with svc.db.session() as s:
-        if who.key_id is None:
+    if who.key_id is None:
+        with svc.db.session() as s:
             team_store.ensure_default_team(s)
+    # The checks only read (autocommit on PostgreSQL: no BEGIN/COMMIT); insert_job commits the job and its event as one
+    # transaction, in one round trip there. The quota's count is no more exact than in a transaction: READ COMMITTED
+    # reads every statement anew, and nothing was locked.
+    with svc.db.read() as s:
         check_quota(s, team_id)
         check_references(s, spec, team_id)
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
