@@ -210,15 +210,21 @@ def read_page(db, who: auth.Principal, *, status: str | None, limit: int, cursor
 
 
 def summary_view(view: dict) -> dict:
-    """Return a job view for lists: calibration and evaluation texts (megabytes) become counts."""
-    spec = dict(view.get("spec") or {})
+    """Return a job view for lists: calibration and evaluation texts (megabytes) become counts.
+
+    ``view`` is not changed; a view with no texts is returned as it is (a page's views are its own).
+    """
+    spec = view.get("spec") or {}
+    counted = {}
     for section in ("calibration", "evaluation"):
         part = spec.get(section)
         if isinstance(part, dict) and isinstance(part.get("texts"), list):
             part = dict(part)
             part["texts_count"] = len(part.pop("texts"))
-            spec[section] = part
-    return {**view, "spec": spec}
+            counted[section] = part
+    if counted:
+        return {**view, "spec": {**spec, **counted}}
+    return view if view.get("spec") is spec else {**view, "spec": {}}
 
 
 def cancel(job_id: str) -> dict:
