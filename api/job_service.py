@@ -8,6 +8,8 @@ caller parsed the spec: 400/422) → auth (401/403) → quota (429) → admissio
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import bindparam, func, select
 
@@ -108,7 +110,7 @@ def _task_set_problems(store, upload_id: str, team_id: str) -> dict[str, str]:
 
 
 _OWN_LIMIT = select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery()
-_QUEUED = select(Job.id).where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value)
+_QUEUED = select(Job.team_id).where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value)
 # The team's own quota (NULL: the farm's) and its queued jobs counted up to that limit, in one statement: the count
 # reads every queued job's row (PostgreSQL ~0.2 µs each: 1.5 ms at 8,000), so it stops where the answer is known.
 _QUOTA = Fixed(select(_OWN_LIMIT, select(func.count()).select_from(
@@ -145,11 +147,30 @@ def enqueue(job_id: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A submit that passed every check (``check_submit``); nothing of it is stored yet."""
+
+    spec: Any
+    public: dict
+    who: auth.Principal
+    estimate: int | None
+
+
 def submit(spec, via: str = "api") -> dict:
     """Create the queued job for the caller's team and enqueue it after the commit; return its view.
 
     Raises Unauthorized/Forbidden, QuotaExceeded, or ValidationFailed for an unknown upload or
     credential, a path outside the local roots or a refused webhook URL (nothing is stored then).
+    """
+    return create(check_submit(spec), via)
+
+
+def check_submit(spec) -> Checked:
+    """Every check of ``submit`` before the job is stored, in its order; raise as ``submit`` does.
+
+    Stores nothing (but the default team, the first time the local admin submits),
+    so api/fastpath.py leaves any failure here to Flask, which checks again and answers.
     """
     svc = services()
     who = auth.require(Role.MEMBER)
@@ -160,22 +181,28 @@ def submit(spec, via: str = "api") -> dict:
     if who.key_id is None:
         with svc.db.session() as s:
             team_store.ensure_default_team(s)
-    # The checks only read (autocommit on PostgreSQL: no BEGIN/COMMIT); insert_job commits the job and its event as one
-    # transaction, in one round trip there. The quota's count is no more exact than in a transaction: READ COMMITTED
-    # reads every statement anew, and nothing was locked.
+    # Reads only (autocommit on PostgreSQL: no BEGIN/COMMIT). The quota's count is no more exact than in a
+    # transaction: READ COMMITTED reads every statement anew, and nothing was locked.
     with svc.db.read() as s:
         check_quota(s, team_id)
         check_references(s, spec, team_id)
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
         estimate = estimate_at_submit(public) or remote_estimate
         farm.admit(s, estimate, svc.settings.worker_ttl_seconds)  # 422 too_large when no live worker fits
+    return Checked(spec, public, who, estimate)
+
+
+def create(checked: Checked, via: str = "api") -> dict:
+    """Store the checked job and its event (one transaction: one round trip on PostgreSQL), enqueue it; return its view."""
+    svc, spec, who = services(), checked.spec, checked.who
+    with svc.db.read() as s:  # insert_job commits
         job = job_store.insert_job(
-            s, method=spec.method, model_ref=model_ref(spec.model), spec=public,
-            secrets=spec_secrets(spec), priority=spec.priority, team_id=team_id, created_by=who.key_id,
-            memory_estimate=estimate,
+            s, method=spec.method, model_ref=model_ref(spec.model), spec=checked.public,
+            secrets=spec_secrets(spec), priority=spec.priority, team_id=who.team_id, created_by=who.key_id,
+            memory_estimate=checked.estimate,
         )
     enqueue(job["id"])  # only after the commit, so a worker always finds the row
-    log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], team_id)
+    log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], who.team_id)
     return job_reads.inserted_job_view(job)
 
 
