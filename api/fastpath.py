@@ -1,19 +1,23 @@
-"""The hottest requests answered before Flask: ``GET /healthz``, ``GET /v1/jobs/<id>`` and ``GET /v1/jobs``.
+"""The hottest requests answered before Flask: ``GET /healthz``, ``GET /v1/jobs/<id>``, ``GET /v1/jobs``, ``POST /v1/jobs``.
 
-Load balancers poll /healthz and clients poll their jobs. Flask's request
-context, routing and hooks were about a third of such a request's CPU, so
-``FastPath``, a WSGI middleware around the app's own, answers the plain case of
-each with the code the views run (the health memo, ``auth.cached_principal``,
-``job_service.read_job``, ``jobs.jobs_page``) and Flask's own response making
-(``app.make_response``, then ``auth.security_headers``): the same bytes, status
-and headers as the view. It counts each request it answers in the HTTP metrics
-under the route's template, as the Flask hook would.
+Load balancers poll /healthz, clients poll their jobs and submit them. Flask's
+request context, routing and hooks were about a third of such a request's CPU,
+so ``FastPath``, a WSGI middleware around the app's own, answers the plain case
+of each with the code the views run (the health memo, ``auth.cached_principal``,
+``job_service.read_job``, ``jobs.jobs_page``, ``job_service.check_submit`` and
+``create``) and writes Flask's own response: the same bytes, status and headers
+as the view. It counts each request it answers in the HTTP metrics under the
+route's template, as the Flask hook would.
 
 Everything else goes to Flask untouched, which answers it, so every error
 response is made in one place: another method, an untrusted Host, a cookie (page
 sessions), no key or one this process has not verified within its cache TTL, a
 key whose last use is due to be recorded, a query other than the list's plain
-``status``/``limit``/``cursor``, a job not found, any error at all.
+``status``/``limit``/``cursor``, a job not found, a browser's cross-site headers
+on a submit, a Hub or S3 model (its submit reads over the network), any error
+at all. A submit's error is Flask's to answer too: before the job is stored,
+Flask checks again; at or after the commit, the view raises the very error the
+fast path met (``jobs.SUBMIT_FAILED``), so a job is never submitted twice.
 """
 
 from __future__ import annotations
