@@ -174,6 +174,22 @@ class Database:
         finally:
             s.close()
 
+    def write_together(self, writes: list) -> None:
+        """Run ``(lean.Fixed, params)`` writes as one transaction, committed on return (no Session).
+
+        PostgreSQL: one round trip, a pipeline on an autocommit connection
+        (``lean.write_together``); SQLite: a plain transaction.
+        """
+        from storage import lean
+
+        if self.reader is self.engine:
+            with self.engine.begin() as conn:
+                for fixed, params in writes:
+                    fixed.run(conn, params)
+            return
+        with self.reader.connect() as conn:
+            lean.write_together(conn, writes)
+
     def connect_read(self) -> Connection:
         """Return a Core connection for reads (use it as a context manager): no Session, no transaction."""
         return self.reader.connect()

@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
-from storage.lean import Fixed, is_autocommit, write_together
+from storage.lean import Fixed
 from storage.models import Job, JobEvent, JobRun, new_id, utcnow
 
 
@@ -247,28 +247,18 @@ _INSERT_EVENT = Fixed(insert(JobEvent.__table__), keys=(
     "job_id", "kind", "from_status", "to_status", "stage", "message", "data", "actor", "at"))
 
 
-def insert_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
+def insert_job(db, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
                created_by: str | None, memory_estimate: int | None) -> dict[str, Any]:
-    """Insert a queued job and its 'created' event (two fixed INSERTs, storage/lean.py) and commit them; return the row.
+    """Insert a queued job and its 'created' event, committed together (``Database.write_together``); return the row.
 
-    The row (a dict) carries every column storage.views.job_view reads; the
-    caller enqueues after this. On a session of ``Database.read()`` on
-    PostgreSQL (autocommit) the two rows are one transaction of their own in one
-    round trip (``lean.write_together``); otherwise they go in the session's
-    transaction, committed here. An ORM flush of the same two objects cost a
-    submit about a third of its CPU; the BEGIN, two INSERTs and COMMIT of a
-    session were four round trips.
+    The row (a dict) carries every column storage.views.job_view reads; the caller
+    enqueues after this. Two fixed INSERTs (storage/lean.py): an ORM flush of the
+    same two objects cost a submit about a third of its CPU, and a session's BEGIN,
+    two INSERTs and COMMIT were four round trips where PostgreSQL now takes one.
     """
     values = _new_job(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
                       team_id=team_id, created_by=created_by, memory_estimate=memory_estimate)
-    conn = s.connection()
-    writes = [(_INSERT_JOB, values), (_INSERT_EVENT, _created_event(values))]
-    if is_autocommit(conn):
-        write_together(conn, writes)
-    else:
-        for fixed, params in writes:
-            fixed.run(conn, params)
-        s.commit()
+    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, _created_event(values))])
     return values
 
 

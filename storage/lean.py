@@ -71,20 +71,15 @@ class Fixed:
             raise _wrapped(conn, dbapi_conn, err, sql, values) from err
 
 
-def is_autocommit(conn: Connection) -> bool:
-    """Whether ``conn`` is a PostgreSQL connection in autocommit (``Database.read()``'s): what ``write_together`` needs."""
-    return conn.dialect.name == "postgresql" and conn.connection.dbapi_connection.autocommit
-
-
 def write_together(conn: Connection, writes: list[tuple[Fixed, dict[str, Any]]]) -> None:
-    """Run the writes as one transaction, committed on return, in one round trip; ``conn`` is ``is_autocommit``.
+    """Run the writes as one transaction, committed on return, in one round trip; ``conn``: PostgreSQL, autocommit.
 
     The statements go in one psycopg pipeline with one sync: PostgreSQL runs what
     comes before a sync as one implicit transaction, so either every row is
     committed (durably, as any commit) or, when one statement fails, none is.
     The BEGIN, each statement and the COMMIT were a round trip each.
     """
-    assert is_autocommit(conn), "write_together needs an autocommit PostgreSQL connection"
+    assert conn.connection.dbapi_connection.autocommit, "write_together needs an autocommit connection"
     bound = [fixed._bound(conn.dialect, params) for fixed, params in writes]
     dbapi_conn = conn.connection.dbapi_connection
     try:
