@@ -47,13 +47,20 @@ class LeanJSON(DefaultJSONProvider):
     _encoder: json.JSONEncoder | None = None
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
-        if (self.compact is None and self._app.debug) or self.compact is False:
+        text = self.compact_text(self._prepare_response_obj(args, kwargs))
+        if text is None:
             return super().response(*args, **kwargs)  # indented
+        return self._app.response_class(text, mimetype=self.mimetype)
+
+    def compact_text(self, obj: Any) -> str | None:
+        """The body ``response`` gives ``obj``; None when responses are indented (debug)."""
+        if (self.compact is None and self._app.debug) or self.compact is False:
+            return None
         encoder = self._encoder
         if encoder is None:
             encoder = self._encoder = json.JSONEncoder(default=self.default, ensure_ascii=self.ensure_ascii,
                                                        sort_keys=self.sort_keys, separators=(",", ":"))
-        return self._app.response_class(f"{encoder.encode(self._prepare_response_obj(args, kwargs))}\n", mimetype=self.mimetype)
+        return f"{encoder.encode(obj)}\n"
 
 
 def create_app(settings: Settings | None = None, *, db=None, dispatcher=None, store=None) -> Flask:

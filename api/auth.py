@@ -270,7 +270,7 @@ def forget_key(key_id: str) -> None:
     _cache().forget(key_id)
 
 
-_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "same-origin"))
+SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "same-origin"))
 _PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
              "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
@@ -283,7 +283,7 @@ def security_headers(resp):
     """
     headers = resp.headers
     present = {name.lower() for name, _ in headers}
-    for name, value in _SECURITY_HEADERS:
+    for name, value in SECURITY_HEADERS:
         if name.lower() not in present:
             headers.add(name, value)
     if "content-security-policy" not in present and (resp.content_type or "").split(";", 1)[0].strip().lower() == "text/html":

@@ -127,7 +127,11 @@ def json_body() -> dict[str, Any]:
     Raises InvalidJSON (400) for an empty or malformed body, ValidationFailed (422)
     for JSON that is not an object.
     """
-    raw = request.get_data(cache=True)
+    return json_object(request.get_data(cache=True))
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """``json_body`` of the body ``raw`` (api/fastpath.py reads the body itself)."""
     if not raw.strip():
         raise InvalidJSON("The request body is empty; send a JSON object.")
     try:

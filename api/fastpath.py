@@ -1,37 +1,45 @@
-"""The hottest requests answered before Flask: ``GET /healthz``, ``GET /v1/jobs/<id>`` and ``GET /v1/jobs``.
+"""The hottest requests answered before Flask: ``GET /healthz``, ``GET /v1/jobs/<id>``, ``GET /v1/jobs``, ``POST /v1/jobs``.
 
-Load balancers poll /healthz and clients poll their jobs. Flask's request
-context, routing and hooks were about a third of such a request's CPU, so
-``FastPath``, a WSGI middleware around the app's own, answers the plain case of
-each with the code the views run (the health memo, ``auth.cached_principal``,
-``job_service.read_job``, ``jobs.jobs_page``) and Flask's own response making
-(``app.make_response``, then ``auth.security_headers``): the same bytes, status
-and headers as the view. It counts each request it answers in the HTTP metrics
-under the route's template, as the Flask hook would.
+Load balancers poll /healthz, clients poll their jobs and submit them. Flask's
+request context, routing and hooks were about a third of such a request's CPU,
+so ``FastPath``, a WSGI middleware around the app's own, answers the plain case
+of each with the code the views run (the health memo, ``auth.cached_principal``,
+``job_service.read_job``, ``jobs.jobs_page``, ``job_service.check_submit`` and
+``create``) and writes Flask's own response: the same bytes, status and headers
+as the view. It counts each request it answers in the HTTP metrics under the
+route's template, as the Flask hook would.
 
 Everything else goes to Flask untouched, which answers it, so every error
 response is made in one place: another method, an untrusted Host, a cookie (page
 sessions), no key or one this process has not verified within its cache TTL, a
 key whose last use is due to be recorded, a query other than the list's plain
-``status``/``limit``/``cursor``, a job not found, any error at all.
+``status``/``limit``/``cursor``, a job not found, a browser's cross-site headers
+on a submit, a Hub or S3 model (its submit reads over the network), any error
+at all. A submit's error is Flask's to answer too: before the job is stored,
+Flask checks again; at or after the commit, the view raises the very error the
+fast path met (``jobs.SUBMIT_FAILED``), so a job is never submitted twice.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import time
 
-from flask import Flask
+from flask import Flask, g
 from werkzeug.exceptions import SecurityError
 from werkzeug.wsgi import get_host
 
 from api import auth, job_service, service
-from api.jobs import jobs_page
+from api.errors import json_object
+from api.jobs import SUBMIT_FAILED, created_headers, jobs_page
+from quantfarm.spec import parse_spec
 
 _JOB_PATH = re.compile(r"/v1/jobs/(job_[0-9a-z]{26})")
 # Plain name=value pairs only: nothing to percent-decode, so the parsed values are the ones Flask's request.args holds.
 _PLAIN_QUERY = re.compile(r"[a-z]+=[0-9A-Za-z_]*(?:&[a-z]+=[0-9A-Za-z_]*)*")
 _LIST_PARAMS = frozenset({"status", "limit", "cursor"})
+_STATUS = {200: "200 OK", 201: "201 CREATED"}  # werkzeug's status lines
 
 
 class FastPath:
@@ -41,32 +49,34 @@ class FastPath:
         self.app, self.wsgi_app = app, wsgi_app
         rules = {rule.endpoint: rule.rule for rule in app.url_map.iter_rules()}
         # The metrics' route labels, as Flask's hook reads them from the matched rule.
-        self.health_route, self.job_route, self.list_route = (
-            rules["service.healthz"], rules["jobs.get_job"], rules["jobs.list_jobs"])
+        self.health_route, self.job_route, self.list_route, self.submit_route = (
+            rules["service.healthz"], rules["jobs.get_job"], rules["jobs.list_jobs"], rules["jobs.create_job"])
         self._health: tuple | None = None  # (memo answer, its encoded answer): encoded once per check
+        self._hosts: dict[tuple, tuple[list, bool]] = {}  # (what get_host reads) -> (the allowlist, trusted?)
 
     def __call__(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") == "GET":
-            path = environ.get("PATH_INFO", "")
+        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", "")
+        handler = None
+        if method == "GET":
             if path == "/healthz":
                 handler = self._healthz
             elif path == "/v1/jobs":
                 handler = self._jobs_page
             elif path.startswith("/v1/jobs/"):
                 handler = self._job
-            else:
-                handler = None
-            if handler is not None and self._trusted_host(environ):
-                started = time.perf_counter()
-                try:
-                    done = handler(environ)
-                except Exception:  # whatever it was, Flask meets it again and answers it
-                    done = None
-                if done is not None:
-                    route, code, status, headers, body = done
-                    start_response(status, headers)
-                    self.app.extensions["quantfarm_metrics"].observe(route, "GET", code, time.perf_counter() - started)
-                    return [body]
+        elif method == "POST" and path == "/v1/jobs":
+            handler = self._submit
+        if handler is not None and self._trusted_host(environ):
+            started = time.perf_counter()
+            try:
+                done = handler(environ)
+            except Exception:  # whatever it was, Flask meets it again and answers it
+                done = None
+            if done is not None:
+                route, code, status, headers, body = done
+                start_response(status, headers)
+                self.app.extensions["quantfarm_metrics"].observe(route, method, code, time.perf_counter() - started)
+                return [body]
         return self.wsgi_app(environ, start_response)
 
     def _db(self):
@@ -76,15 +86,39 @@ class FastPath:
         trusted = self.app.config.get("TRUSTED_HOSTS")
         if trusted is None:
             return True
+        # What werkzeug's get_host reads; the answer for each is kept (a client sends the same Host every time).
+        seen = (environ.get("HTTP_HOST"), environ.get("SERVER_NAME"), environ.get("SERVER_PORT"), environ.get("wsgi.url_scheme"))
+        known = self._hosts.get(seen)
+        if known is not None and known[0] is trusted:
+            return known[1]
         try:
             get_host(environ, trusted)
+            ok = True
         except SecurityError:
-            return False  # Flask answers its 400
-        return True
+            ok = False  # Flask answers its 400
+        if len(self._hosts) >= 64:  # made-up Host headers must not grow it
+            self._hosts.clear()
+        self._hosts[seen] = (trusted, ok)
+        return ok
 
     def _respond(self, route: str, rv) -> tuple[str, int, str, list[tuple[str, str]], bytes]:
         resp = auth.security_headers(self.app.make_response(rv))
         return route, resp.status_code, resp.status, resp.headers.to_wsgi_list(), resp.get_data()
+
+    def _ok(self, route: str, obj: dict, code: int = 200, headers: dict[str, str] | None = None):
+        """``_respond`` for a view's dict (and its headers), without building the Response: the same body, status, headers.
+
+        Flask's JSON response is the compact text, UTF-8, with Content-Type, then
+        Content-Length, then the view's headers; ``auth.security_headers`` appends
+        the three a JSON response never sets itself. Building the Response object
+        was about a fifth of a GET.
+        """
+        text = self.app.json.compact_text(obj)
+        if text is None:  # indented (debug)
+            return self._respond(route, (obj, code, headers or {}))
+        body = text.encode()
+        return route, code, _STATUS[code], [("Content-Type", self.app.json.mimetype), ("Content-Length", str(len(body))),
+                                            *(headers or {}).items(), *auth.SECURITY_HEADERS], body
 
     def _healthz(self, environ):
         if environ.get("QUERY_STRING"):
@@ -108,7 +142,7 @@ class FastPath:
         who = self._caller(environ) if match is not None and not environ.get("QUERY_STRING") else None
         if who is None:
             return None
-        return self._respond(self.job_route, job_service.read_job(self._db(), who, match[1]))
+        return self._ok(self.job_route, job_service.read_job(self._db(), who, match[1]))
 
     def _jobs_page(self, environ):
         query = environ.get("QUERY_STRING", "")
@@ -120,7 +154,45 @@ class FastPath:
         who = self._caller(environ)
         if who is None:
             return None
-        return self._respond(self.list_route, jobs_page(self._db(), who, args, int(self.app.config["JOBS_PAGE_MAX"])))
+        return self._ok(self.list_route, jobs_page(self._db(), who, args, int(self.app.config["JOBS_PAGE_MAX"])))
+
+
+    def _submit(self, environ):
+        """POST /v1/jobs of a local or uploaded model: ``job_service.check_submit``, then ``create``, as the view runs them.
+
+        Any failure before the job is stored (a bad body, a check) goes to Flask,
+        which checks again and answers: nothing was written. A failure at or after
+        the commit is handed to the view with the request, to answer it as it
+        would have (it never submits again). A Hub or S3 model is Flask's: its
+        submit reads the model's config over the network first.
+        """
+        length = environ.get("CONTENT_LENGTH", "")
+        limit = self.app.config.get("MAX_CONTENT_LENGTH")
+        if (environ.get("QUERY_STRING") or "HTTP_ORIGIN" in environ or "HTTP_SEC_FETCH_SITE" in environ  # api/crosssite.py
+                or not length.isdigit() or (limit is not None and int(length) > limit)):
+            return None
+        who = self._caller(environ)
+        if who is None:
+            return None
+        raw = environ["wsgi.input"].read(int(length))
+        environ["wsgi.input"] = io.BytesIO(raw)  # for Flask, when it answers instead
+        if len(raw) != int(length):
+            return None
+        with self.app.app_context():
+            g.principal = who  # what auth.authenticate sets
+            try:
+                spec = parse_spec(json_object(raw))
+                if spec.model.source not in ("local", "upload"):
+                    return None
+                checked = job_service.check_submit(spec)
+            except Exception:  # nothing stored: Flask answers it
+                return None
+            try:
+                view = job_service.create(checked)
+                return self._ok(self.submit_route, view, 201, created_headers(view))
+            except Exception as exc:  # stored, or perhaps stored: the view raises it, and Flask's handlers answer it
+                environ[SUBMIT_FAILED] = exc
+                return None
 
 
 def install(app: Flask) -> None:

@@ -23,10 +23,21 @@ _CURSOR = re.compile(r"^job_[0-9a-z]{26}$")
 STATUSES = tuple(s.value for s in job_store.JobStatus)
 
 
+# Set by api/fastpath.py when its submit failed at or after the commit: the view answers that error, never submits again.
+SUBMIT_FAILED = "quantfarm.submit_failed"
+
+
 @bp.post("/v1/jobs")
 def create_job():
+    failed = request.environ.pop(SUBMIT_FAILED, None)
+    if failed is not None:
+        raise failed
     view = job_service.submit(parse_spec(json_body()))
-    return view, 201, {"Location": f"/v1/jobs/{view['id']}"}
+    return view, 201, created_headers(view)
+
+
+def created_headers(view: dict) -> dict[str, str]:
+    return {"Location": f"/v1/jobs/{view['id']}"}
 
 
 @bp.get("/v1/jobs/<job_id>")

@@ -1,6 +1,6 @@
 """API load: wrk against the farm's gunicorn on PostgreSQL, side by side with a trivial Flask ceiling.
 
-    .venv/bin/python -m bench.api_load [--duration 10] [--connections 32] [--jobs 200] [--token KEY] [--no-write]
+    .venv/bin/python -m bench.api_load [--duration 10] [--connections 32] [--jobs 200] [--token KEY] [--no-write] [--no-auth]
 
 Both servers run with the gunicorn arguments of ``docker-compose.yml`` (2 workers x
 8 threads). The farm talks to PostgreSQL (``QUANTFARM_TEST_PG``'s server, a new
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", help="API key sent as Authorization: Bearer (default: $QUANTFARM_BENCH_TOKEN)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only-auth", action="store_true", help="measure only auth on vs off")
+    ap.add_argument("--no-auth", action="store_true", help="leave out auth on vs off (its section is left as it is)")
     ap.add_argument("--note", action="append", default=[], help="a line for the results section (e.g. what else ran on the machine)")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -327,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         srv.start()
         rows = None if a.only_auth else measure(srv, a, work)
-        auth_rows = auth_overhead(srv, a, work, a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token)
+        auth_rows = None if a.no_auth else auth_overhead(srv, a, work, a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token)
     finally:
         srv.close()
         shutil.rmtree(work, ignore_errors=True)
     sections = ([(render(rows, a, started, env), BEGIN, END)] if rows is not None else [])
-    sections.append((render_auth(auth_rows, a, started, env), AUTH_BEGIN, AUTH_END))
+    if auth_rows is not None:
+        sections.append((render_auth(auth_rows, a, started, env), AUTH_BEGIN, AUTH_END))
     for text, begin, end in sections:
         print(text)
         if not a.no_write:

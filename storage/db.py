@@ -77,11 +77,17 @@ def _lean_json(engine: Engine) -> None:
         set_json_loads(_json_loads, dbapi_conn)  # one module-level function: psycopg caches a loader per function
 
 
-_decode_json = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_scan_json = _decoder.scan_once  # the C scanner: decode() adds two whitespace regex matches around it
 
 
 def _json_loads(data: bytes) -> Any:
-    return _decode_json(bytes(data).decode())
+    text = str(data, "utf-8")
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:  # leading whitespace (text written by hand): the full decoder
+        return _decoder.decode(text)
+    return value if end == len(text) else _decoder.decode(text)
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float = 1.0) -> None:
@@ -167,6 +173,22 @@ class Database:
             yield s
         finally:
             s.close()
+
+    def write_together(self, writes: list) -> None:
+        """Run ``(lean.Fixed, params)`` writes as one transaction, committed on return (no Session).
+
+        PostgreSQL: one round trip, a pipeline on an autocommit connection
+        (``lean.write_together``); SQLite: a plain transaction.
+        """
+        from storage import lean
+
+        if self.reader is self.engine:
+            with self.engine.begin() as conn:
+                for fixed, params in writes:
+                    fixed.run(conn, params)
+            return
+        with self.reader.connect() as conn:
+            lean.write_together(conn, writes)
 
     def connect_read(self) -> Connection:
         """Return a Core connection for reads (use it as a context manager): no Session, no transaction."""

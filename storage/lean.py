@@ -8,7 +8,8 @@ several times the driver's own work on these one-row statements (for a
 35-column SELECT psycopg also built a column description per column for them).
 A driver error is raised as SQLAlchemy's would be (``DBAPIError`` and its
 subclasses), with a dead connection invalidated, so the API's 503 handling and
-the pool's recovery see no difference. On SQLite (the embedded farm) the
+the pool's recovery see no difference. ``write_together`` sends several writes
+as one transaction in one round trip (a pipeline). On SQLite (the embedded farm) the
 statement goes through SQLAlchemy as usual.
 """
 
@@ -52,19 +53,47 @@ class Fixed:
             return
         self._run(conn, params, fetch=False)
 
-    def _run(self, conn: Connection, params: dict[str, Any], fetch: bool) -> list[Any]:
-        sql, literals, processors = self._for(conn.dialect)
+    def _bound(self, dialect: Dialect, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        sql, literals, processors = self._for(dialect)
         values = {**literals, **params} if literals else dict(params)
         for name, proc in processors:
             values[name] = proc(values[name])
+        return sql, values
+
+    def _run(self, conn: Connection, params: dict[str, Any], fetch: bool) -> list[Any]:
+        sql, values = self._bound(conn.dialect, params)
         dbapi_conn = conn.connection.dbapi_connection
         try:
             with dbapi_conn.cursor() as cur:
                 cur.execute(sql, values)
                 return cur.fetchall() if fetch else []
-        except conn.dialect.loaded_dbapi.Error as err:  # as SQLAlchemy's execute would: drop a dead connection, wrap
-            invalidated = conn.dialect.is_disconnect(err, dbapi_conn, None)
-            if invalidated:
-                conn.invalidate()
-            raise sa_exc.DBAPIError.instance(sql, values, err, conn.dialect.loaded_dbapi.Error, hide_parameters=True,
-                                             connection_invalidated=invalidated, dialect=conn.dialect) from err
+        except conn.dialect.loaded_dbapi.Error as err:
+            raise _wrapped(conn, dbapi_conn, err, sql, values) from err
+
+
+def write_together(conn: Connection, writes: list[tuple[Fixed, dict[str, Any]]]) -> None:
+    """Run the writes as one transaction, committed on return, in one round trip; ``conn``: PostgreSQL, autocommit.
+
+    The statements go in one psycopg pipeline with one sync: PostgreSQL runs what
+    comes before a sync as one implicit transaction, so either every row is
+    committed (durably, as any commit) or, when one statement fails, none is.
+    The BEGIN, each statement and the COMMIT were a round trip each.
+    """
+    assert conn.connection.dbapi_connection.autocommit, "write_together needs an autocommit connection"
+    bound = [fixed._bound(conn.dialect, params) for fixed, params in writes]
+    dbapi_conn = conn.connection.dbapi_connection
+    try:
+        with dbapi_conn.pipeline(), dbapi_conn.cursor() as cur:
+            for sql, values in bound:
+                cur.execute(sql, values)
+    except conn.dialect.loaded_dbapi.Error as err:  # raised at the sync: it names no one statement
+        raise _wrapped(conn, dbapi_conn, err, "; ".join(sql for sql, _ in bound), {}) from err
+
+
+def _wrapped(conn: Connection, dbapi_conn, err: Exception, sql: str, values: dict[str, Any]) -> sa_exc.DBAPIError:
+    """The error SQLAlchemy's execute would raise for the driver's ``err``, with a dead connection invalidated."""
+    invalidated = conn.dialect.is_disconnect(err, dbapi_conn, None)
+    if invalidated:
+        conn.invalidate()
+    return sa_exc.DBAPIError.instance(sql, values, err, conn.dialect.loaded_dbapi.Error, hide_parameters=True,
+                                      connection_invalidated=invalidated, dialect=conn.dialect)

@@ -116,7 +116,8 @@ def check_local_path(path: str, roots: list[Path]) -> Path:
         real = Path(os.path.realpath(path)) if path.startswith("/") else None
     except (OSError, ValueError):  # a NUL in the path
         real = None
-    if real is None or not any(is_inside(real, root) for root in roots):
+    # ``real`` is resolved already: only each root is (is_inside would resolve both, a realpath more per root).
+    if real is None or not any(real.is_relative_to(os.path.realpath(root)) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise ValidationFailed({"model.path": f"must be a folder under one of the local roots ({allowed})"})
     return real

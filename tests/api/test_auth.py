@@ -94,6 +94,24 @@ def test_queued_quota_is_429_with_retry_after_and_creates_nothing(db, store, tmp
     assert client.post("/v1/jobs", json=MINIMAL, headers={"Authorization": f"Bearer {other.key}"}).status_code == 201
 
 
+def test_the_quota_counts_up_to_the_limit_and_the_429_names_every_queued_job(db, store, tmp_path):
+    """The quota's count stops at the limit (api/job_service.py); over it, the answer still gives the exact count."""
+    new = _key(db)
+    client = _app(db, store, tmp_path, auth="on", team_max_queued=1000).test_client()
+    h = {"Authorization": f"Bearer {new.key}"}
+    for _ in range(5):
+        assert client.post("/v1/jobs", json=MINIMAL, headers=h).status_code == 201
+    with db.session() as s:
+        team_store.get_team(s, "t1").max_queued = 3  # the team's own limit, now below its queue
+    resp = client.post("/v1/jobs", json=MINIMAL, headers=h)
+    assert resp.status_code == 429 and resp.get_json()["details"] == {"queued": 5, "limit": 3, "retry_after": 30}
+    assert "Your team has 5 queued jobs" in resp.get_json()["message"]
+    with db.session() as s:
+        team_store.get_team(s, "t1").max_queued = 6
+    assert client.post("/v1/jobs", json=MINIMAL, headers=h).status_code == 201  # 5 < 6
+    assert client.post("/v1/jobs", json=MINIMAL, headers=h).get_json()["details"] == {"queued": 6, "limit": 6, "retry_after": 30}
+
+
 def test_submit_checks_the_body_before_the_key(db, store, tmp_path):
     client = _app(db, store, tmp_path, auth="on").test_client()
     assert client.post("/v1/jobs", data=b"{nope", content_type="application/json").status_code == 400

@@ -163,3 +163,80 @@ def test_a_database_error_is_answered_once_by_flask(farm, monkeypatch):
     monkeypatch.undo()
     m = _parse_metrics(client.get("/metrics", headers=member).get_data(as_text=True))
     assert m[("quantfarm_http_requests_total", (("code", "503"), ("method", "GET"), ("route", "/v1/jobs/<job_id>")))] == 1
+
+
+def _same_but_ids_and_times(a: bytes, b: bytes, ids: tuple[str, str]) -> bool:
+    import re
+
+    stamp = re.compile(rb'"(created_at|updated_at)":"[^"]*"')
+    return stamp.sub(rb'"\1":"T"', a.replace(ids[0].encode(), b"ID")) == stamp.sub(rb'"\1":"T"', b.replace(ids[1].encode(), b"ID"))
+
+
+def test_a_fast_submit_answers_as_the_flask_view_does(farm):
+    """POST /v1/jobs of a local model is answered before Flask: the same status, headers and body (but the new job's id
+    and times), the job stored and enqueued once, counted in the metrics."""
+    app, client, member = farm["app"], farm["client"], farm["member"]
+    broker = app.extensions["quantfarm"].dispatcher
+    sent = len(broker.jobs)
+    farm["flask_calls"].clear()
+    fast = client.post("/v1/jobs", json=MINIMAL, headers=member)
+    assert farm["flask_calls"] == [] and fast.status_code == 201
+    slow = flask_view(app).post("/v1/jobs", json=MINIMAL, headers=member)
+    assert farm["flask_calls"] != [] and slow.status_code == 201
+    ids = (fast.get_json()["id"], slow.get_json()["id"])
+    assert fast.status == slow.status and _same_but_ids_and_times(fast.get_data(), slow.get_data(), ids)
+    assert [(k, v.replace(ids[0], "ID")) for k, v in fast.headers.items()] == [(k, v.replace(ids[1], "ID")) for k, v in slow.headers.items()]
+    assert fast.headers["Location"] == f"/v1/jobs/{ids[0]}" and fast.headers["X-Frame-Options"] == "DENY"
+    assert broker.jobs[sent:] == list(ids)
+    assert client.get(f"/v1/jobs/{ids[0]}", headers=member).get_json()["status"] == "queued"
+    m = _parse_metrics(client.get("/metrics", headers=member).get_data(as_text=True))
+    # The fixture's 28 submits (each key's first through Flask), and these two.
+    assert m[("quantfarm_http_requests_total", (("code", "201"), ("method", "POST"), ("route", "/v1/jobs")))] == 30
+
+
+def test_a_submit_the_fast_path_cannot_finish_is_answered_by_flask_and_stored_at_most_once(farm, monkeypatch):
+    import storage.job_reads as job_reads_mod
+
+    app, client, member, db = farm["app"], farm["client"], farm["member"], farm["db"]
+    broker = app.extensions["quantfarm"].dispatcher
+    view = flask_view(app)
+
+    def count_jobs() -> int:
+        import sqlalchemy as sa
+
+        with db.read() as s:
+            return s.execute(sa.text("SELECT count(*) FROM jobs")).scalar()
+
+    cases = [  # (what, body, headers, status): nothing stored, Flask answers as it would alone
+        ("a bad body", b"{nope", {}, 400), ("a bad spec", b'{"method": "gptq"}', {}, 422),
+        ("a path outside the roots", b'{"model": {"source": "local", "path": "relative"}, "method": "rtn"}', {}, 422),
+        ("a cross-site form", b'{"model": {"source": "local", "path": "/m"}, "method": "rtn"}', {"Sec-Fetch-Site": "cross-site"}, 403),
+        ("a query", b'{"model": {"source": "local", "path": "/m"}, "method": "rtn"}', {"X-Path": "?x=1"}, 201),
+    ]
+    for what, body, headers, status in cases:
+        path = "/v1/jobs" + headers.pop("X-Path", "")
+        before = count_jobs()
+        farm["flask_calls"].clear()
+        r = client.post(path, data=body, headers={**member, **headers}, content_type="application/json")
+        assert farm["flask_calls"] != [] and r.status_code == status, (what, r.status_code, r.get_data())
+        assert count_jobs() == before + (status == 201), what
+        if status != 201:
+            slow = view.post(path, data=body, headers={**member, **headers}, content_type="application/json")
+            assert (r.get_data(), sorted(r.headers.items())) == (slow.get_data(), sorted(slow.headers.items())), what
+
+    # Over the quota: Flask counts again and answers its 429.
+    monkeypatch.setattr(app.extensions["quantfarm"].settings, "team_max_queued", 1)
+    farm["flask_calls"].clear()
+    before = count_jobs()
+    r = client.post("/v1/jobs", json=MINIMAL, headers=member)
+    assert (r.status_code, r.get_json()["error"], count_jobs()) == (429, "quota_exceeded", before) and farm["flask_calls"]
+    monkeypatch.undo()
+
+    # A failure after the commit: the job is stored and enqueued once, and the view answers the error (a 500).
+    sent = len(broker.jobs)
+    monkeypatch.setattr(job_reads_mod, "inserted_job_view", lambda row: 1 / 0)
+    farm["flask_calls"].clear()
+    before = count_jobs()
+    r = client.post("/v1/jobs", json=MINIMAL, headers=member)
+    assert (r.status_code, r.get_json()["error"]) == (500, "internal_error") and farm["flask_calls"]
+    assert count_jobs() == before + 1 and len(broker.jobs) == sent + 1

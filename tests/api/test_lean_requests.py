@@ -142,8 +142,9 @@ def test_each_read_is_one_statement_whatever_the_page_size(pg_url, store, tmp_pa
     db.dispose()
 
 
-def test_a_submit_is_one_transaction_of_five_statements(pg_url, store, tmp_path, statements):
-    """POST /v1/jobs: BEGIN, the quota (one SELECT), the job and its event, COMMIT; with auth on and a real key."""
+def test_a_submit_is_two_round_trips_the_job_and_its_event_one_transaction(pg_url, store, tmp_path, statements, monkeypatch):
+    """POST /v1/jobs: the quota (one SELECT, autocommit), then the job and its event in one pipeline: one implicit
+    transaction, no BEGIN or COMMIT of its own; with auth on and a real key."""
     from tests.conftest import _truncate
 
     db = Database(pg_url)
@@ -152,12 +153,40 @@ def test_a_submit_is_one_transaction_of_five_statements(pg_url, store, tmp_path,
     client = make_app(db, store, broker, tmp_path, auth="on").test_client()
     member = _key(db, "t1", "member")
     client.post("/v1/jobs", json=MINIMAL, headers=member)  # the key's first use
-    for _ in range(3):
+    pipelines = []
+    pipeline = psycopg.Connection.pipeline
+    monkeypatch.setattr(psycopg.Connection, "pipeline", lambda self: pipelines.append(self.autocommit) or pipeline(self))
+    for n in range(1, 4):
         statements.clear()
         assert client.post("/v1/jobs", json=MINIMAL, headers=member).status_code == 201
-        # (psycopg sends the BEGIN inside the first execute, so the spy sees it second)
-        assert statements == ["SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"], statements
+        assert statements == ["SELECT", "INSERT", "INSERT"] and pipelines == [True] * n, (statements, pipelines)
     assert len(broker.jobs) == 4
+    with db.read() as s:
+        assert s.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 4
+        assert s.execute(sa.text("SELECT count(*) FROM job_events WHERE message = 'Job created'")).scalar() == 4
+    db.dispose()
+
+
+def test_a_submit_whose_event_fails_stores_no_job_and_wakes_no_worker(pg_url, store, tmp_path, monkeypatch):
+    """The job and its event are one transaction: when the event's INSERT fails, the job's is rolled back too."""
+    import storage.jobs as job_store
+    from tests.conftest import _truncate
+
+    db = Database(pg_url)
+    _truncate(db)
+    broker = RecordingDispatcher()
+    client = make_app(db, store, broker, tmp_path).test_client()
+    assert client.post("/v1/jobs", json=MINIMAL).status_code == 201
+    created = job_store._created_event
+    monkeypatch.setattr(job_store, "_created_event", lambda job: {**created(job), "job_id": "job_no_such_job"})  # a foreign key violation
+    r = client.post("/v1/jobs", json=MINIMAL)
+    assert r.status_code == 500 and r.get_json()["error"] == "internal_error", r.get_data(as_text=True)
+    monkeypatch.setattr(job_store, "_created_event", created)
+    assert client.post("/v1/jobs", json=MINIMAL).status_code == 201  # the pooled connection is fine afterwards
+    with db.read() as s:
+        assert s.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 2
+        assert s.execute(sa.text("SELECT count(*) FROM job_events")).scalar() == 2
+    assert len(broker.jobs) == 2
     db.dispose()
 
 
