@@ -5,13 +5,12 @@ layer's weights in float32, its Hessians (GPTQ: one ``in × in`` float32 matrix 
 distinct input), the MLP's intermediates for one batch of ``BATCH_TOKENS`` tokens,
 the calibration activations, the embeddings, and a fixed runtime overhead.
 The activations entering and leaving a layer (``num_samples × seq_len × hidden × 4``
-each) and GPTQ's stored closing-linear inputs (``num_samples × seq_len ×
-intermediate × 4``, at most ``STORED_INPUTS_MAX_BYTES``) stay in RAM only up to
-``ACTIVATIONS_RAM_BYTES`` in all; the batches beyond go to the scratch disk
-(workers/engine/activations.py), so past that bound the peak holds a few batches
-in flight and no longer grows with the calibration set. AWQ's recorded inputs
-and outputs of each group (about ``5 × hidden + intermediate`` floats a token)
-are still held whole in RAM. Measured on a real worker (bench/
+each), GPTQ's stored closing-linear inputs (``num_samples × seq_len ×
+intermediate × 4``, at most ``STORED_INPUTS_MAX_BYTES``) and AWQ's recorded group
+inputs and outputs (about ``5 × hidden + intermediate`` floats a token) stay in RAM
+only up to ``ACTIVATIONS_RAM_BYTES`` in all; the batches beyond go to the scratch
+disk (workers/engine/activations.py), so past that bound the peak holds a few
+batches in flight and no longer grows with the calibration set. Measured on a real worker (bench/
 worker_memory.py), those last two terms were most of a layer's working set.
 A sparse (MoE) layer holds every expert, and with GPTQ every expert's Hessians at once;
 where dense and sparse layers mix (DeepSeek's first_k_dense_replace) the larger one counts.
@@ -34,7 +33,7 @@ IN_FLIGHT_BATCHES = 3  # a layer's input batch, its output batch, and a stored i
 WORK_BYTES = 4  # the engine computes in float32
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 LAYERWISE_WITH_HESSIANS = {"gptq"}
-AWQ_RECORDS = {"awq"}  # each group's inputs, the attention's and MLP's outputs: held for the layer's searches
+AWQ_RECORDS = {"awq"}  # each group's inputs, the attention's and MLP's outputs: kept for the layer's searches
 WHOLE_MODEL = {"bnb-4bit", "bnb-8bit"}
 
 
@@ -104,7 +103,7 @@ def estimate_peak_bytes(config: dict[str, Any], *, method: str, num_samples: int
             layer += WORK_BYTES * (h * h + q * q + hessian_elements)  # attention's two inputs, then the MLP's
             spooled += min(tokens * widest * WORK_BYTES, STORED_INPUTS_MAX_BYTES)  # kept until solved
         if method in AWQ_RECORDS:
-            layer += tokens * (4 * h + q + widest) * WORK_BYTES
+            spooled += tokens * (4 * h + q + widest) * WORK_BYTES
         layer += min(spooled, ACTIVATIONS_RAM_BYTES) + IN_FLIGHT_BATCHES * batch * h * WORK_BYTES
         peak_layer = max(peak_layer, layer)
     return int(peak_layer + embeddings * sh["dtype"] + OVERHEAD_BYTES)

@@ -102,8 +102,9 @@ class Activations:
         out._items = [(entry, rest) for (entry, _), rest in zip(self._items, rests)]
         return out
 
-    def rests(self) -> list[tuple | None]:
-        return [rest for _, rest in self._items]
+    def shapes(self) -> list[torch.Size]:
+        """Each item's tensor shape, without reading a spilled one back."""
+        return [torch.Size(e.shape) for e, _ in self._items]
 
     @staticmethod
     def _item(entry, rest) -> Any:

@@ -124,3 +124,21 @@ def test_a_full_scratch_disk_while_spilling_reads_as_a_full_disk(tiny_model, tmp
         run_job(tiny_model("llama", layers=2), tmp_path, calibration=CALIBRATION, spill=spill, bits=4, group_size=32)
     assert disk_full(err.value)
     assert not spill.exists() or [p for p in spill.rglob("*") if p.is_file()] == []
+
+
+def test_awqs_clip_sample_read_batch_by_batch_equals_every_kth_row_of_all(tmp_path):
+    """The sample AWQ's clip search looks at: every k-th search row over all batches, as when they were concatenated."""
+    from workers.engine.methods.awq_inputs import GroupInputs, heldout_masks
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 7, 16, generator=gen) for n in (3, 5, 2)]
+    held = heldout_masks([(b, {}) for b in batches])
+    spilled = Activations(Spool(tmp_path, ram_bytes=0))
+    for b in batches:
+        spilled.append(b)
+    in_ram = GroupInputs(x=batches, held=held)
+    flat = torch.cat([t.reshape(-1, 16) for t in in_ram.search_x()])
+    for limit in (1, 9, 20, 512):
+        want = flat[:: max(1, flat.shape[0] // limit)]
+        assert torch.equal(in_ram.sample(limit), want)
+        assert torch.equal(GroupInputs(x=spilled, held=held).sample(limit), want)
