@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 # A real worker's own floor (bench/worker_memory.py): ~400 MiB of anonymous memory once a job's imports are in,
-# 120-170 MiB of mapped files, and the allocator's slack; 512 MiB read ~280 MiB under a measured worker's VmHWM.
-OVERHEAD_BYTES = 800 * 1024**2
+# 120-170 MiB of mapped files, and the allocator's slack; 512 MiB read ~280 MiB under a measured worker's VmHWM,
+# 800 MiB ~180 MiB under one at the default calibration (24 layers of width 1024, 128×512, activations spilled).
+OVERHEAD_BYTES = 1000 * 1024**2
 BATCH_TOKENS = 4096  # workers/engine/pipeline.py runs a layer over batches of this many tokens
 STORED_INPUTS_MAX_BYTES = 256 * 1024**2  # workers/engine/methods/gptq.py: above it, inputs are recomputed
 ACTIVATIONS_RAM_BYTES = 64 * 1024**2  # quantfarm/settings.py's activations_ram_bytes default: beyond it, batches spill
