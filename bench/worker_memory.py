@@ -10,10 +10,13 @@ one layer to the next.
 
     .venv/bin/python -m bench.worker_memory [--quick | --preset tinyllama] [--layers 24] [--hidden H --intermediate I
         --heads N --kv-heads K] [--samples 32 --seq-len 256] [--eval-windows W | --no-eval] [--threads 2]
-        [--max-minutes M] [--write [--keep-rows]] [--json out.json]
+        [--activations-ram-mib M] [--max-minutes M] [--write [--keep-rows]] [--json out.json]
 
-``--max-minutes`` cancels the job after M minutes and reports the layers it reached
-(on a busy machine a 24-layer job can take most of an hour). ``--write`` puts the
+``--activations-ram-mib`` sets the worker's ``activations_ram_bytes`` (default: the
+setting's 64 MiB; a large value keeps every activation batch in RAM, as before
+they could spill to the scratch disk). ``--max-minutes`` cancels the job after M
+minutes and reports the layers it reached (on a busy machine a 24-layer job can
+take most of an hour). ``--write`` puts the
 table in RESULTS.md between its own markers; with ``--keep-rows`` the rows already
 there for other models stay.
 
@@ -107,7 +110,7 @@ BEGIN, END = "<!-- worker_memory:begin -->", "<!-- worker_memory:end -->"
 
 
 def run(layers: int, width: dict, log=print, env: dict | None = None, max_minutes: float | None = None,
-        calib: dict | None = None, evaluation: dict | None = None, threads: int = 2) -> dict:
+        calib: dict | None = None, evaluation: dict | None = None, threads: int = 2, activations_ram_mib: int | None = None) -> dict:
     """One job; ``evaluation``: None keeps the spec's default, {"evaluate": False} turns it off,
     {"evaluation": {"max_windows": W}} bounds it."""
     from tests.support.stack import EmbeddedStack
@@ -116,7 +119,10 @@ def run(layers: int, width: dict, log=print, env: dict | None = None, max_minute
     src = model(layers, width)
     weights_mib = round(sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**20, 1)
     home = CACHE / "runs" / "worker-memory" / f"home-{os.getpid()}"
-    stack = EmbeddedStack(home, QUANTFARM_TORCH_THREADS=str(threads), QUANTFARM_LOCAL_ROOTS=str(src.parent), **(env or {})).start()
+    env = dict(env or {})
+    if activations_ram_mib is not None:
+        env["QUANTFARM_ACTIVATIONS_RAM_BYTES"] = str(activations_ram_mib * 2**20)
+    stack = EmbeddedStack(home, QUANTFARM_TORCH_THREADS=str(threads), QUANTFARM_LOCAL_ROOTS=str(src.parent), **env).start()
     try:
         pid = stack.pid("worker")
         idle = proc_status(pid)
@@ -145,6 +151,7 @@ def run(layers: int, width: dict, log=print, env: dict | None = None, max_minute
     peak_anon = max((s.get("RssAnon", 0) for s in samples), default=0)
     hwm = max([s.get("VmHWM", 0) for s in samples] + [end.get("VmHWM", 0)])
     res = {"layers": layers, "width": width, "calibration": calib, "evaluation": evaluation, "threads": threads,
+           "activations_ram_mib": activations_ram_mib,
            "weights_mib": weights_mib, "status": job["status"],
            "error": job.get("error"), "wall_s": round(wall, 1), "idle": idle, "end": end, "peak_rss_anon_mib": peak_anon,
            "vm_hwm_mib": hwm, "per_layer": per_layer(samples), "samples": samples, "load_avg": os.getloadavg(),
@@ -202,7 +209,7 @@ def layer_summary(res: dict) -> str:
     return ", ".join(parts)
 
 
-HEADER = ["model", "weights MiB", "calibration / evaluation", "job", "RssAnon MiB by layers done (max while current)",
+HEADER = ["model", "weights MiB", "calibration / evaluation", "activations in RAM", "job", "RssAnon MiB by layers done (max while current)",
           "flat? (layers 1..n-1)", "peak RssAnon MiB", "worker VmHWM MiB", "weights / VmHWM", "goal (>= 2)"]
 
 
@@ -218,7 +225,9 @@ def row(res: dict) -> list:
     if "floor_lo" in fl:
         flat += f"; floor {fl['floor_lo']:.0f}–{fl['floor_hi']:.0f}"
     per = f", {fl['median_layer_s']:.0f} s/layer median" if "median_layer_s" in fl else ""
+    ram = res.get("activations_ram_mib")
     return [label(res), res["weights_mib"], f"{cal['num_samples']}×{cal['seq_len']} / {evaluation}",
+            "all (before the spool)" if "activations_ram_mib" not in res else (f"≤ {ram} MiB" if ram is not None else "≤ 64 MiB (default)"),
             f"{res['status']} {res['wall_s']:.0f} s ({res['layers_done']}/{res['layers']} layers{per}; {res['threads']} threads)",
             layer_summary(res), flat, f"{res['peak_rss_anon_mib']:.0f}", f"{res['vm_hwm_mib']:.0f}", res["weights_over_peak"],
             "**met**" if res["goal_met"] else "NOT met"]
@@ -273,6 +282,7 @@ def main() -> None:
     ev.add_argument("--eval-windows", type=int, help="evaluation.max_windows (default: the spec's)")
     ev.add_argument("--no-eval", action="store_true", help="evaluate: false")
     ap.add_argument("--threads", type=int, default=2, help="QUANTFARM_TORCH_THREADS for the worker")
+    ap.add_argument("--activations-ram-mib", type=int, help="the worker's activations_ram_bytes in MiB (default: the setting's)")
     ap.add_argument("--max-minutes", type=float, help="cancel the job after this long and report the layers reached")
     ap.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
     ap.add_argument("--keep-rows", action="store_true", help="with --write: keep the section's rows for other models")
@@ -292,7 +302,7 @@ def main() -> None:
     start_load = os.getloadavg()
     print(f"load average at start: {start_load}", flush=True)
     res = run(layers, geo, max_minutes=a.max_minutes, calib={"num_samples": a.samples, "seq_len": a.seq_len},
-              evaluation=evaluation, threads=a.threads)
+              evaluation=evaluation, threads=a.threads, activations_ram_mib=a.activations_ram_mib)
     res["load_avg_start"] = start_load
     res["flatness"] = flatness(res)
     if a.json:
@@ -307,7 +317,8 @@ def command_for(res: dict) -> str:
     evaluation = "" if not ev else (" --no-eval" if ev.get("evaluate") is False else f" --eval-windows {ev['evaluation']['max_windows']}")
     return (f"python -m bench.worker_memory --layers {res['layers']} --hidden {w['hidden']} --intermediate {w['intermediate']} "
             f"--heads {w['heads']} --kv-heads {w['kv_heads']} --samples {cal['num_samples']} --seq-len {cal['seq_len']}"
-            f"{evaluation} --threads {res['threads']}")
+            f"{evaluation} --threads {res['threads']}"
+            + (f" --activations-ram-mib {res['activations_ram_mib']}" if res.get("activations_ram_mib") is not None else ""))
 
 
 def report(res: dict, a) -> None:

@@ -1,13 +1,16 @@
 """A job's peak memory, estimated from the model's config.json and the job's spec.
 
 The engine streams one decoder layer at a time, so a layerwise method's peak is one
-layer's weights in float32, the calibration activations entering and leaving it
-(``num_samples × seq_len × hidden × 4`` each), its Hessians (GPTQ: one ``in × in``
-float32 matrix per distinct input), the MLP's intermediates for one batch of
-``BATCH_TOKENS`` tokens, the widest stored linear input (GPTQ keeps the closing
-linear's inputs, ``num_samples × seq_len × intermediate × 4``, until it is solved;
-above ``STORED_INPUTS_MAX_BYTES`` it computes them again instead),
-the embeddings, and a fixed runtime overhead. Measured on a real worker (bench/
+layer's weights in float32, its Hessians (GPTQ: one ``in × in`` float32 matrix per
+distinct input), the MLP's intermediates for one batch of ``BATCH_TOKENS`` tokens,
+the calibration activations, the embeddings, and a fixed runtime overhead.
+The activations entering and leaving a layer (``num_samples × seq_len × hidden × 4``
+each), GPTQ's stored closing-linear inputs (``num_samples × seq_len ×
+intermediate × 4``, at most ``STORED_INPUTS_MAX_BYTES``) and AWQ's recorded group
+inputs and outputs (about ``5 × hidden + intermediate`` floats a token) stay in RAM
+only up to ``ACTIVATIONS_RAM_BYTES`` in all; the batches beyond go to the scratch
+disk (workers/engine/activations.py), so past that bound the peak holds a few
+batches in flight and no longer grows with the calibration set. Measured on a real worker (bench/
 worker_memory.py), those last two terms were most of a layer's working set.
 A sparse (MoE) layer holds every expert, and with GPTQ every expert's Hessians at once;
 where dense and sparse layers mix (DeepSeek's first_k_dense_replace) the larger one counts.
@@ -21,13 +24,17 @@ from pathlib import Path
 from typing import Any
 
 # A real worker's own floor (bench/worker_memory.py): ~400 MiB of anonymous memory once a job's imports are in,
-# 120-170 MiB of mapped files, and the allocator's slack; 512 MiB read ~280 MiB under a measured worker's VmHWM.
-OVERHEAD_BYTES = 800 * 1024**2
+# 120-170 MiB of mapped files, and the allocator's slack; 512 MiB read ~280 MiB under a measured worker's VmHWM,
+# 800 MiB ~180 MiB under one at the default calibration (24 layers of width 1024, 128×512, activations spilled).
+OVERHEAD_BYTES = 1000 * 1024**2
 BATCH_TOKENS = 4096  # workers/engine/pipeline.py runs a layer over batches of this many tokens
 STORED_INPUTS_MAX_BYTES = 256 * 1024**2  # workers/engine/methods/gptq.py: above it, inputs are recomputed
+ACTIVATIONS_RAM_BYTES = 64 * 1024**2  # quantfarm/settings.py's activations_ram_bytes default: beyond it, batches spill
+IN_FLIGHT_BATCHES = 3  # a layer's input batch, its output batch, and a stored input or sub-module output (GPTQ's walk)
 WORK_BYTES = 4  # the engine computes in float32
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 LAYERWISE_WITH_HESSIANS = {"gptq"}
+AWQ_RECORDS = {"awq"}  # each group's inputs, the attention's and MLP's outputs: kept for the layer's searches
 WHOLE_MODEL = {"bnb-4bit", "bnb-8bit"}
 
 
@@ -86,16 +93,21 @@ def estimate_peak_bytes(config: dict[str, Any], *, method: str, num_samples: int
     if method in WHOLE_MODEL:
         model_params = sh["layers"] * attention + sum(n * params for n, params, _, _ in kinds)
         return int((model_params + embeddings) * sh["dtype"] + OVERHEAD_BYTES)
-    activations = 2 * num_samples * seq_len * h * WORK_BYTES
+    tokens = num_samples * seq_len
+    batch = min(tokens, max(1, BATCH_TOKENS // seq_len) * seq_len)  # tokens in one batch (workers/engine/pipeline.py)
     peak_layer = 0
     for _, params, hessian_elements, widest in kinds:
         layer = (attention + params) * WORK_BYTES
         layer += 3 * BATCH_TOKENS * widest * WORK_BYTES  # gate, up and their product for one batch
+        spooled = 2 * tokens * h * WORK_BYTES  # the activations entering and leaving the layer
         if method in LAYERWISE_WITH_HESSIANS:
             layer += WORK_BYTES * (h * h + q * q + hessian_elements)  # attention's two inputs, then the MLP's
-            layer += min(num_samples * seq_len * widest * WORK_BYTES, STORED_INPUTS_MAX_BYTES)  # kept until solved
+            spooled += min(tokens * widest * WORK_BYTES, STORED_INPUTS_MAX_BYTES)  # kept until solved
+        if method in AWQ_RECORDS:
+            spooled += tokens * (4 * h + q + widest) * WORK_BYTES
+        layer += min(spooled, ACTIVATIONS_RAM_BYTES) + IN_FLIGHT_BATCHES * batch * h * WORK_BYTES
         peak_layer = max(peak_layer, layer)
-    return int(peak_layer + activations + embeddings * sh["dtype"] + OVERHEAD_BYTES)
+    return int(peak_layer + embeddings * sh["dtype"] + OVERHEAD_BYTES)
 
 
 def estimate_for_spec(config: dict[str, Any], spec: dict[str, Any]) -> int | None:

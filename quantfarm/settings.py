@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # How long a worker retries its database calls (with backoff) while the database is unreachable.
     db_retry_seconds: float = 30.0
     max_shard_bytes: int = 2 * 1024**3
+    # Calibration and evaluation activations a job keeps in RAM (all its batches together); the batches
+    # beyond go to files in its scratch folder, read back one at a time (quantfarm/memory.py counts this).
+    activations_ram_bytes: int = Field(default=64 * 1024**2, ge=0)
     model_cache_bytes: int = 50 * 1024**3
     metrics_port: int | None = None  # a worker serves its Prometheus metrics here when set
     queue: str = "quantfarm"  # long quantization jobs, one per worker

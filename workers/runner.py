@@ -238,7 +238,8 @@ class JobRunner:
         result = quantize(
             req, FencedStore(self.store, checkpoint_prefix(job.id), hb, self.progress), out_dir,
             device=resolve_device(self.settings.device), on_layer=on_layer, on_stage=on_stage,
-            max_shard_bytes=self.settings.max_shard_bytes,
+            max_shard_bytes=self.settings.max_shard_bytes, activations_dir=scratch / "activations",
+            activations_ram_bytes=self.settings.activations_ram_bytes,
         )
         from workers.gate import gate_verdict
 

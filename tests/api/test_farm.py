@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from sqlalchemy import update
@@ -62,10 +63,16 @@ def test_workers_members_see_counts_admins_see_placement(db, store, tmp_path):
 
 def test_a_job_bigger_than_every_worker_is_422_too_large_and_creates_nothing(db, store, tmp_path, tiny_llama):
     client, headers, _, _, keys = _farm(db, store, tmp_path)
-    body = {"model": {"source": "local", "path": str(tiny_llama)}, "method": "gptq",
-            "calibration": {"num_samples": 4096, "seq_len": 16384}}  # activations 2 × 4096 × 16384 × 128 × 4 bytes
-    need = estimate_at_submit({**body, "calibration": {"num_samples": 4096, "seq_len": 16384}})
-    assert 64 * GIB < need < 66 * GIB  # the stored down_proj inputs are over the bound: computed again, not kept
+    # A wide model: one layer's float32 weights and Hessians take ~35 GiB (a big calibration set no longer would:
+    # activations beyond the worker's bound go to its scratch disk).
+    big = tmp_path / "wide-llama"
+    big.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=65536, num_attention_heads=128, num_key_value_heads=128, head_dim=128)
+    (big / "config.json").write_text(json.dumps(config))
+    body = {"model": {"source": "local", "path": str(big)}, "method": "gptq"}
+    need = estimate_at_submit(body)
+    assert 24 * GIB < need < 80 * GIB
     with db.session() as s:  # only the 24 GiB worker is alive now
         s.execute(update(Worker).where(Worker.id == "gpu-b:2:y").values(last_seen_at=utcnow() - timedelta(hours=1)))
     before = counts(db)
@@ -74,7 +81,8 @@ def test_a_job_bigger_than_every_worker_is_422_too_large_and_creates_nothing(db,
     err = resp.get_json()
     assert err["error"] == "too_large" and err["details"] == {"estimate_bytes": need, "largest_worker_bytes": 24 * GIB}
     assert counts(db) == before
-    ok = client.post("/v1/jobs", json={**body, "calibration": {"num_samples": 8, "seq_len": 64}}, headers=headers["member"])
+    ok = client.post("/v1/jobs", json={**body, "model": {"source": "local", "path": str(tiny_llama)},
+                                       "calibration": {"num_samples": 8, "seq_len": 64}}, headers=headers["member"])
     assert ok.status_code == 201, ok.get_json()
     with db.session() as s:
         estimate = job_store.get_job(s, ok.get_json()["id"]).memory_estimate

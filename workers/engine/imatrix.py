@@ -49,7 +49,7 @@ def collect_imatrix(source_dir, device: torch.device, ids: torch.Tensor) -> dict
         handles = [m.register_forward_pre_hook(acc.hook(f"{model.layer_prefix(i)}{n}.weight"), with_kwargs=True)
                    for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         try:
-            inputs = model.forward_layer(layer, inputs)
+            inputs = model.forward_layer(layer, inputs, drain=True)
         finally:
             for h in handles:
                 h.remove()

@@ -21,14 +21,14 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
     model, calib = prepare(job.req, job.device, method)
     fingerprint = fingerprint_parts(model, method, calib)
     ckpt = Checkpoints(job.checkpoint_store, fingerprint)
-    stats = run_layers(model, method, calib, ckpt, job.on_layer)
+    stats = run_layers(model, method, calib, ckpt, job.on_layer, job.spool("quantize"))
     job.stage("exporting")
     configs = {}
     for fmt, out_dir in job.outputs.items():
         configs[fmt] = export(model, method, writer_for(fmt, method.format), ckpt, out_dir, max_shard_bytes=job.max_shard_bytes)
     return Quantized(
         configs=configs,
-        perplexities=lambda ids: perplexity_pair(model, method, ckpt, ids),
+        perplexities=lambda ids: perplexity_pair(model, method, ckpt, ids, job.spool("evaluate")),
         layers_total=model.num_layers,
         layers_computed=stats.computed,
         layers_replayed=stats.replayed,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from quantfarm.errors import NotAModel, UnsupportedModel
+from workers.engine.activations import Activations, Spool
 from workers.engine.arch import Arch, arch_for
 from workers.engine.shards import ShardReader
 
@@ -137,8 +138,8 @@ class StreamedModel:
     # --- running -----------------------------------------------------------------
 
     @torch.no_grad()
-    def capture_inputs(self, token_batches: list[torch.Tensor]) -> list[Batch]:
-        """Run the embeddings and record what layer 0 receives for each batch.
+    def capture_inputs(self, token_batches: list[torch.Tensor], spool: Spool | None = None) -> Activations:
+        """Run the embeddings and record what layer 0 receives for each batch, kept by ``spool`` (default: RAM).
 
         Every layer's keyword arguments are recorded too, with the layers passing
         their input through untouched: models that mix attention kinds (Gemma's
@@ -161,7 +162,7 @@ class StreamedModel:
                 return hidden
             return forward
 
-        first: list[torch.Tensor] = []
+        first = Activations(spool or Spool())
         for i, layer in enumerate(self.layers):
             layer.forward = passthrough(i)
         try:
@@ -178,26 +179,32 @@ class StreamedModel:
                 self.release(m)
         differs = any(kw.get(k) is not k0[k] or kw.keys() != k0.keys() for per in seen[1:] for kw, k0 in zip(per, seen[0]) for k in k0)
         self.layer_kwargs = seen if differs else None
-        return list(zip(first, seen[0]))
+        return first.with_rest([(kw,) for kw in seen[0]])
 
-    def inputs_for(self, i: int, inputs: list[Batch]) -> list[Batch]:
+    def inputs_for(self, i: int, inputs: Activations) -> Activations:
         """``inputs`` with layer ``i``'s own keyword arguments (masks, rotary tables) where they differ."""
         if self.layer_kwargs is None:
             return inputs
-        return [(hidden, kw) for (hidden, _), kw in zip(inputs, self.layer_kwargs[i])]
+        return inputs.with_rest([(kw,) for kw in self.layer_kwargs[i]])
 
     @staticmethod
     @torch.no_grad()
-    def forward_layer(layer: nn.Module, inputs: list[Batch]) -> list[Batch]:
-        """Run a batch list through one layer; the kwargs carry over unchanged."""
-        outs = []
-        for hidden, kwargs in inputs:
+    def forward_layer(layer: nn.Module, inputs: Activations, *, drain: bool = False) -> Activations:
+        """Run the batches through one layer, kept by the inputs' spool; the kwargs carry over unchanged.
+
+        With ``drain`` each input batch is forgotten once it has run, so the inputs
+        and outputs together take one sequence and one batch.
+        """
+        outs = Activations(inputs.spool)
+        for hidden, kwargs in (inputs.drain() if drain else inputs):
             o = layer(hidden, **kwargs)
+            del hidden
             outs.append((o[0] if isinstance(o, tuple) else o, kwargs))
+            del o
         return outs
 
     @torch.no_grad()
-    def head_nll(self, inputs: list[Batch], token_batches: list[torch.Tensor]) -> tuple[float, int]:
+    def head_nll(self, inputs: Activations, token_batches: list[torch.Tensor]) -> tuple[float, int]:
         """Apply the final norm and head; return (sum of next-token NLL, token count)."""
         post = [self.materialize(p) for p in self.arch.post]
         cap = getattr(self.config, "final_logit_softcapping", None)

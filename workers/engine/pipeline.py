@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel
 
 from workers.engine import ENGINE_VERSION
+from workers.engine.activations import Activations, Spool
 from workers.engine.calibration import calibration_ids
 from workers.engine.checkpoint import Checkpoints, tensor_digest
 from workers.engine.methods import LayerContext, Method
@@ -81,21 +82,31 @@ def run_layers(
     calib: torch.Tensor | None,
     ckpt: Checkpoints,
     on_layer: Callable[[LayerReport], None] | None = None,
+    spool: Spool | None = None,
 ) -> LoopStats:
     """Quantize every decoder layer in order, replaying the ones already checkpointed.
 
     A replayed layer goes through exactly the same ``apply`` + forward as a fresh
     one, so the activations (and therefore the bytes) of a resumed run equal an
-    uninterrupted one.
+    uninterrupted one. The activations live in ``spool`` (default: RAM); its
+    files are removed when the loop ends, normally or not.
     """
     configure_heap()
+    spool = spool or Spool()
+    try:
+        return _layers(model, method, calib, ckpt, on_layer, spool)
+    finally:
+        spool.close()
+
+
+def _layers(model, method, calib, ckpt, on_layer, spool: Spool) -> LoopStats:
     done = ckpt.open()
     stats = LoopStats()
     total = model.num_layers
     needs_inputs = method.requires_calibration
     token_batches = batches_of(calib) if (needs_inputs and calib is not None) else []
     # Layers after the last checkpoint need activations; the ones before only need replaying.
-    inputs = model.capture_inputs(token_batches) if needs_inputs else []
+    inputs = model.capture_inputs(token_batches, spool) if needs_inputs else Activations(spool)
     t_start = time.monotonic()
     for i in range(total):
         t0 = time.monotonic()
@@ -112,18 +123,21 @@ def run_layers(
             tensors = ckpt.load(i)
             stats.replayed.append(i)
             if wants_next and method.next_from_source:  # the source layer's outputs, before apply
-                nxt = model.forward_layer(layer, inputs)
+                nxt = model.forward_layer(layer, inputs, drain=True)
         else:
             out = method.quantize_layer(LayerContext(model, i, layer, inputs))
             tensors, nxt = out.tensors, out.next_inputs
+            out.next_inputs = None
             assert_finite(i, tensors)
             if wants_next and method.next_from_source and nxt is None:
                 raise RuntimeError(f"{method.name} must return the source layer's outputs as next_inputs")
         # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
         # replayed one compute with identical weights from here on.
         method.apply(model.arch.at(i), layer, tensors)
-        if wants_next:
-            inputs = nxt if nxt is not None else model.forward_layer(layer, inputs)
+        if wants_next and nxt is None:
+            nxt = model.forward_layer(layer, inputs, drain=True)
+        inputs.release()
+        inputs = nxt if wants_next else Activations(spool)
         model.release(layer)
         release_heap()
         seconds = time.monotonic() - t0

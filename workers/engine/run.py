@@ -71,6 +71,8 @@ def quantize(
     on_layer: Callable[[LayerReport], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    activations_dir: Path | None = None,
+    activations_ram_bytes: int | None = None,
 ) -> EngineResult:
     """Quantize ``req.source_dir`` into ``out_dir`` (and one folder per further format), checkpointing.
 
@@ -79,7 +81,8 @@ def quantize(
     (JobCancelled) after the layer's checkpoint is safely written.
     """
     method = method_for(req.method, req.options)
-    job = EngineJob(req, checkpoint_store, format_dirs(req.method, req.formats, out_dir), device, on_layer, on_stage, max_shard_bytes)
+    job = EngineJob(req, checkpoint_store, format_dirs(req.method, req.formats, out_dir), device, on_layer, on_stage, max_shard_bytes,
+                    activations_dir, activations_ram_bytes)
     t0 = time.monotonic()
     q = method.quantize(job)
     outputs = [FormatOutput(f, d, q.configs[f], _weights_bytes(d)) for f, d in job.outputs.items()]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from workers.engine.model import Batch
+from workers.engine.activations import Activations
 
 
 class _Stop(Exception):
@@ -45,10 +45,10 @@ def replace_first(output: Any, value: torch.Tensor) -> Any:
 class LayerWalk:
     """Early-stopping, memoizing passes of one layer over its calibration batches."""
 
-    def __init__(self, layer: nn.Module, inputs: list[Batch]):
+    def __init__(self, layer: nn.Module, inputs: Activations):
         self.layer = layer
         self.inputs = inputs
-        self.memo: dict[str, list[Any]] = {}  # sub-module name -> its output, per batch
+        self.memo: dict[str, Activations] = {}  # sub-module name -> its output, per batch
         self.batch = 0
 
     @contextlib.contextmanager
@@ -130,12 +130,14 @@ class LayerWalk:
                 h.remove()
 
     @torch.no_grad()
-    def finish(self) -> list[Batch]:
-        """Run every batch to the end (memoized sub-modules are not recomputed)."""
-        outs = []
+    def finish(self) -> Activations:
+        """Run every batch to the end (memoized sub-modules are not recomputed), kept as the inputs are."""
+        outs = Activations(self.inputs.spool)
         with self._memoized():
             for self.batch, (hidden, kwargs) in enumerate(self.inputs):
                 o = self.layer(hidden, **kwargs)
                 outs.append((o[0] if isinstance(o, tuple) else o, kwargs))
+        for memo in self.memo.values():
+            memo.release()
         self.memo.clear()
         return outs

@@ -36,11 +36,14 @@ def request(source: Path, method: str = "gptq", *, calibration: dict | None = No
 
 
 def run_job(source: Path, work: Path, method: str = "gptq", *, store: LocalStore | None = None, out: Path | None = None,
-            on_layer=None, max_shard_bytes: int = 2 * 1024**3, **kw) -> tuple[EngineResult, LocalStore]:
-    """Quantize ``source`` with checkpoints in ``work/ckpt`` (or ``store``) into ``work/out`` (or ``out``)."""
+            on_layer=None, max_shard_bytes: int = 2 * 1024**3, spill: Path | None = None, **kw) -> tuple[EngineResult, LocalStore]:
+    """Quantize ``source`` with checkpoints in ``work/ckpt`` (or ``store``) into ``work/out`` (or ``out``).
+
+    ``spill``: every activation batch goes to files in that folder (a RAM bound of 0) instead of staying in RAM.
+    """
     store = store or LocalStore(work / "ckpt")
     res = quantize(request(source, method, **kw), store, out or work / "out", device=CPU, on_layer=on_layer,
-                   max_shard_bytes=max_shard_bytes)
+                   max_shard_bytes=max_shard_bytes, activations_dir=spill, activations_ram_bytes=0 if spill else None)
     return res, store
 
 

@@ -76,9 +76,9 @@ def recorder(monkeypatch) -> Recorder:
         init(self, *a, **kw)
         rec.watch(self)
 
-    def traced_capture(self, batches):
+    def traced_capture(self, batches, spool=None):
         rec.phase = "capture"
-        return capture(self, batches)
+        return capture(self, batches, spool)
 
     def traced_load_layer(self, i, overrides=None):
         rec.phase = f"layer {i}"
@@ -216,25 +216,32 @@ def test_large_allocations_are_mmapped_after_configure_heap():
 
 
 def test_the_memory_estimate_knows_the_engines_batch_size():
-    """quantfarm.memory (imported by the API, without torch) restates the engine's batch size; keep them equal."""
+    """quantfarm.memory (imported by the API, without torch) restates the engine's batch size and bounds; keep them equal."""
     from quantfarm import memory
+    from quantfarm.settings import Settings
     from workers.engine import pipeline
     from workers.engine.methods import gptq
 
     assert memory.BATCH_TOKENS == pipeline.BATCH_TOKENS
     assert memory.STORED_INPUTS_MAX_BYTES == gptq.STORED_INPUTS_MAX_BYTES
+    assert memory.ACTIVATIONS_RAM_BYTES == Settings.model_fields["activations_ram_bytes"].default
 
 
 def test_evaluation_frees_each_input_batch_as_its_output_exists():
-    """The evaluation walk advances its activations in place: when a layer runs batch j, the inputs of
+    """The evaluation walk drains its activations: when a layer runs batch j, the inputs of
     batches 0..j-1 are already gone (a list-to-list forward would hold every input beside the outputs)."""
-    import types
     import weakref
 
-    from workers.engine.evaluate import advance
+    from workers.engine.activations import Activations, Spool
+    from workers.engine.model import StreamedModel
 
-    inputs = [(torch.randn(2, 8, 16), {}) for _ in range(4)]
-    refs = [weakref.ref(h) for h, _ in inputs]
+    inputs = Activations(Spool())
+    hidden = [torch.randn(2, 8, 16) for _ in range(4)]
+    refs = [weakref.ref(h) for h in hidden]
+    expect = [h * 2 for h in hidden]
+    for h in hidden:
+        inputs.append((h, {}))
+    del hidden, h
     alive_at_call: list[int] = []
 
     class Double(torch.nn.Module):
@@ -242,8 +249,7 @@ def test_evaluation_frees_each_input_batch_as_its_output_exists():
             alive_at_call.append(sum(r() is not None for r in refs))
             return (hidden * 2,)
 
-    expect = [h * 2 for h, _ in inputs]
-    advance(types.SimpleNamespace(layer_kwargs=None), 0, Double(), inputs)
+    outputs = StreamedModel.forward_layer(Double(), inputs, drain=True)
     assert alive_at_call == [4, 3, 2, 1]
-    assert all(r() is None for r in refs)
-    assert all(torch.equal(h, e) for (h, _), e in zip(inputs, expect))
+    assert all(r() is None for r in refs) and len(inputs) == 0
+    assert all(torch.equal(h, e) for (h, _), e in zip(outputs, expect))

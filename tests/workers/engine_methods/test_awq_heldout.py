@@ -55,8 +55,8 @@ def test_every_fourth_window_is_held_out_across_batches():
     assert [m.tolist() for m in masks] == [[False, False, False], [True, False, False]]
     assert heldout_masks([(torch.zeros(1, 8, 4), {})]) == [None]  # one window: nothing to hold out
     rec = GroupInputs(x=[torch.arange(24.0).view(3, 2, 4)], held=[torch.tensor([False, True, False])])
-    assert torch.equal(rec.heldout_x()[0], torch.arange(8.0, 16.0).view(1, 2, 4))
-    assert torch.equal(rec.search_x()[0], torch.arange(24.0).view(3, 2, 4)[[0, 2]])
+    assert torch.equal(next(rec.heldout_x()), torch.arange(8.0, 16.0).view(1, 2, 4))
+    assert torch.equal(next(rec.search_x()), torch.arange(24.0).view(3, 2, 4)[[0, 2]])
 
 
 def test_where_scaling_cannot_help_awq_writes_plain_rounding(tmp_path, tokenizer_dir):

@@ -228,7 +228,7 @@ class AWQMethod(LayerwiseMethod):
                 for lin, Wq in zip(linears, quantized):
                     lin.weight.data = Wq
                 return sum(float(rec.rows(i, _first(inspect(*a, **k)).float() - r.float()).pow(2).sum())
-                           for i, ((a, k), r) in enumerate(zip(rec.calls, rec.ref)))
+                           for i, a, k, r in rec.recorded())  # read again for every α: batch by batch
 
         def score(i: int) -> float:
             s = scales_for(x_mean, w_mean, i / N_GRID)
@@ -273,6 +273,8 @@ class AWQMethod(LayerwiseMethod):
                 sf = s.float().to(held[g.names[0]].device)
                 held[g.names[0]] = held[g.names[0]] / sf.view(-1, 1) / sf.view(1, -1)  # the folded inputs' Gram
             samples[g.names[0]] = x
+        for r in rec.values():
+            r.release()
         del rec
         out = LayerOutput({}, next_inputs=float_outputs)
         for g in arch.groups:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from workers.engine.activations import Activations
 from workers.engine.arch import LinearGroup
 from workers.engine.methods.base import LayerContext
 
@@ -19,12 +21,14 @@ class GroupInputs:
 
     ``held`` marks, per batch, the calibration windows (rows of dim 0) kept out of
     the searches: the chosen scales and clips are validated on them. None (or an
-    input without a window dimension) means every row is searched on.
+    input without a window dimension) means every row is searched on. The
+    recordings are kept as the layer's activations are (``Activations``: in RAM
+    up to the job's bound, spilled beyond); every use reads them batch by batch.
     """
 
-    x: list[torch.Tensor] = field(default_factory=list)  # input of the group's linears, per batch
-    calls: list[tuple[tuple, dict]] = field(default_factory=list)  # (args, kwargs) of the inspected module
-    ref: list[torch.Tensor] = field(default_factory=list)  # the inspected module's float output, per call
+    x: Sequence[torch.Tensor] = field(default_factory=list)  # input of the group's linears, per batch
+    calls: Sequence[tuple] = field(default_factory=list)  # the inspected module's calls, as ``call_item`` makes them
+    ref: Sequence[torch.Tensor] = field(default_factory=list)  # the inspected module's float output, per call
     held: list[torch.Tensor | None] = field(default_factory=list)  # bool [windows] per batch
 
     def rows(self, i: int, t: torch.Tensor, heldout: bool = False) -> torch.Tensor:
@@ -34,27 +38,77 @@ class GroupInputs:
             return t
         return t[mask.to(t.device) if heldout else ~mask.to(t.device)]
 
-    def search_x(self) -> list[torch.Tensor]:
-        return [self.rows(i, t) for i, t in enumerate(self.x)]
+    def search_rows(self, i: int, shape: torch.Size) -> int:
+        """How many rows ``rows`` keeps of batch ``i`` (of ``shape``) for the searches."""
+        mask = self.held[i] if i < len(self.held) else None
+        n = shape[:-1].numel()
+        if mask is None or len(shape) < 3 or shape[0] != mask.shape[0]:
+            return n
+        return n // shape[0] * int((~mask).sum())
 
-    def heldout_x(self) -> list[torch.Tensor]:
-        return [self.rows(i, t, heldout=True) for i, t in enumerate(self.x)]
+    def search_x(self) -> Iterator[torch.Tensor]:
+        return (self.rows(i, t) for i, t in enumerate(self.x))
+
+    def heldout_x(self) -> Iterator[torch.Tensor]:
+        return (self.rows(i, t, heldout=True) for i, t in enumerate(self.x))
+
+    def recorded(self) -> Iterator[tuple[int, tuple, dict, torch.Tensor]]:
+        """(batch, args, kwargs, float output) of every recorded call of the inspected module."""
+        for i, (item, r) in enumerate(zip(self.calls, self.ref)):
+            yield (i, *call_of(item), r)
 
     def x_mean(self) -> torch.Tensor:
-        xs = self.search_x()
-        total = sum(t.reshape(-1, t.shape[-1]).float().abs().sum(0) for t in xs)
-        return total / sum(t.numel() // t.shape[-1] for t in xs)
+        total, n = 0, 0
+        for t in self.search_x():
+            total = total + t.reshape(-1, t.shape[-1]).float().abs().sum(0)
+            n += t.numel() // t.shape[-1]
+        return total / n
 
     def gram(self, heldout: bool = False) -> torch.Tensor:
         """``sum_t x_t x_tᵀ`` over the search tokens (or the held-out ones), in float32."""
         return gram_of(self.heldout_x() if heldout else self.search_x())
 
     def sample(self, limit: int = CLIP_TOKENS) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in self.search_x()])
-        return flat[:: max(1, flat.shape[0] // limit)]
+        """Every k-th search row over all batches (k: the rows over ``limit``), read batch by batch."""
+        counts = [self.search_rows(i, shape) for i, shape in enumerate(shapes(self.x))]
+        step, start, picked = max(1, sum(counts) // limit), 0, []
+        for t, n in zip(self.search_x(), counts):
+            picked.append(t.reshape(-1, t.shape[-1])[(-start) % step::step])
+            start += n
+        return torch.cat(picked)
+
+    def release(self) -> None:
+        """Forget the recordings (their spilled files go)."""
+        for seq in (self.x, self.calls, self.ref):
+            if isinstance(seq, Activations):
+                seq.release()
 
 
-def gram_of(xs: list[torch.Tensor]) -> torch.Tensor:
+def shapes(xs: Sequence[torch.Tensor]) -> list[torch.Size]:
+    """Each batch's shape, without reading a spilled one back."""
+    return xs.shapes() if isinstance(xs, Activations) else [t.shape for t in xs]
+
+
+def call_item(args: tuple, kwargs: dict) -> tuple:
+    """A recorded call as an ``Activations`` item: its hidden states first (so they can spill), the rest in RAM."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0], "arg", args[1:], kwargs)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return (kwargs["hidden_states"], "kw", args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    return (torch.empty(0), "none", args, kwargs)
+
+
+def call_of(item: tuple) -> tuple[tuple, dict]:
+    """The (args, kwargs) ``call_item`` recorded."""
+    hidden, where, args, kwargs = item
+    if where == "arg":
+        return (hidden, *args), kwargs
+    if where == "kw":
+        return args, {**kwargs, "hidden_states": hidden}
+    return args, kwargs
+
+
+def gram_of(xs: Iterable[torch.Tensor]) -> torch.Tensor:
     """``sum_t x_t x_tᵀ`` over every row of ``xs``, in float32."""
     G = None
     for t in xs:
@@ -90,9 +144,9 @@ def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
     only the input: their search needs nothing else. Also returns the float
     layer's outputs: the next layer's inputs.
     """
-    layer, groups = ctx.layer, ctx.arch.groups
+    layer, groups, spool = ctx.layer, ctx.arch.groups, ctx.inputs.spool
     held = heldout_masks(ctx.inputs)
-    rec = {g.names[0]: GroupInputs(held=held) for g in groups}
+    rec = {g.names[0]: GroupInputs(Activations(spool), Activations(spool), Activations(spool), held) for g in groups}
     handles = []
     for g in groups:
         r = rec[g.names[0]]
@@ -100,7 +154,7 @@ def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
         if linear_inspect(g):
             continue
         inspect = layer.get_submodule(g.inspect)
-        handles.append(inspect.register_forward_pre_hook(lambda _m, a, k, r=r: r.calls.append((a, k)), with_kwargs=True))
+        handles.append(inspect.register_forward_pre_hook(lambda _m, a, k, r=r: r.calls.append(call_item(a, k)), with_kwargs=True))
         handles.append(inspect.register_forward_hook(lambda _m, _a, out, r=r: r.ref.append(_first(out))))
     try:
         outputs = ctx.model.forward_layer(layer, ctx.inputs)

@@ -10,6 +10,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from workers.engine.activations import Spool
 from workers.engine.arch import Arch
 from workers.engine.model import Batch, StreamedModel
 from workers.engine.quant import QuantResult
@@ -52,6 +53,12 @@ class EngineJob:
     on_layer: Callable | None = None
     on_stage: Callable[[str], None] | None = None
     max_shard_bytes: int = 2 * 1024**3
+    activations_dir: Path | None = None  # where activation batches beyond activations_ram_bytes go (None: RAM)
+    activations_ram_bytes: int | None = None
+
+    def spool(self, name: str) -> Spool:
+        """A fresh spool for one walk over the layers (its files under ``activations_dir/name``)."""
+        return Spool(self.activations_dir / name if self.activations_dir is not None else None, self.activations_ram_bytes)
 
     def stage(self, name: str) -> None:
         if self.on_stage is not None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from workers.engine import ENGINE_VERSION
+from workers.engine.activations import Activations
 from workers.engine.arch import Arch, LinearGroup
 from workers.engine.methods.base import LayerContext, LayerOutput, LayerwiseMethod, set_weight
 from workers.engine.moe import calibrating, routed_counts
@@ -118,8 +119,9 @@ class GPTQMethod(GPTQFormat):
         acc = {g.names[0]: HessianSum() for g in ctx.arch.groups}
         hooks = [ctx.layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, h=h: h.add(a[0])) for n, h in acc.items()]
         try:
-            with calibrating(ctx.layer, self.options.moe_calibration == "all_experts"):
-                ctx.model.forward_layer(ctx.layer, ctx.inputs)
+            with calibrating(ctx.layer, self.options.moe_calibration == "all_experts"), torch.no_grad():
+                for hidden, kwargs in ctx.inputs:  # the outputs are not needed: none is kept
+                    ctx.layer(hidden, **kwargs)
                 routed = routed_counts(ctx.layer)
         finally:
             for hook in hooks:
@@ -149,7 +151,7 @@ class GPTQMethod(GPTQFormat):
     def _one_group(self, ctx: LayerContext, walk: LayerWalk, group: LinearGroup, out: LayerOutput) -> None:
         first, h = group.names[0], HessianSum()
         linear = ctx.layer.get_submodule(first)
-        stored: list[torch.Tensor] = []
+        stored = Activations(walk.inputs.spool)  # kept as the calibration activations are: in RAM or spilled
         # The sub-module's output is computed from the linear's inputs once it is quantized: kept from this
         # pass, or (when all of them would take more than STORED_INPUTS_MAX_BYTES) computed again by a second
         # pass, which costs the sub-module's forward up to the linear but holds one batch instead of them all.
@@ -167,10 +169,10 @@ class GPTQMethod(GPTQFormat):
         h.H = None  # solved: free it before the outputs below are computed
         if group.closes is None:
             return
-        memo: list = []
+        memo = Activations(walk.inputs.spool)
         if keep:
-            for r in returned:  # each stored input is dropped once its output exists
-                memo.append(replace_first(r, linear(stored.pop(0))))
+            for r, x in zip(returned, stored.drain()):  # each stored input is dropped once its output exists
+                memo.append(replace_first(r, linear(x)))
         else:  # the same modules on the same inputs: the same values as stored ones (forward: not the hook again)
             walk.watch(first, lambda x: memo.append(replace_first(returned[len(memo)], linear.forward(x))))
         walk.memo[group.closes] = memo
