@@ -15,9 +15,10 @@ With ``--geometry tinyllama|qwen05b`` (repeatable) it benches instead a random
 model at a real model's geometry (TinyLlama-1.1B: 2048/5632, 32 heads, 4 KV
 heads; Qwen2.5-0.5B: 896/4864, 14 heads, 2 KV heads), cut to ``--layers``
 layers and stored in bf16 as real checkpoints are; every tool runs at its own
-defaults (w4 g128 sym) and its natural compute dtype on CPU (ours: fp32;
-GPTQModel and llm-compressor: bf16), on the same 64 x 256 calibration
-windows, interleaved; the section is written to RESULTS.md (``realistic_width``).
+defaults (w4 g128 sym) and its natural compute dtype on CPU (ours: bf16 on a CPU
+with AMX or AVX512-BF16, float32 without; GPTQModel and llm-compressor: bf16),
+on the same 64 x 256 calibration windows, interleaved, beside ours forced to
+float32 (the path before); the section is written to RESULTS.md (``realistic_width``).
 """
 
 from __future__ import annotations
@@ -109,11 +110,13 @@ def run(quick: bool = False, repeats: int = 1, log=print, bits: int = BITS, vari
 
 
 def real_tools(model: Path, calib: Path, batch: int, work: Path) -> dict[str, Tool]:
-    """Each tool at its defaults (w4 g128 sym) and its natural CPU compute dtype."""
+    """Each tool at its defaults (w4 g128 sym) and its natural CPU compute dtype; ours in float32 beside them."""
     common = ["--model", str(model), "--calib", str(calib)]
+    ours = [*common, "--method", "gptq", "--options", json.dumps({"bits": 4, "group_size": 128})]
     return {
-        "ours": Tool(OUR_PYTHON, TOOLS / "ours.py", [*common, "--method", "gptq", "--options", json.dumps({"bits": 4, "group_size": 128})],
-                     work / "ours", "gptq"),
+        "ours": Tool(OUR_PYTHON, TOOLS / "ours.py", ours, work / "ours", "gptq"),
+        "ours, float32 compute (before)": Tool(OUR_PYTHON, TOOLS / "ours.py", [*ours, "--cpu-bf16", "off"], work / "ours-fp32", "gptq",
+                                               context=True),
         "gptqmodel": Tool(OUR_PYTHON, TOOLS / "gptqmodel_quant.py", [*common, "--method", "gptq", "--dtype", "auto", "--batch-size", str(batch),
                                                              "--options", json.dumps({"bits": 4, "group_size": 128})], work / "gptqmodel", "gptq"),
         "llm-compressor": Tool(venv_python("llmc"), TOOLS / "llmc_quant.py",
@@ -135,7 +138,7 @@ def run_real(geometry: str, layers: int = 4, repeats: int = 1, log=print, evalua
     ts = real_tools(src, calib, batch, work)
     # bf16 peers on a CPU without bf16 instructions run for hours at these widths: a 30 min limit killed GPTQModel
     runs = run_tools(ts, repeats, work / "logs", f"real {geometry}", log, timeout=6 * 3600)
-    summaries = {k: summarize(v) for k, v in runs.items()}
+    summaries = {k: {**summarize(v), "context": ts[k].context} for k, v in runs.items()}
     base = evaluate_all(ts, summaries, src, held, work / "logs") if evaluate else None
     return {"geometry": geometry, "arch": arch, **dims, "layers": layers, "calib": [REAL_CALIB, REAL_SEQ], "batch_windows": batch,
             "repeats": repeats, "source_perplexity": base, "tools": summaries, "goals": goals(summaries)}
