@@ -15,9 +15,10 @@ With ``--geometry tinyllama|qwen05b`` (repeatable) it benches instead a random
 model at a real model's geometry (TinyLlama-1.1B: 2048/5632, 32 heads, 4 KV
 heads; Qwen2.5-0.5B: 896/4864, 14 heads, 2 KV heads), cut to ``--layers``
 layers and stored in bf16 as real checkpoints are; every tool runs at its own
-defaults (w4 g128 sym) and its natural compute dtype on CPU (ours: fp32;
-GPTQModel and llm-compressor: bf16), on the same 64 x 256 calibration
-windows, interleaved; the section is written to RESULTS.md (``realistic_width``).
+defaults (w4 g128 sym) and its natural compute dtype on CPU (ours: bf16 on a CPU
+with AMX or AVX512-BF16, float32 without; GPTQModel and llm-compressor: bf16),
+on the same 64 x 256 calibration windows, interleaved, beside ours forced to
+float32 (the path before); the section is written to RESULTS.md (``realistic_width``).
 """
 
 from __future__ import annotations
@@ -109,11 +110,13 @@ def run(quick: bool = False, repeats: int = 1, log=print, bits: int = BITS, vari
 
 
 def real_tools(model: Path, calib: Path, batch: int, work: Path) -> dict[str, Tool]:
-    """Each tool at its defaults (w4 g128 sym) and its natural CPU compute dtype."""
+    """Each tool at its defaults (w4 g128 sym) and its natural CPU compute dtype; ours in float32 beside them."""
     common = ["--model", str(model), "--calib", str(calib)]
+    ours = [*common, "--method", "gptq", "--options", json.dumps({"bits": 4, "group_size": 128})]
     return {
-        "ours": Tool(OUR_PYTHON, TOOLS / "ours.py", [*common, "--method", "gptq", "--options", json.dumps({"bits": 4, "group_size": 128})],
-                     work / "ours", "gptq"),
+        "ours": Tool(OUR_PYTHON, TOOLS / "ours.py", ours, work / "ours", "gptq"),
+        "ours, float32 compute (before)": Tool(OUR_PYTHON, TOOLS / "ours.py", [*ours, "--cpu-bf16", "off"], work / "ours-fp32", "gptq",
+                                               context=True),
         "gptqmodel": Tool(OUR_PYTHON, TOOLS / "gptqmodel_quant.py", [*common, "--method", "gptq", "--dtype", "auto", "--batch-size", str(batch),
                                                              "--options", json.dumps({"bits": 4, "group_size": 128})], work / "gptqmodel", "gptq"),
         "llm-compressor": Tool(venv_python("llmc"), TOOLS / "llmc_quant.py",
@@ -135,7 +138,7 @@ def run_real(geometry: str, layers: int = 4, repeats: int = 1, log=print, evalua
     ts = real_tools(src, calib, batch, work)
     # bf16 peers on a CPU without bf16 instructions run for hours at these widths: a 30 min limit killed GPTQModel
     runs = run_tools(ts, repeats, work / "logs", f"real {geometry}", log, timeout=6 * 3600)
-    summaries = {k: summarize(v) for k, v in runs.items()}
+    summaries = {k: {**summarize(v), "context": ts[k].context} for k, v in runs.items()}
     base = evaluate_all(ts, summaries, src, held, work / "logs") if evaluate else None
     return {"geometry": geometry, "arch": arch, **dims, "layers": layers, "calib": [REAL_CALIB, REAL_SEQ], "batch_windows": batch,
             "repeats": repeats, "source_perplexity": base, "tools": summaries, "goals": goals(summaries)}
@@ -160,12 +163,37 @@ def real_table(res: dict) -> str:
                      "CPU ours/peer", "wall ours/peer", "RSS ours/peer", "ppl (random weights)", "versions"], rows)
 
 
+# The first host these rows were measured on; kept because it explains the CPU dtype choice.
+HISTORY = (
+    "- History (2026-12-02 11:20-12:15 UTC, an AVX2 + FMA host without AVX512 or AMX, load 4-18): one `F.linear` "
+    "[4096 x 2048] x [2048 x 5632] took 1.4 CPU s in float32 and 14 in bf16, so ours computed in float32 and the bf16 peers "
+    "spent most of their time in forwards (GPTQModel: 821 of ~980 s for one qwen05b layer; it and llm-compressor did not "
+    "finish 1 TinyLlama layer in the session). At 1 qwen05b layer ours used 0.26x llm-compressor's quantize CPU time; at "
+    "width 2048 the goal was not evaluated. A TinyLlama layer then took ours ~58 s (forward and Hessians ~50, solve ~8); "
+    "two solver rewrites were measured as noise on a quiet machine and reverted; bf16 Hessians were 10x slower there."
+)
+
+
+def host_cpu() -> str:
+    """The host's CPU and whether it multiplies bf16 in hardware (what decides every tool's CPU speed here)."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    return f"{name}; {have}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def real_section(results: list[dict], command: str, started: str, load: str) -> str:
     import os
 
     end_load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     out = [BEGIN, "## GPTQ at real widths: TinyLlama-1.1B and Qwen2.5-0.5B geometry", "",
            f"- Command: `{command}`", f"- Date: {started}; load average at start {load}, at end {end_load} (2 cores, shared)",
+           (f"- Host CPU: {host_cpu()}. Ours computes a bf16 source in bf16 where the CPU has AVX512-BF16 or AMX, float32 "
+            "elsewhere; the row `ours, float32 compute (before)` is ours forced to float32 (`--cpu-bf16 off`), run once, "
+            "its ratio columns giving ours (bf16) / ours (float32)."),
            "- Random weights at each model's geometry, cut to the layers shown, saved in bf16. Each tool at its own defaults, "
            "w4 g128 sym (ours: `desc_act` + `static_groups`, true-sequential; GPTQModel: group-aware reordering; llm-compressor: "
            "static act-order), at its natural CPU compute dtype, same calibration windows, same windows per forward, 2 threads each, "
@@ -183,7 +211,7 @@ def real_section(results: list[dict], command: str, started: str, load: str) -> 
         else:
             out.append(f"- goal not evaluated: {g.get('why')}")
         out.append("")
-    out.append(END)
+    out += [HISTORY, END]
     return "\n".join(out)
 
 

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     scratch_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     torch_threads: int | None = None
+    # Compute a bf16 model in bf16 on CPU: unset (None) where the CPU multiplies bf16 in hardware (AMX,
+    # AVX512-BF16), float32 elsewhere; true/false force it. A resumed job keeps its checkpoints' dtype.
+    cpu_bf16: bool | None = None
     lease_seconds: float = 60.0
     heartbeat_seconds: float | None = None  # default: a third of the lease
     sweep_seconds: float = 10.0

@@ -192,10 +192,11 @@ class JobRunner:
         """Fetch, quantize, export, evaluate, upload and publish; return what the success records."""
         import torch
 
-        from workers.engine.model import resolve_device
+        from workers.engine.model import prefer_cpu_bf16, resolve_device
         from workers.engine.pipeline import QuantizeRequest
         from workers.engine.run import quantize
 
+        prefer_cpu_bf16(self.settings.cpu_bf16)  # before the reuse fingerprint, which records the compute dtype
         self._stage(job.id, Stage.FETCHING)
         fetched = self._fetch(spec, secrets, scratch, hold)
         source_dir = fetched.path

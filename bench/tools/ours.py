@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="method options as JSON")
     ap.add_argument("--profile", help="write a cProfile of the quantize call here")
     ap.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:N)")
+    ap.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                    help="a bf16 source on CPU: computed in bf16 (on), float32 (off), or as the CPU suits (auto, the worker's default)")
     a = ap.parse_args()
     threads = pin_threads()
 
@@ -41,8 +43,12 @@ def main() -> None:
     from quantfarm.spec import METHOD_OPTIONS, Calibration
     from storage.artifacts import LocalStore
     from workers.engine import pipeline
+    from workers.engine.model import compute_dtype, prefer_cpu_bf16, read_config
     from workers.engine.run import quantize
 
+    prefer_cpu_bf16({"auto": None, "on": True, "off": False}[a.cpu_bf16])
+    src = getattr(read_config(Path(a.model)), "dtype", None) or torch.float32
+    dtype = compute_dtype(getattr(torch, src) if isinstance(src, str) else src, torch.device(a.device))
     warm_imports(model_type(a.model))
     t_imports = time.perf_counter() - T_START
     windows = load_windows(a.calib)
@@ -82,6 +88,7 @@ def main() -> None:
         a.result, tool="ours", method=a.method, threads=threads, import_seconds=round(t_imports, 3),
         quant_seconds=round(t_quant, 3), quant_cpu_seconds=round(time.process_time() - c0, 3), layer_seconds=layers, engine_metrics=res.metrics,
         quantization_config=res.quantization_config, versions=versions("torch", "transformers"),
+        dtype=str(dtype).removeprefix("torch."),
     )
 
 

@@ -47,6 +47,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def recorded_dtype(store: BlobStore, device: torch.device) -> torch.dtype | None:
+    """The compute dtype a job's checkpoints were made in on this kind of device; None when there are none.
+
+    A resumed job keeps computing in it: a worker whose CPU would choose another
+    dtype (bf16 with AMX or AVX512-BF16, float32 without) carries on from the
+    checkpoints, with every layer of the result computed in the one dtype, instead
+    of refusing them. On another kind of device the fingerprint still refuses them.
+    """
+    try:
+        manifest = json.loads(store.get_bytes(MANIFEST))
+    except KeyError:
+        return None
+    compute = manifest.get("parts", {}).get("compute") or {}
+    dtype = getattr(torch, str(compute.get("dtype", "")).removeprefix("torch."), None)
+    return dtype if compute.get("device") == device.type and isinstance(dtype, torch.dtype) else None
+
+
 class Checkpoints:
     """Read and write one job's layer checkpoints."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.engine.checkpoint import Checkpoints
+from workers.engine.checkpoint import Checkpoints, recorded_dtype
 from workers.engine.evaluate import perplexity_pair
 from workers.engine.export import export
 from workers.engine.formats import writer_for
@@ -18,7 +18,7 @@ def run_layerwise(method: LayerwiseMethod, job: EngineJob) -> Quantized:
     deterministic rewrite of them, so a resumed job writes the same bytes.
     """
     job.stage("calibrating")
-    model, calib = prepare(job.req, job.device, method)
+    model, calib = prepare(job.req, job.device, method, recorded_dtype(job.checkpoint_store, job.device))
     fingerprint = fingerprint_parts(model, method, calib)
     ckpt = Checkpoints(job.checkpoint_store, fingerprint)
     stats = run_layers(model, method, calib, ckpt, job.on_layer, job.spool("quantize"))

@@ -211,9 +211,10 @@ def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:
     on_layer(LayerReport(i, total, seconds, ckpt.layers.get(i, {}).get("losses", {}), resumed, eta))
 
 
-def prepare(req: QuantizeRequest, device: torch.device, method: Method) -> tuple[StreamedModel, torch.Tensor | None]:
-    """Open the source and tokenize the calibration set (when the method needs one)."""
-    model = StreamedModel(req.source_dir, device)
+def prepare(req: QuantizeRequest, device: torch.device, method: Method,
+            dtype: torch.dtype | None = None) -> tuple[StreamedModel, torch.Tensor | None]:
+    """Open the source (computing in ``dtype``, None: the device's choice) and tokenize the calibration set (when the method needs one)."""
+    model = StreamedModel(req.source_dir, device, dtype)
     if not method.requires_calibration:
         return model, None
     return model, calibration_ids(req.calibration, load_tokenizer(req.source_dir), read_upload=req.read_upload,

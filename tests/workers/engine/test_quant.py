@@ -264,6 +264,18 @@ def test_accumulate_hessian_equals_two_over_n_xtx(cols):
     torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cols", [64, 768])
+def test_bf16_inputs_are_multiplied_in_float32(cols):
+    """bf16 products rounded to bf16 per batch made a tiny model's Hessian indefinite (bench/RESULTS.md, realistic_width)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, n, cols, generator=g) * 3 + 1).bfloat16() for n in (5, 17, 40)]
+    H, n, H32, n32 = None, 0, None, 0
+    for X in batches:
+        H, n = accumulate_hessian(H, n, X)
+        H32, n32 = accumulate_hessian(H32, n32, X.float())
+    assert H.dtype == torch.float32 and n == n32 and torch.equal(H, H32)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 128])
 @pytest.mark.parametrize("sym", [True, False])
