@@ -54,6 +54,9 @@ def seed(db: Database, n_jobs: int, n_teams: int) -> None:
         conn.execute(insert(Team), teams)
         for i in range(0, len(rows), 2000):
             conn.execute(insert(Job), rows[i:i + 2000])
+        # Each team's queued jobs, counted as storage.jobs counts them (claims take one off).
+        conn.execute(text("INSERT INTO team_queued (team_id, slot, queued) "
+                          "SELECT team_id, 0, count(*) FROM jobs WHERE status = 'queued' GROUP BY team_id"))
         if db.engine.dialect.name == "postgresql":
             conn.execute(text("ANALYZE"))
 

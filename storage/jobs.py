@@ -11,14 +11,16 @@ import enum
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, literal, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage.lean import Fixed
-from storage.models import Job, JobEvent, JobRun, new_id, utcnow
+from storage.models import Job, JobEvent, JobRun, TeamQueued, new_id, utcnow
 
 
 class JobStatus(str, enum.Enum):
@@ -52,6 +54,31 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
     JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),
 }
+
+
+# A team's queued jobs are counted in this many rows (storage.models.TeamQueued): each database backend adds to its own.
+QUEUED_SLOTS = 64
+
+
+@cache
+def queued_move(dialect: str) -> Fixed:
+    """The statement adding ``delta`` (+1: a job became queued, -1: one stopped being) to ``team_id``'s count."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+
+        slot = func.mod(func.pg_backend_pid(), QUEUED_SLOTS)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert
+
+        slot = literal(0)  # one writer at a time
+    stmt = upsert(TeamQueued).values(team_id=bindparam("team_id"), slot=slot, queued=bindparam("delta"))
+    return Fixed(stmt.on_conflict_do_update(index_elements=[TeamQueued.team_id, TeamQueued.slot],
+                                            set_={"queued": TeamQueued.queued + stmt.excluded.queued}))
+
+
+def count_queued(conn: Connection, team_id: str, delta: int) -> None:
+    """Add ``delta`` to the team's queued jobs (in ``conn``'s transaction: with the move it counts)."""
+    queued_move(conn.dialect.name).run(conn, {"team_id": team_id, "delta": delta})
 
 
 def add_event(s: Session, job_id: str, kind: str, *, message: str | None = None, **fields: Any) -> JobEvent:
@@ -160,6 +187,8 @@ def transition(
         if lease is not None:
             raise LeaseLost(f"Job {job.id} is no longer held by {lease.owner} (claim {lease.claim}).")
         raise InvalidState(f"Job {job.id} changed while it was being updated; try again.")
+    if (frm == JobStatus.QUEUED) != (to == JobStatus.QUEUED):
+        count_queued(s.connection(), job.team_id, 1 if to == JobStatus.QUEUED else -1)
     if frm == JobStatus.RUNNING:
         s.execute(update(JobRun).where(JobRun.job_id == job.id, JobRun.claim == claim_before, JobRun.ended_at.is_(None))
                   .values(ended_at=now, outcome=to.value).execution_options(synchronize_session=False))
@@ -236,6 +265,7 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
     s.add(job)
     s.add(JobEvent(**_created_event(values)))
     s.flush()  # one flush for both rows
+    count_queued(s.connection(), job.team_id, 1)
     return job
 
 
@@ -258,7 +288,8 @@ def insert_job(db, *, method: str, model_ref: str, spec: dict, secrets: dict, pr
     """
     values = _new_job(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
                       team_id=team_id, created_by=created_by, memory_estimate=memory_estimate)
-    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, _created_event(values))])
+    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, _created_event(values)),
+                       (queued_move(db.engine.dialect.name), {"team_id": team_id, "delta": 1})])
     return values
 
 

@@ -112,6 +112,28 @@ def test_the_quota_counts_up_to_the_limit_and_the_429_names_every_queued_job(db,
     assert client.post("/v1/jobs", json=MINIMAL, headers=h).get_json()["details"] == {"queued": 6, "limit": 6, "retry_after": 30}
 
 
+def test_the_quota_reads_the_teams_count_and_a_miscount_never_refuses(db, store, tmp_path):
+    """The quota sums the team's counted queued jobs (storage.models.TeamQueued); a 429 is decided and detailed by the
+    jobs themselves, so a count too high lets the submit through, and a count too low is what it reads."""
+    from sqlalchemy import update
+
+    from storage.models import TeamQueued
+
+    new = _key(db)
+    client = _app(db, store, tmp_path, auth="on", team_max_queued=3).test_client()
+    h = {"Authorization": f"Bearer {new.key}"}
+    assert client.post("/v1/jobs", json=MINIMAL, headers=h).status_code == 201
+    with db.session() as s:
+        s.execute(update(TeamQueued).values(queued=TeamQueued.queued + 50))  # counted 51, queued 1
+    assert client.post("/v1/jobs", json=MINIMAL, headers=h).status_code == 201
+    with db.session() as s:
+        s.execute(update(TeamQueued).values(queued=TeamQueued.queued - 51))  # counted 1, queued 2
+    assert client.post("/v1/jobs", json=MINIMAL, headers=h).status_code == 201
+    assert client.post("/v1/jobs", json=MINIMAL, headers=h).status_code == 201  # counted 2 < 3: passes, queued 4
+    resp = client.post("/v1/jobs", json=MINIMAL, headers=h)  # counted 3: the jobs decide and name the count
+    assert resp.status_code == 429 and resp.get_json()["details"] == {"queued": 4, "limit": 3, "retry_after": 30}
+
+
 def test_submit_checks_the_body_before_the_key(db, store, tmp_path):
     client = _app(db, store, tmp_path, auth="on").test_client()
     assert client.post("/v1/jobs", data=b"{nope", content_type="application/json").status_code == 400

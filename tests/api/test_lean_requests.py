@@ -143,8 +143,8 @@ def test_each_read_is_one_statement_whatever_the_page_size(pg_url, store, tmp_pa
 
 
 def test_a_submit_is_two_round_trips_the_job_and_its_event_one_transaction(pg_url, store, tmp_path, statements, monkeypatch):
-    """POST /v1/jobs: the quota (one SELECT, autocommit), then the job and its event in one pipeline: one implicit
-    transaction, no BEGIN or COMMIT of its own; with auth on and a real key."""
+    """POST /v1/jobs: the quota (one SELECT, autocommit), then the job, its event and the team's queued count in one
+    pipeline: one implicit transaction, no BEGIN or COMMIT of its own; with auth on and a real key."""
     from tests.conftest import _truncate
 
     db = Database(pg_url)
@@ -159,7 +159,7 @@ def test_a_submit_is_two_round_trips_the_job_and_its_event_one_transaction(pg_ur
     for n in range(1, 4):
         statements.clear()
         assert client.post("/v1/jobs", json=MINIMAL, headers=member).status_code == 201
-        assert statements == ["SELECT", "INSERT", "INSERT"] and pipelines == [True] * n, (statements, pipelines)
+        assert statements == ["SELECT", "INSERT", "INSERT", "INSERT"] and pipelines == [True] * n, (statements, pipelines)
     assert len(broker.jobs) == 4
     with db.read() as s:
         assert s.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 4
