@@ -160,8 +160,10 @@ class FastPath:
     def _submit(self, environ):
         """POST /v1/jobs of a local or uploaded model: ``job_service.check_submit``, then ``create``, as the view runs them.
 
-        Any failure before the job is stored (a bad body, a check) goes to Flask,
-        which checks again and answers: nothing was written. A failure at or after
+        The quota is checked as the job is stored, in the one statement that stores it
+        (``create(..., within_quota=True)``): no SELECT of its own. Any failure before the
+        job is stored (a bad body, a check, the quota) goes to Flask, which checks again
+        (the quota first, as always) and answers: nothing was written. A failure at or after
         the commit is handed to the view with the request, to answer it as it
         would have (it never submits again). A Hub or S3 model is Flask's: its
         submit reads the model's config over the network first.
@@ -184,11 +186,13 @@ class FastPath:
                 spec = parse_spec(json_object(raw))
                 if spec.model.source not in ("local", "upload"):
                     return None
-                checked = job_service.check_submit(spec)
+                checked = job_service.check_submit(spec, quota=False)  # the quota: as the job is stored
             except Exception:  # nothing stored: Flask answers it
                 return None
             try:
-                view = job_service.create(checked)
+                view = job_service.create(checked, within_quota=True)
+                if view is None:  # over the quota, nothing stored: Flask checks again and answers the 429
+                    return None
                 return self._ok(self.submit_route, view, 201, created_headers(view))
             except Exception as exc:  # stored, or perhaps stored: the view raises it, and Flask's handlers answer it
                 environ[SUBMIT_FAILED] = exc

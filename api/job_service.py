@@ -27,7 +27,7 @@ from storage import jobs as job_store
 from storage import teams as team_store
 from storage.layout import upload_prefix
 from storage.lean import Fixed
-from storage.models import Job, Team, TeamQueued
+from storage.models import Job
 from storage.peek import estimate_remote
 from storage.sources import check_local_path
 from storage.teams import Role
@@ -109,11 +109,6 @@ def _task_set_problems(store, upload_id: str, team_id: str) -> dict[str, str]:
     return {}
 
 
-_OWN_LIMIT = select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery()
-# The team's own quota (NULL: the farm's) and its queued jobs as counted where jobs move (storage.models.TeamQueued),
-# in one statement: a sum over a few rows, where counting the queued jobs read each one (PostgreSQL: 1.5-2.5 ms at 8,000).
-_QUOTA = Fixed(select(_OWN_LIMIT, select(func.coalesce(func.sum(TeamQueued.queued), 0))
-                      .where(TeamQueued.team_id == bindparam("team_id")).scalar_subquery()))
 # The jobs themselves, counted up to the limit (a 429 counts them all, for its details).
 _QUEUED = select(Job.team_id).where(Job.team_id == bindparam("team_id"), Job.status == job_store.JobStatus.QUEUED.value)
 _QUEUED_UP_TO = Fixed(select(func.count()).select_from(_QUEUED.limit(bindparam("limit")).subquery()))
@@ -126,11 +121,10 @@ def check_quota(s, team_id: str) -> None:
     The counted number decides a pass; a 429 is decided and detailed by the jobs
     themselves, as before the count was kept, so a miscount never refuses a submit.
     """
-    farm_limit = services().settings.team_max_queued
     conn = s.connection()
-    # storage/lean.py: no ORM, no result layer
-    [(own, counted)] = _QUOTA.rows(conn, {"team_id": team_id})
-    limit = own if own is not None else farm_limit
+    # The team's limit and its queued jobs as counted where jobs move (storage.models.TeamQueued), in one statement:
+    # a sum over a few rows, where counting the queued jobs read each one (PostgreSQL: 1.5-2.5 ms at 8,000).
+    limit, counted = job_store.queued_quota(conn, team_id, services().settings.team_max_queued)
     if counted < limit:
         return
     [(queued,)] = _QUEUED_UP_TO.rows(conn, {"team_id": team_id, "limit": limit})
@@ -178,11 +172,13 @@ def submit(spec, via: str = "api") -> dict:
     return create(check_submit(spec), via)
 
 
-def check_submit(spec) -> Checked:
+def check_submit(spec, *, quota: bool = True) -> Checked:
     """Every check of ``submit`` before the job is stored, in its order; raise as ``submit`` does.
 
     Stores nothing (but the default team, the first time the local admin submits),
     so api/fastpath.py leaves any failure here to Flask, which checks again and answers.
+    ``quota=False`` leaves the quota out, for ``create(..., within_quota=True)`` to check
+    as it stores (the fast path's submit: one round trip on PostgreSQL).
     """
     svc = services()
     who = auth.require(Role.MEMBER)
@@ -194,9 +190,11 @@ def check_submit(spec) -> Checked:
         with svc.db.session() as s:
             team_store.ensure_default_team(s)
     # Reads only (autocommit on PostgreSQL: no BEGIN/COMMIT). The quota's count is no more exact than in a
-    # transaction: READ COMMITTED reads every statement anew, and nothing was locked.
+    # transaction: READ COMMITTED reads every statement anew, and nothing was locked. The session takes a
+    # connection only for a statement: a local model's submit without credentials or an estimate needs none.
     with svc.db.read() as s:
-        check_quota(s, team_id)
+        if quota:
+            check_quota(s, team_id)
         check_references(s, spec, team_id)
         check_webhook_urls([h.url for h in spec.webhooks], svc.settings.webhook_allow_private)
         estimate = estimate_at_submit(public) or remote_estimate
@@ -204,14 +202,20 @@ def check_submit(spec) -> Checked:
     return Checked(spec, public, who, estimate)
 
 
-def create(checked: Checked, via: str = "api") -> dict:
-    """Store the checked job and its event (one transaction: one round trip on PostgreSQL), enqueue it; return its view."""
+def create(checked: Checked, via: str = "api", *, within_quota: bool = False) -> dict | None:
+    """Store the checked job and its event (one transaction: one round trip on PostgreSQL), enqueue it; return its view.
+
+    ``within_quota``: store it only while its team is under its quota, read in the
+    same statement; None when over it (nothing stored, nothing enqueued).
+    """
     svc, spec, who = services(), checked.spec, checked.who
     job = job_store.insert_job(
         svc.db, method=spec.method, model_ref=model_ref(spec.model), spec=checked.public,
         secrets=spec_secrets(spec), priority=spec.priority, team_id=who.team_id, created_by=who.key_id,
-        memory_estimate=checked.estimate,
+        memory_estimate=checked.estimate, quota=svc.settings.team_max_queued if within_quota else None,
     )
+    if job is None:
+        return None
     enqueue(job["id"])  # only after the commit, so a worker always finds the row
     log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], who.team_id)
     return job_reads.inserted_job_view(job)

@@ -66,24 +66,29 @@ def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: 
     return Fixed(_with_artifacts(page.subquery("page")) if with_artifacts else page)
 
 
-def _views(rows, with_artifacts: bool) -> list[dict[str, Any]]:
-    """One job view per job in ``rows`` (one row per job and artifact), in row order."""
+def _views(rows, with_artifacts: bool, limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """A job view for each of the first ``limit`` jobs in ``rows`` (one row per job and artifact), in row order,
+    and the id of the job after them (None: no more)."""
     jobs: list[JobRow] = []
     arts: dict[str, list[ArtifactRow]] = {}
+    more = None
     for row in rows:
         job_id = row[0]
         if job_id not in arts:
+            if len(jobs) == limit:
+                more = job_id
+                break
             jobs.append(JobRow._make(row[:_N]))
             arts[job_id] = []
         if with_artifacts and row[_N] is not None:
             arts[job_id].append(ArtifactRow._make(row[_N:]))
-    return [job_view(j, artifacts=arts[j.id]) for j in jobs]
+    return [job_view(j, artifacts=arts[j.id]) for j in jobs], more
 
 
 def job_view_by_id(conn: Connection, job_id: str, *, team_id: str | None = None) -> dict[str, Any]:
     """Return the view of one job, or raise NotFound (also for another team's job when ``team_id`` is given)."""
     params = {"job_id": job_id} if team_id is None else {"job_id": job_id, "team_id": team_id}
-    views = _views(_one_statement(team_id is not None).rows(conn, params), True)
+    views, _ = _views(_one_statement(team_id is not None).rows(conn, params), True)
     if not views:
         raise NotFound(f"No job with id {job_id!r}.", details={"resource": "job", "id": job_id})
     return views[0]
@@ -100,9 +105,8 @@ def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 
     if cursor:
         params["cursor"] = cursor
     stmt = _page_statement(team_id is not None, bool(status), bool(cursor), with_artifacts)
-    views = _views(stmt.rows(conn, params), with_artifacts)  # fetchall, not a fetchone per row
-    nxt = views[limit - 1]["id"] if len(views) > limit else None
-    return views[:limit], nxt
+    views, more = _views(stmt.rows(conn, params), with_artifacts, limit)  # fetchall, not a fetchone per row
+    return views, (views[-1]["id"] if more is not None else None)
 
 
 def inserted_job_view(row: dict[str, Any]) -> dict[str, Any]:

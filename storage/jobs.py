@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage.lean import Fixed
-from storage.models import Job, JobEvent, JobRun, TeamQueued, new_id, utcnow
+from storage.models import Job, JobEvent, JobRun, Team, TeamQueued, new_id, utcnow
 
 
 class JobStatus(str, enum.Enum):
@@ -270,25 +270,73 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
 
 
 # The columns _new_job and _created_event fill, in their order.
-_INSERT_JOB = Fixed(insert(Job.__table__), keys=(
-    "id", "team_id", "created_by", "status", "stage", "method", "model_ref", "spec", "secrets", "priority", "memory_estimate",
-    "attempt", "claim", "cancel_requested", "metrics", "created_at", "updated_at", "enqueued_at"))
-_INSERT_EVENT = Fixed(insert(JobEvent.__table__), keys=(
-    "job_id", "kind", "from_status", "to_status", "stage", "message", "data", "actor", "at"))
+_JOB_KEYS = ("id", "team_id", "created_by", "status", "stage", "method", "model_ref", "spec", "secrets", "priority",
+             "memory_estimate", "attempt", "claim", "cancel_requested", "metrics", "created_at", "updated_at", "enqueued_at")
+_EVENT_KEYS = ("job_id", "kind", "from_status", "to_status", "stage", "message", "data", "actor", "at")
+_INSERT_JOB = Fixed(insert(Job.__table__), keys=_JOB_KEYS)
+_INSERT_EVENT = Fixed(insert(JobEvent.__table__), keys=_EVENT_KEYS)
+
+# A team's limit of queued jobs (its own max_queued, else the farm's) and its counted queued jobs, in one statement.
+_QUOTA = Fixed(select(
+    func.coalesce(select(Team.max_queued).where(Team.id == bindparam("team_id")).scalar_subquery(), bindparam("farm_limit")),
+    select(func.coalesce(func.sum(TeamQueued.queued), 0)).where(TeamQueued.team_id == bindparam("team_id")).scalar_subquery()))
+
+
+def queued_quota(conn: Connection, team_id: str, farm_limit: int) -> tuple[int, int]:
+    """(the team's limit of queued jobs, its queued jobs as counted): one statement, a sum over a few rows."""
+    [(limit, counted)] = _QUOTA.rows(conn, {"team_id": team_id, "farm_limit": farm_limit})
+    return limit, counted
+
+
+@cache
+def _insert_within_quota() -> Fixed:
+    """PostgreSQL: the job, its event and its team's count in one statement, stored only while the team has fewer
+    queued jobs than its limit; it returns the job's id when stored (no row: over the quota, nothing stored)."""
+    from sqlalchemy.dialects.postgresql import insert as upsert
+
+    jobs_t, events_t = Job.__table__, JobEvent.__table__
+    limit, counted = _QUOTA.stmt.selected_columns
+    job = (insert(jobs_t).from_select(_JOB_KEYS, select(*[bindparam(k, type_=jobs_t.c[k].type) for k in _JOB_KEYS])
+                                      .where(counted < limit))
+           .returning(jobs_t.c.id, jobs_t.c.team_id).cte("job"))
+    event = insert(events_t).from_select(_EVENT_KEYS, select(
+        *[job.c.id if k == "job_id" else bindparam(f"event_{k}", type_=events_t.c[k].type) for k in _EVENT_KEYS])).cte("event")
+    count = upsert(TeamQueued).from_select(("team_id", "slot", "queued"), select(
+        job.c.team_id, func.mod(func.pg_backend_pid(), QUEUED_SLOTS), literal(1)))
+    count = count.on_conflict_do_update(index_elements=[TeamQueued.team_id, TeamQueued.slot],
+                                        set_={"queued": TeamQueued.queued + count.excluded.queued}).cte("counted")
+    return Fixed(select(job.c.id).add_cte(event, count))
 
 
 def insert_job(db, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
-               created_by: str | None, memory_estimate: int | None) -> dict[str, Any]:
-    """Insert a queued job and its 'created' event, committed together (``Database.write_together``); return the row.
+               created_by: str | None, memory_estimate: int | None, quota: int | None = None) -> dict[str, Any] | None:
+    """Insert a queued job, its 'created' event and its team's count, committed together; return the row.
 
     The row (a dict) carries every column storage.views.job_view reads; the caller
-    enqueues after this. Two fixed INSERTs (storage/lean.py): an ORM flush of the
+    enqueues after this. Fixed INSERTs (storage/lean.py): an ORM flush of the
     same two objects cost a submit about a third of its CPU, and a session's BEGIN,
-    two INSERTs and COMMIT were four round trips where PostgreSQL now takes one.
+    two INSERTs and COMMIT were four round trips where PostgreSQL now takes one
+    (``Database.write_together``).
+
+    ``quota`` (the farm's limit of queued jobs a team; a team's own ``max_queued``
+    comes first): store the job only while its team has fewer queued jobs than
+    that, read on PostgreSQL in the same statement as the writes, so a submit is
+    one round trip; None when over it (nothing stored).
     """
     values = _new_job(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
                       team_id=team_id, created_by=created_by, memory_estimate=memory_estimate)
-    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, _created_event(values)),
+    event = _created_event(values)
+    if quota is not None and db.engine.dialect.name == "postgresql":
+        with db.connect_read() as conn:  # autocommit: the one statement is its own transaction
+            stored = _insert_within_quota().rows(conn, {**values, **{f"event_{k}": v for k, v in event.items()},
+                                                        "farm_limit": quota})
+        return values if stored else None
+    if quota is not None:  # SQLite (one writer at a time): read, then write
+        with db.connect_read() as conn:
+            limit, counted = queued_quota(conn, team_id, quota)
+        if counted >= limit:
+            return None
+    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, event),
                        (queued_move(db.engine.dialect.name), {"team_id": team_id, "delta": 1})])
     return values
 

@@ -142,9 +142,11 @@ def test_each_read_is_one_statement_whatever_the_page_size(pg_url, store, tmp_pa
     db.dispose()
 
 
-def test_a_submit_is_two_round_trips_the_job_and_its_event_one_transaction(pg_url, store, tmp_path, statements, monkeypatch):
-    """POST /v1/jobs: the quota (one SELECT, autocommit), then the job, its event and the team's queued count in one
-    pipeline: one implicit transaction, no BEGIN or COMMIT of its own; with auth on and a real key."""
+def test_a_submit_is_one_statement_before_flask_and_two_round_trips_in_the_view(pg_url, store, tmp_path, statements,
+                                                                               monkeypatch):
+    """POST /v1/jobs before Flask (api/fastpath.py): one statement, autocommit, that stores the job, its event and the
+    team's queued count only while the team is under its quota. Through the view: the quota (one SELECT), then the
+    three INSERTs in one pipeline. No BEGIN or COMMIT of their own either way; with auth on and a real key."""
     from tests.conftest import _truncate
 
     db = Database(pg_url)
@@ -156,14 +158,19 @@ def test_a_submit_is_two_round_trips_the_job_and_its_event_one_transaction(pg_ur
     pipelines = []
     pipeline = psycopg.Connection.pipeline
     monkeypatch.setattr(psycopg.Connection, "pipeline", lambda self: pipelines.append(self.autocommit) or pipeline(self))
-    for n in range(1, 4):
+    for _ in range(3):
         statements.clear()
         assert client.post("/v1/jobs", json=MINIMAL, headers=member).status_code == 201
-        assert statements == ["SELECT", "INSERT", "INSERT", "INSERT"] and pipelines == [True] * n, (statements, pipelines)
-    assert len(broker.jobs) == 4
+        assert statements == ["WITH"] and pipelines == [], (statements, pipelines)
+        statements.clear()
+        assert client.post("/v1/jobs?via=view", json=MINIMAL, headers=member).status_code == 201  # Flask's view
+        assert statements == ["SELECT", "INSERT", "INSERT", "INSERT"] and pipelines == [True], (statements, pipelines)
+        pipelines.clear()
+    assert len(broker.jobs) == 7
     with db.read() as s:
-        assert s.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 4
-        assert s.execute(sa.text("SELECT count(*) FROM job_events WHERE message = 'Job created'")).scalar() == 4
+        assert s.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 7
+        assert s.execute(sa.text("SELECT count(*) FROM job_events WHERE message = 'Job created'")).scalar() == 7
+        assert s.execute(sa.text("SELECT sum(queued) FROM team_queued")).scalar() == 7
     db.dispose()
 
 
