@@ -23,6 +23,7 @@ fast path met (``jobs.SUBMIT_FAILED``), so a job is never submitted twice.
 from __future__ import annotations
 
 import io
+import math
 import re
 import time
 
@@ -32,14 +33,43 @@ from werkzeug.wsgi import get_host
 
 from api import auth, job_service, service
 from api.errors import json_object
-from api.jobs import SUBMIT_FAILED, created_headers, jobs_page
+from api.jobs import SUBMIT_FAILED, created_headers, jobs_page, page_query
 from quantfarm.spec import parse_spec
+from storage.job_reads import JOB_COLUMNS, view_of
 
 _JOB_PATH = re.compile(r"/v1/jobs/(job_[0-9a-z]{26})")
 # Plain name=value pairs only: nothing to percent-decode, so the parsed values are the ones Flask's request.args holds.
 _PLAIN_QUERY = re.compile(r"[a-z]+=[0-9A-Za-z_]*(?:&[a-z]+=[0-9A-Za-z_]*)*")
 _LIST_PARAMS = frozenset({"status", "limit", "cursor"})
 _STATUS = {200: "200 OK", 201: "201 CREATED"}  # werkzeug's status lines
+_ETA = JOB_COLUMNS.index("eta_seconds")
+
+
+class EncodedViews:
+    """The encoded job views (a job's or a page item's) of the job rows read last, by those rows.
+
+    A view is a function of its job's rows alone (storage.job_reads.view_of: every
+    column it shows, json columns as their stored text), so rows equal to rows seen
+    before make the same bytes: a job polled again, unchanged, is neither decoded nor
+    built nor encoded again (about half of a page's CPU). Any change to what a view
+    shows changes its rows. Bounded: emptied when full.
+    """
+
+    def __init__(self, make, size: int = 1024):
+        self.make, self.size = make, size  # make(rows) -> the encoded view
+        self._memo: dict[tuple, str] = {}
+
+    def __call__(self, rows: tuple[tuple, ...]) -> str:
+        text = self._memo.get(rows)
+        if text is None:
+            text = self.make(rows)
+            eta = rows[0][_ETA]
+            # 0.0 and -0.0 are equal keys but encode apart; a NaN is never equal to itself: neither is kept.
+            if eta is None or (eta != 0 and not math.isnan(eta)):
+                if len(self._memo) >= self.size:
+                    self._memo.clear()
+                self._memo[rows] = text
+        return text
 
 
 class FastPath:
@@ -52,6 +82,8 @@ class FastPath:
         self.health_route, self.job_route, self.list_route, self.submit_route = (
             rules["service.healthz"], rules["jobs.get_job"], rules["jobs.list_jobs"], rules["jobs.create_job"])
         self._health: tuple | None = None  # (memo answer, its encoded answer): encoded once per check
+        self._jobs = EncodedViews(lambda rows: self._encoded(view_of(rows)))
+        self._items = EncodedViews(lambda rows: self._encoded(job_service.summary_view(view_of(rows))))
         self._hosts: dict[tuple, tuple[list, bool]] = {}  # (what get_host reads) -> (the allowlist, trusted?)
 
     def __call__(self, environ, start_response):
@@ -120,6 +152,18 @@ class FastPath:
         return route, code, _STATUS[code], [("Content-Type", self.app.json.mimetype), ("Content-Length", str(len(body))),
                                             *(headers or {}).items(), *auth.SECURITY_HEADERS], body
 
+    def _indented(self) -> bool:
+        return self.app.json.compact_text(None) is None  # debug: the views' own answers (not kept)
+
+    def _encoded(self, obj) -> str:
+        return self.app.json.compact_text(obj)[:-1]  # without the newline that ends a response
+
+    def _ok_text(self, route: str, text: str):
+        """``_ok`` for a 200 whose compact body ``text`` is made already."""
+        body = text.encode()
+        return route, 200, _STATUS[200], [("Content-Type", self.app.json.mimetype), ("Content-Length", str(len(body))),
+                                          *auth.SECURITY_HEADERS], body
+
     def _healthz(self, environ):
         if environ.get("QUERY_STRING"):
             return None
@@ -142,7 +186,9 @@ class FastPath:
         who = self._caller(environ) if match is not None and not environ.get("QUERY_STRING") else None
         if who is None:
             return None
-        return self._ok(self.job_route, job_service.read_job(self._db(), who, match[1]))
+        if self._indented():
+            return self._ok(self.job_route, job_service.read_job(self._db(), who, match[1]))
+        return self._ok_text(self.job_route, self._jobs(job_service.read_job_rows(self._db(), who, match[1])) + "\n")
 
     def _jobs_page(self, environ):
         query = environ.get("QUERY_STRING", "")
@@ -154,7 +200,14 @@ class FastPath:
         who = self._caller(environ)
         if who is None:
             return None
-        return self._ok(self.list_route, jobs_page(self._db(), who, args, int(self.app.config["JOBS_PAGE_MAX"])))
+        page_max = int(self.app.config["JOBS_PAGE_MAX"])
+        if self._indented():
+            return self._ok(self.list_route, jobs_page(self._db(), who, args, page_max))
+        status, limit, cursor = page_query(args, page_max)
+        jobs, nxt = job_service.read_page_rows(self._db(), who, status=status, limit=limit, cursor=cursor)
+        # The page object's own compact text: {"items": [...], "next_cursor": ...}, its items as encoded.
+        items = ",".join([self._items(rows) for rows in jobs])
+        return self._ok_text(self.list_route, f'{{"items":[{items}],"next_cursor":{self._encoded(nxt)}}}\n')
 
 
     def _submit(self, environ):

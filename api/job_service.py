@@ -236,6 +236,13 @@ def read_job(db, who: auth.Principal, job_id: str) -> dict:
         return job_reads.job_view_by_id(conn, job_id, team_id=who.scope)
 
 
+def read_job_rows(db, who: auth.Principal, job_id: str) -> tuple[tuple, ...]:
+    """``read_job``'s job as its rows (storage.job_reads.view_of makes the view); the same checks, in the same order."""
+    who.require(Role.VIEWER)
+    with db.connect_read() as conn:
+        return job_reads.job_rows_by_id(conn, job_id, team_id=who.scope)
+
+
 def page(*, status: str | None, limit: int, cursor: str | None, with_artifacts: bool = True) -> tuple[list[dict], str | None]:
     """Return one page of the caller's jobs (every team's for an admin), calibration texts left out."""
     return read_page(services().db, auth.current(), status=status, limit=limit, cursor=cursor, with_artifacts=with_artifacts)
@@ -249,6 +256,14 @@ def read_page(db, who: auth.Principal, *, status: str | None, limit: int, cursor
         views, nxt = job_reads.job_views_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope,
                                               with_artifacts=with_artifacts)
     return [summary_view(v) for v in views], nxt
+
+
+def read_page_rows(db, who: auth.Principal, *, status: str | None, limit: int,
+                   cursor: str | None) -> tuple[list[tuple[tuple, ...]], str | None]:
+    """``read_page``'s jobs as each one's rows (``summary_view(view_of(rows))`` is its item), and the next cursor."""
+    who.require(Role.VIEWER)
+    with db.connect_read() as conn:
+        return job_reads.job_rows_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
 
 
 def summary_view(view: dict) -> dict:

@@ -51,9 +51,19 @@ def list_jobs():
 
 
 def jobs_page(db, who: auth.Principal, args, page_max: int) -> dict:
-    """The body of GET /v1/jobs for ``who`` and the query ``args`` (its first values; the view's and api/fastpath.py's).
+    """The body of GET /v1/jobs for ``who`` and the query ``args`` (its first values).
 
     Raises ValidationFailed naming each bad parameter, then Forbidden or a database error.
+    """
+    status, limit, cursor = page_query(args, page_max)
+    items, nxt = job_service.read_page(db, who, status=status, limit=limit, cursor=cursor)
+    return {"items": items, "next_cursor": nxt}
+
+
+def page_query(args, page_max: int) -> tuple[str | None, int, str | None]:
+    """GET /v1/jobs's ``status``, ``limit`` and ``cursor`` from ``args`` (the view's and api/fastpath.py's).
+
+    Raises ValidationFailed naming each bad parameter.
     """
     status = args.get("status") or None
     cursor = args.get("cursor") or None
@@ -68,8 +78,7 @@ def jobs_page(db, who: auth.Principal, args, page_max: int) -> dict:
         bad.update(exc.fields)
     if bad:
         raise ValidationFailed(bad)
-    items, nxt = job_service.read_page(db, who, status=status, limit=limit, cursor=cursor)
-    return {"items": items, "next_cursor": nxt}
+    return status, limit, cursor
 
 
 @bp.get("/v1/jobs/<job_id>/events")

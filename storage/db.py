@@ -82,7 +82,11 @@ _scan_json = _decoder.scan_once  # the C scanner: decode() adds two whitespace r
 
 
 def _json_loads(data: bytes) -> Any:
-    text = str(data, "utf-8")
+    return json_text(str(data, "utf-8"))
+
+
+def json_text(text: str) -> Any:
+    """A json column's value from its text, decoded as psycopg's loader does (``_json_loads``)."""
     try:
         value, end = _scan_json(text, 0)
     except StopIteration:  # leading whitespace (text written by hand): the full decoder

@@ -17,10 +17,11 @@ from collections import namedtuple
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, select
+from sqlalchemy import Integer, Text, bindparam, cast, select
 from sqlalchemy.engine import Connection
 
 from quantfarm.errors import NotFound
+from storage.db import json_text
 from storage.lean import Fixed
 from storage.models import Artifact, Job
 from storage.views import job_view
@@ -40,22 +41,36 @@ _PREFIX = "artifact_"
 _N = len(JOB_COLUMNS)
 
 
-def _with_artifacts(jobs):
-    """``jobs`` (a table or a page subquery) LEFT JOIN artifacts, newest job first, artifacts oldest first."""
-    art_cols = [_ARTS.c[name].label(_PREFIX + name) for name in ARTIFACT_COLUMNS]
-    return (select(*[jobs.c[name] for name in JOB_COLUMNS], *art_cols)
+# The json columns among them, by position: ``job_rows_*`` read them as their stored text.
+_JOB_JSON = tuple(JOB_COLUMNS.index(name) for name in ("spec", "metrics"))
+_ARTIFACT_JSON = tuple(ARTIFACT_COLUMNS.index(name) for name in ("source_files",))
+_JSON_NAMES = frozenset({"spec", "metrics", "source_files"})
+
+
+def _with_artifacts(jobs, raw: bool = False):
+    """``jobs`` (a table or a page subquery) LEFT JOIN artifacts, newest job first, artifacts oldest first.
+
+    ``raw``: json columns as their stored text, undecoded.
+    """
+    def col(table, name, label=None):
+        c = table.c[name]
+        c = cast(c, Text) if raw and name in _JSON_NAMES else c
+        return c.label(label or name) if raw or label else c
+
+    art_cols = [col(_ARTS, name, _PREFIX + name) for name in ARTIFACT_COLUMNS]
+    return (select(*[col(jobs, name) for name in JOB_COLUMNS], *art_cols)
             .select_from(jobs.outerjoin(_ARTS, _ARTS.c.job_id == jobs.c.id))
             .order_by(jobs.c.id.desc(), _ARTS.c.created_at))
 
 
 @lru_cache(maxsize=None)
-def _one_statement(scoped: bool) -> Fixed:
-    stmt = _with_artifacts(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+def _one_statement(scoped: bool, raw: bool = False) -> Fixed:
+    stmt = _with_artifacts(_JOBS, raw).where(_JOBS.c.id == bindparam("job_id"))
     return Fixed(stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt)
 
 
 @lru_cache(maxsize=None)
-def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool) -> Fixed:
+def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool, raw: bool = False) -> Fixed:
     page = select(*[_JOBS.c[name] for name in JOB_COLUMNS]).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
     if scoped:
         page = page.where(_JOBS.c.team_id == bindparam("team_id"))
@@ -63,7 +78,7 @@ def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: 
         page = page.where(_JOBS.c.status == bindparam("status"))
     if after:
         page = page.where(_JOBS.c.id < bindparam("cursor"))
-    return Fixed(_with_artifacts(page.subquery("page")) if with_artifacts else page)
+    return Fixed(_with_artifacts(page.subquery("page"), raw) if with_artifacts else page)
 
 
 def _views(rows, with_artifacts: bool, limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
@@ -94,9 +109,7 @@ def job_view_by_id(conn: Connection, job_id: str, *, team_id: str | None = None)
     return views[0]
 
 
-def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
-                   team_id: str | None = None, with_artifacts: bool = True) -> tuple[list[dict[str, Any]], str | None]:
-    """Return one page of job views, newest first, and the cursor of the next page (one team's when given)."""
+def _page_params(status, limit, cursor, team_id) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": limit + 1}
     if team_id is not None:
         params["team_id"] = team_id
@@ -104,9 +117,63 @@ def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 
         params["status"] = status
     if cursor:
         params["cursor"] = cursor
+    return params
+
+
+def job_views_page(conn: Connection, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
+                   team_id: str | None = None, with_artifacts: bool = True) -> tuple[list[dict[str, Any]], str | None]:
+    """Return one page of job views, newest first, and the cursor of the next page (one team's when given)."""
     stmt = _page_statement(team_id is not None, bool(status), bool(cursor), with_artifacts)
-    views, more = _views(stmt.rows(conn, params), with_artifacts, limit)  # fetchall, not a fetchone per row
-    return views, (views[-1]["id"] if more is not None else None)
+    views, more = _views(stmt.rows(conn, _page_params(status, limit, cursor, team_id)), with_artifacts, limit)
+    return views, (views[-1]["id"] if more is not None else None)  # fetchall, not a fetchone per row
+
+
+# Rows as read, for a view made from them only when needed: the json columns are their stored text (undecoded),
+# so a job's rows (a tuple of row tuples) are hashable, and equal rows make the same view (api/fastpath.py keeps
+# the encoded views of the rows it read last).
+
+def job_rows_by_id(conn: Connection, job_id: str, *, team_id: str | None = None) -> tuple[tuple, ...]:
+    """The rows of one job (one per artifact, at least one) for ``view_of``; raise NotFound as ``job_view_by_id``."""
+    params = {"job_id": job_id} if team_id is None else {"job_id": job_id, "team_id": team_id}
+    rows = tuple(_one_statement(team_id is not None, True).rows(conn, params))
+    if not rows:
+        raise NotFound(f"No job with id {job_id!r}.", details={"resource": "job", "id": job_id})
+    return rows
+
+
+def job_rows_page(conn: Connection, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
+                  team_id: str | None = None) -> tuple[list[tuple[tuple, ...]], str | None]:
+    """``job_views_page``'s jobs as rows: each job's rows for ``view_of``, and the cursor of the next page."""
+    stmt = _page_statement(team_id is not None, bool(status), bool(cursor), True, True)
+    jobs: list[tuple[tuple, ...]] = []
+    current: list[tuple] = []
+    more = None
+    for row in stmt.rows(conn, _page_params(status, limit, cursor, team_id)):
+        if current and row[0] != current[0][0]:
+            jobs.append(tuple(current))
+            current = []
+            if len(jobs) == limit:
+                more = row[0]
+                break
+        current.append(row)
+    if current and more is None:
+        jobs.append(tuple(current))
+    return jobs, (jobs[-1][0][0] if more is not None else None)
+
+
+def view_of(rows: tuple[tuple, ...]) -> dict[str, Any]:
+    """The job view of one job's rows from ``job_rows_*`` (the view ``job_views_*`` make from the same rows)."""
+    job = list(rows[0][:_N])
+    for i in _JOB_JSON:
+        job[i] = None if job[i] is None else json_text(job[i])
+    artifacts = []
+    for row in rows:
+        if row[_N] is not None:
+            art = list(row[_N:])
+            for i in _ARTIFACT_JSON:
+                art[i] = None if art[i] is None else json_text(art[i])
+            artifacts.append(ArtifactRow._make(art))
+    return job_view(JobRow._make(job), artifacts=artifacts)
 
 
 def inserted_job_view(row: dict[str, Any]) -> dict[str, Any]:

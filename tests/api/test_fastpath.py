@@ -92,6 +92,62 @@ def test_fast_answers_equal_the_flask_views(farm):
     assert counted == {"/v1/jobs/<job_id>": 4 * 2 + 1, "/v1/jobs": 8 * 2 + 3 + 1 + 3}
 
 
+def test_fast_answers_equal_the_flask_views_for_every_kind_of_job_and_follow_each_change(farm):
+    """Texts counted in a page, labels and errors beyond ASCII, floats that print in exponent form, -0.0 and NaN, an
+    artifact's source files: equal bytes before Flask and through it, read again (the kept encoded view) and after
+    each change of the row (api/fastpath.py keeps encoded views by the rows they came from)."""
+    from sqlalchemy import update
+
+    from storage.models import Artifact, Job
+
+    app, client, ids, member, db = farm["app"], farm["client"], farm["ids"], farm["member"], farm["db"]
+    spec = client.get(f"/v1/jobs/{ids[5]}", headers=member).get_json()["spec"]
+    texts = {**spec, "labels": {"équipe": "nlp ☃ \U0001f600", "ctl": "a\x7fb\u2028"},
+             "calibration": {**spec["calibration"], "texts": ["one", "two", "drei"]},
+             "evaluation": {**spec["evaluation"], "texts": ["x"]}}
+    metrics = {"loss": 7.4e-05, "big": 1e16, "zero": -0.0, "ppl": 40.075, "n": 2**70}
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == ids[5]).values(spec=texts, metrics=metrics, error_code="oom",
+                                                            error_message="zu groß: ☃", layers_done=3, layers_total=8,
+                                                            eta_seconds=0.0, status="failed", stage="calibrating"))
+        s.execute(update(Job).where(Job.id == ids[6]).values(eta_seconds=float("nan"), layers_done=0, layers_total=4))
+        s.add(Artifact(id="art_c1", job_id=ids[5], kind="model", format="gguf", location="s3://b/ü", sha256="cd" * 32,
+                       file_count=2, size_bytes=2**40, files=[], source_revision="abc",
+                       source_files={"config.json": "ef" * 32, "ü.bin": "01" * 32}, created_at=utcnow()))
+    view = flask_view(app)
+    paths = [f"/v1/jobs/{ids[5]}", f"/v1/jobs/{ids[6]}", "/v1/jobs?limit=25", "/v1/jobs?status=failed"]
+
+    def same(what):
+        for path in paths:
+            for _ in range(2):  # made, then kept
+                farm["flask_calls"].clear()
+                fast = client.get(path, headers=member)
+                assert farm["flask_calls"] == [], (what, path)
+                slow = view.get(path, headers=member)
+                assert (fast.status_code, fast.get_data()) == (200, slow.get_data()), (what, path)
+
+    same("first")
+    job = client.get(f"/v1/jobs/{ids[5]}", headers=member).get_json()
+    assert job["spec"]["calibration"]["texts"] == ["one", "two", "drei"] and job["metrics"]["n"] == 2**70
+    items = client.get("/v1/jobs?status=failed", headers=member).get_json()["items"]
+    assert items[0]["spec"]["calibration"]["texts_count"] == 3 and "texts" not in items[0]["spec"]["calibration"]
+    assert b'"eta_seconds":0.0' in client.get(f"/v1/jobs/{ids[5]}", headers=member).get_data()
+    at = utcnow()  # the same updated_at each time: the rows differ by the change alone
+    for change in ({"eta_seconds": -0.0}, {"eta_seconds": 0.0}, {"eta_seconds": 12.5}, {"status": "cancelled"},
+                   {"metrics": {"loss": 1e-07}}):
+        with db.session() as s:
+            s.execute(update(Job).where(Job.id == ids[5]).values(**change, updated_at=at))
+        same(change)
+        got = client.get(f"/v1/jobs/{ids[5]}", headers=member).get_json()
+        key, value = next(iter(change.items()))
+        shown = got["progress"]["eta_seconds"] if key == "eta_seconds" else got[key]
+        assert repr(shown) == repr(value), change
+    with db.session() as s:
+        s.execute(update(Artifact).where(Artifact.id == "art_c1").values(size_bytes=5))
+    same("an artifact changed")
+    assert client.get(f"/v1/jobs/{ids[5]}", headers=member).get_json()["artifacts"][0]["size_bytes"] == 5
+
+
 def test_everything_else_goes_to_flask(farm, monkeypatch):
     app, client, ids, theirs = farm["app"], farm["client"], farm["ids"], farm["theirs"]
     member, other = farm["member"], farm["other"]
