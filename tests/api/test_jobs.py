@@ -190,6 +190,11 @@ BAD_BODIES = [
     ('{"model": {"source": "local", "path": "/m"}, "method": "bnb-8bit", "options": {"threshold": 1e999}}', 400, "invalid_json", None),
     ('{"model": {"source": "local", "path": "/m"}, "method": "bnb-8bit", "options": {"threshold": NaN}}', 400, "invalid_json", None),
     ('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "invalid_json", None),
+    # A lone surrogate as an escape, as raw UTF-8-like bytes, and a NUL escape in a UTF-16 body (json.loads reads all).
+    (json.dumps({**MINIMAL, "labels": {"team": "\ud800"}}), 422, "validation_error", {"labels.team"}),
+    (json.dumps({**MINIMAL, "labels": {"team": "\ud800"}}, ensure_ascii=False).encode("utf-8", "surrogatepass"), 422,
+     "validation_error", {"labels.team"}),
+    (json.dumps({**MINIMAL, "labels": {"team": "nl\x00p"}}).encode("utf-16"), 422, "validation_error", {"labels.team"}),
 ]
 
 
