@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import socket
+import threading
 import uuid
 from typing import Any
 
@@ -121,6 +122,7 @@ class RedisWakeups:
         self.reply_to = str(uuid.uuid4())  # Celery's client app has one such id per process; nothing replies to it
         # Thread-safe (a pool of connections); a forked child opens its own. A connection the server dropped
         # (a Redis restart) is retried on a fresh one; a broker that is down fails the send within seconds.
+        self._own = threading.local()  # each thread's own connection (``send``)
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2), retry_on_error=[redis.ConnectionError, redis.TimeoutError])
@@ -143,4 +145,31 @@ class RedisWakeups:
                            "headers": headers, "properties": properties}).encode()
 
     def send(self, name: str, args: list[Any]) -> None:
-        self.client.lpush(self.queue, self.message(name, args))
+        """LPUSH the message on this thread's own connection; on a connection error, through the client (its retries).
+
+        The client's command path (its pool, retry and timing layers) cost a submit
+        more CPU than the push itself (~80 µs of ~120 in a gunicorn-like request).
+        """
+        import redis
+
+        message = self.message(name, args)
+        conn = self._connection()
+        try:
+            conn.send_packed_command(conn.pack_command("LPUSH", self.queue, message))
+            conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):  # dropped (a Redis restart): the client's way, which retries
+            conn.disconnect()
+            self.client.lpush(self.queue, message)
+
+    def _connection(self):
+        """This thread's connection, made with the client's settings (a forked child makes its own)."""
+        own = self._own
+        if getattr(own, "pid", None) != os.getpid():
+            own.conn, own.pid = self.client.connection_pool.make_connection(), os.getpid()
+        return own.conn
+
+    def client_id(self) -> int:
+        """Redis's id of this thread's connection (tests drop it)."""
+        conn = self._connection()
+        conn.send_command("CLIENT", "ID")
+        return conn.read_response()

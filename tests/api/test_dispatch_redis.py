@@ -70,12 +70,21 @@ def test_the_wake_up_is_the_message_celery_would_send(tmp_path, queue):
 
 
 def test_the_wake_up_client_outlives_a_dropped_connection(tmp_path, queue):
-    """A pooled connection the server dropped (as a Redis restart does) costs a retry, not the wake-up."""
+    """A connection the server dropped (as a Redis restart does) costs a retry, not the wake-up: the thread's own
+    connection, then the client's pooled one too."""
     r, name = queue
     dispatcher = Dispatcher(Settings(home=tmp_path / "home", broker_url=REDIS, queue=name))
     dispatcher.run_job("job_1")
-    mine = dispatcher.wakeups.client.client_id()
+    mine = dispatcher.wakeups.client_id()
     r.client_kill_filter(_id=mine)
-    dispatcher.run_job("job_2")
-    assert r.llen(name) == 2
-    assert dispatcher.wakeups.client.client_id() != mine
+    dispatcher.run_job("job_2")  # through the client, which connects
+    pooled = dispatcher.wakeups.client.client_id()
+    assert r.llen(name) == 2 and pooled != mine
+    dispatcher.run_job("job_3")  # the thread's connection again, made anew
+    fresh = dispatcher.wakeups.client_id()
+    assert fresh not in (mine, pooled)
+    r.client_kill_filter(_id=fresh)
+    r.client_kill_filter(_id=pooled)
+    dispatcher.run_job("job_4")  # both dropped: the client retries on a fresh connection
+    assert [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in r.lrange(name, 0, -1)] == \
+        ["job_4", "job_3", "job_2", "job_1"]
