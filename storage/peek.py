@@ -86,6 +86,8 @@ def _bounded(chunks) -> bytes | None:
 
 def estimate_remote(db, spec, public: dict, team_id: str, settings: Settings) -> int | None:
     """The memory estimate of a Hub or S3 job from its config.json, read with its own credentials; None: not here."""
+    if not isinstance(spec.model, (HubSource, S3Source)):  # before the imports: every local submit asks
+        return None
     from types import SimpleNamespace
 
     from quantfarm.errors import QuantfarmError
@@ -93,8 +95,6 @@ def estimate_remote(db, spec, public: dict, team_id: str, settings: Settings) ->
     from quantfarm.spec import spec_secrets
     from storage.teams import job_credentials
 
-    if not isinstance(spec.model, (HubSource, S3Source)):
-        return None
     secrets = dict(spec_secrets(spec))
     if getattr(spec.model, "credentials_ref", None):
         try:
