@@ -131,10 +131,11 @@ def _layers(model, method, calib, ckpt, on_layer, spool: Spool) -> LoopStats:
             assert_finite(i, tensors)
             if wants_next and method.next_from_source and nxt is None:
                 raise RuntimeError(f"{method.name} must return the source layer's outputs as next_inputs")
-        # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
-        # replayed one compute with identical weights from here on.
-        method.apply(model.arch.at(i), layer, tensors)
         if wants_next and nxt is None:
+            # ``apply`` overwrites every tensor a method changes, so a fresh layer and a
+            # replayed one compute with identical weights from here on. A layer whose next
+            # inputs are known (or not needed) is released as it is: nothing computes with it.
+            method.apply(model.arch.at(i), layer, tensors)
             nxt = model.forward_layer(layer, inputs, drain=True)
         inputs.release()
         inputs = nxt if wants_next else Activations(spool)

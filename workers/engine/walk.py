@@ -65,7 +65,10 @@ class LayerWalk:
                 self.layer.get_submodule(name).forward = fwd
 
     @torch.no_grad()
-    def watch(self, linear: str, on_input: Callable[[torch.Tensor], None], *, until_output_of: str | None = None) -> list[Any]:
+    def watch(
+        self, linear: str, on_input: Callable[[torch.Tensor], None], *, until_output_of: str | None = None,
+        keep_output_of: str | None = None,
+    ) -> list[Any]:
         """Feed ``linear``'s input of every batch to ``on_input``.
 
         Each batch stops right after that, or, with ``until_output_of``, once that
@@ -74,6 +77,11 @@ class LayerWalk:
         by it and otherwise None, as attention without weights does), the rest
         stop at the linear's input as well and get that shape back: their float
         output would be replaced by the quantized linear's anyway.
+
+        With ``keep_output_of``, a module that runs before the linear (the norm
+        that feeds it) has its output of every batch kept, and the later passes
+        read it instead of computing it again: nothing it depends on changes
+        after this pass, since groups are quantized in execution order.
         """
         outputs: list[Any] = []
         shape: list[Any] = []  # the first batch's output, once it is known to carry nothing else
@@ -96,7 +104,14 @@ class LayerWalk:
         handles = [self.layer.get_submodule(linear).register_forward_pre_hook(pre)]
         if until_output_of is not None:
             handles.append(self.layer.get_submodule(until_output_of).register_forward_hook(post))
+        kept = Activations(self.inputs.spool)
+        if keep_output_of is not None:
+            handles.append(self.layer.get_submodule(keep_output_of).register_forward_hook(lambda _m, _a, out: kept.append(out)))
         self._each_batch(handles, linear, stopped)
+        if keep_output_of is not None and len(kept) == len(self.inputs):
+            self.memo[keep_output_of] = kept
+        else:
+            kept.release()
         return outputs
 
     @torch.no_grad()

@@ -221,6 +221,29 @@ def test_gptq_solves_stacked_rows_like_separate_ones():
 
 
 @pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_parts_on_threads_equal_one_sweep(monkeypatch, desc_act):
+    """gptq_quantize splits the rows over threads: the parts put together are the whole sweep, bit for bit
+    (the reported losses to float32 rounding: a column sum's vectorization follows the row count)."""
+    import workers.engine.quant as quant
+
+    W, H, _ = make_problem(13, rows=24)
+    Hinv, perm, dead = prepare_hinv(H.float(), DAMP, desc_act)
+    kw = dict(bits=3, group_size=32, sym=False, static_groups=desc_act, min_zero=1)
+    whole = quant.gptq_sweep(W.float(), Hinv, perm, dead, **kw)
+    monkeypatch.setattr(quant, "_PARALLEL_ROWS", 8)
+    monkeypatch.setattr(quant.torch, "get_num_threads", lambda: 3)
+    calls = []
+    sweep = quant.gptq_sweep
+    monkeypatch.setattr(quant, "gptq_sweep", lambda W, *a, **k: calls.append(W.shape[0]) or sweep(W, *a, **k))
+    parts = quant.gptq_quantize(W.float(), Hinv, perm, dead, **kw)
+    assert calls == [8, 8, 8]
+    for field in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(parts, field), getattr(whole, field)), field
+    torch.testing.assert_close(parts.row_losses, whole.row_losses, rtol=1e-5, atol=0)
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
 def test_prepare_hinv_is_the_upper_factor_of_the_damped_inverse(desc_act):
     """UᵀU = H⁻¹ (dead columns set to 1, damped, act-order permuted), U upper triangular; the caller's H is untouched."""
     _W, H, _X = make_problem(seed=3, dead=(7, 100))
@@ -250,7 +273,7 @@ def test_gptq_rejects_group_size_that_does_not_divide():
 # --- Hessian, RTN, find_params ----------------------------------------------------
 
 
-@pytest.mark.parametrize("cols", [64, 768])  # 768: the block-wise, symmetric path
+@pytest.mark.parametrize("cols", [64, 768, 2048])  # 768: 2 x 2 symmetric blocks, 2048: 4 x 4
 def test_accumulate_hessian_equals_two_over_n_xtx(cols):
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, n, cols, generator=g) * 3 for n in (5, 17, 40)]  # [batch, seq, features]

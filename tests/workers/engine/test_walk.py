@@ -58,7 +58,14 @@ def test_the_walk_equals_one_forward_per_group(tiny_model, arch, desc_act, recom
     monkeypatch.setattr(gptq.LayerWalk, "watch", lambda self, *a, **k: passes.append(1) or real_watch(self, *a, **k))
     method = method_for("gptq", GPTQOptions(bits=4, group_size=32, desc_act=desc_act, true_sequential=True))
 
-    walked = method.quantize_layer(LayerContext(model, 0, model.load_layer(0), inputs))
+    layer = model.load_layer(0)
+    norms = {g.prev for g in model.arch.groups if g.prev is not None and g.prev not in model.arch.linears}
+    computed = dict.fromkeys(norms, 0)
+    for n in norms:  # count real computations (a memoized read replaces forward and does not get here)
+        m = layer.get_submodule(n)
+        m.forward = lambda *a, _real=m.forward, _n=n, **k: computed.__setitem__(_n, computed[_n] + 1) or _real(*a, **k)
+    walked = method.quantize_layer(LayerContext(model, 0, layer, inputs))
+    assert len(norms) == 2 and computed == dict.fromkeys(norms, len(inputs))  # each norm once a batch, then read back
     closers = sum(g.closes is not None for g in model.arch.groups)
     assert closers >= 1 and len(passes) == len(model.arch.groups) + (closers if recompute else 0)  # the second passes ran
     plain = plain_sequential(method, model, model.load_layer(0), inputs)

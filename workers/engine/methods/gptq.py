@@ -162,7 +162,9 @@ class GPTQMethod(GPTQFormat):
             if keep:
                 stored.append(x)
 
-        returned = walk.watch(first, on_input, until_output_of=group.closes)
+        # The norm that feeds the group (not a linear: one of those is quantized later) is computed once.
+        norm = group.prev if group.prev is not None and group.prev not in ctx.arch.linears and group.prev not in walk.memo else None
+        returned = walk.watch(first, on_input, until_output_of=group.closes, keep_output_of=norm)
         for name, res in self.solve_group(ctx.layer, group, h.H):
             self._store(out, name, res)
             set_quantized(ctx.layer, name, res.dequantize())
