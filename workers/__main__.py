@@ -12,6 +12,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    from workers.engine.heap import configure_heap
+
+    configure_heap()  # before any thread allocates: every thread in one arena, large blocks mmapped
     from quantfarm.settings import Settings
     from storage.artifacts import StoreNotReady
     from workers.celery_app import configure
