@@ -32,13 +32,14 @@ def configure_heap() -> None:
     later, differently sized tensor cannot always reuse: at width 1024 that added
     about 140 MiB to a layer's peak. With a fixed threshold a freed tensor goes
     back to the OS at once, so the resident size follows what is alive.
-    A worker runs its job on a thread of its own, whose allocations glibc serves
-    from a per-thread arena made of 64 MiB heaps; there a layer's tensors were
-    served from free space in those heaps (kept until the trim at the layer's end)
-    and a real worker's layer peak rose by ~400 MiB over the same job on the main
-    thread. One arena (set before any other thread allocates: ``workers/__main__.py``
-    calls this first) keeps every thread in the main heap. Only where memory comes
-    from changes, never a computed value.
+    A worker runs its job on a thread of its own, which glibc serves from an arena
+    of its own made of 64 MiB heaps. In a real worker on a 24-layer width-1024 model
+    a layer's tensors were found in free space of 20 such heaps (~600 MiB resident
+    mid-layer, given back only by the trim at the layer's end), and the worker's
+    peak was ~430 MiB above the same job with one arena (bench/RESULTS.md). One
+    arena, set before any other thread allocates (``workers/__main__.py`` calls this
+    first), keeps every thread in the main heap. Only where memory comes from
+    changes, never a computed value.
     """
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
