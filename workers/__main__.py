@@ -12,12 +12,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    role = (argv if argv is not None else sys.argv[1:] or ["worker"])[0]
+    if role == "worker":
+        from workers.engine.heap import configure_heap
+
+        configure_heap()  # before any other thread allocates: every thread in one arena, large blocks mmapped
     from quantfarm.settings import Settings
     from storage.artifacts import StoreNotReady
     from workers.celery_app import configure
     from workers.context import init_context
 
-    role = (argv if argv is not None else sys.argv[1:] or ["worker"])[0]
     settings = Settings()
     from quantfarm.logs import configure as configure_logging
 

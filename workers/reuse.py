@@ -24,9 +24,10 @@ from sqlalchemy.orm import Session
 
 from quantfarm.errors import JobCancelled, LeaseLost, StorageUnavailable
 from quantfarm.paths import safe_join
-from quantfarm.store import sha256_file
+from quantfarm.store import PrefixedStore, sha256_file
 from storage import jobs
 from storage.jobs import JobStatus, Lease, Stage
+from storage.layout import checkpoint_prefix
 from storage.models import Artifact, Job
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,13 @@ class Reused:
     layer_losses: dict = field(default_factory=dict)
 
 
-def fingerprint_of(spec, req, device) -> str:
+def fingerprint_of(spec, req, device, checkpoints=None) -> str:
+    """The job's result fingerprint; ``checkpoints``: the job's checkpoint store (a resumed job computes, and so
+    fingerprints, in the dtype its checkpoints recorded, whatever this worker would choose)."""
     from workers.engine.run import result_fingerprint
 
     gate = spec.gate.model_dump(mode="json") if spec.gate is not None else None
-    return result_fingerprint(req, device, extra={"gate": gate})
+    return result_fingerprint(req, device, extra={"gate": gate}, checkpoint_store=checkpoints)
 
 
 def find_reusable(s: Session, job: Job, fp: str) -> list[tuple[Job, list[Artifact]]]:
@@ -96,7 +99,7 @@ def settle(runner, job, spec, req, hb) -> tuple[Job, list[Artifact]] | None:
     """Find a result to reuse, waiting while an identical job computes one; None: compute it here."""
     from workers.engine.model import resolve_device
 
-    fp = fingerprint_of(spec, req, resolve_device(runner.settings.device))
+    fp = fingerprint_of(spec, req, resolve_device(runner.settings.device), PrefixedStore(runner.store, checkpoint_prefix(job.id)))
     waited_for = None
     while True:
         with runner.db.session() as s:

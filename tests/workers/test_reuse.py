@@ -218,3 +218,44 @@ def test_a_job_waiting_for_an_identical_one_is_cancelled_within_seconds(env, tin
     leader.go.set()
     lead.join(120)
     assert results[first] == "succeeded"
+
+
+class PreemptedAfterFirstLayer(JobRunner):
+    """Asked to stop as soon as the job calibrates: it hands the job back after layer 0's checkpoint."""
+
+    def _stage(self, job_id, stage):
+        super()._stage(job_id, stage)
+        if stage == Stage.CALIBRATING:
+            self.preempting = True
+
+
+@pytest.fixture
+def bf16_llama(tokenizer_dir, tmp_path_factory):
+    import torch
+
+    from tests.support.models import make_tiny_model
+    from workers.engine.model import prefer_cpu_bf16
+
+    yield make_tiny_model(tmp_path_factory.mktemp("bf16") / "llama", "llama", tokenizer_dir=tokenizer_dir, dtype=torch.bfloat16)
+    prefer_cpu_bf16(None)  # the runners below set this process's choice
+
+
+@PG_ONLY
+def test_a_resumed_job_is_reused_as_the_dtype_it_was_computed_in(env, bf16_llama):
+    """Checkpoints made in bf16 and resumed by a float32 worker: the result is bf16's, so only bf16 jobs may reuse it."""
+    settings, db, store = env
+    bf16, float32 = (settings.model_copy(update={"cpu_bf16": on}) for on in (True, False))
+    first = submit(db, body(bf16_llama))
+    assert PreemptedAfterFirstLayer(bf16, db, store).run(first) == "preempted"
+    assert JobRunner(float32, db, store).run(first) == "succeeded"  # resumes from layer 0, in the recorded bf16
+    events = load(db, first)[2]
+    assert layers_computed(events) == [1, 2] and [e.data["layers_done"] for e in events if e.kind == "progress"
+                                                  and e.data.get("resumed")] == [1]  # layer 0 replayed, not computed again
+    on_bf16 = submit(db, body(bf16_llama))
+    assert JobRunner(bf16, db, store).run(on_bf16) == "succeeded"
+    assert load(db, on_bf16)[3]["reused_from"] == first
+    on_float32 = submit(db, body(bf16_llama))
+    assert JobRunner(float32, db, store).run(on_float32) == "succeeded"
+    _, (art,), events, view = load(db, on_float32)
+    assert view["reused_from"] is None and layers_computed(events) == [1, 2]
+    assert art.sha256 != load(db, first)[1][0].sha256  # float32 compute: other bytes

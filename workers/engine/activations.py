@@ -28,6 +28,17 @@ class _File:
     device: torch.device
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """An item of another ``Activations`` read through this one: its owner keeps (and drops) it."""
+
+    entry: torch.Tensor | _File
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.entry.shape)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -96,6 +107,14 @@ class Activations:
         head, rest = (item[0], tuple(item[1:])) if isinstance(item, tuple) else (item, None)
         self._items.append((self.spool.keep(head), rest))
 
+    def append_shared(self, owner: Activations, j: int, rest: tuple | None = None) -> None:
+        """Append ``owner``'s ``j``-th tensor (not kept again, neither in RAM nor on disk), with ``rest``.
+
+        It stays readable here as long as ``owner`` keeps it.
+        """
+        entry = owner._items[j][0]
+        self._items.append((entry if isinstance(entry, _Shared) else _Shared(entry), rest))
+
     def with_rest(self, rests: list[tuple]) -> Activations:
         """The same tensors (not copied) with the rest of each tuple replaced by ``rests[j]``."""
         out = Activations(self.spool)
@@ -108,7 +127,7 @@ class Activations:
 
     @staticmethod
     def _item(entry, rest) -> Any:
-        t = Spool.load(entry)
+        t = Spool.load(entry.entry if isinstance(entry, _Shared) else entry)
         return t if rest is None else (t, *rest)
 
     def __len__(self) -> int:
@@ -126,7 +145,7 @@ class Activations:
         while self._items:
             entry, rest = self._items.pop(0)
             item = self._item(entry, rest)
-            self.spool.drop(entry)
+            self._drop(entry)
             del entry
             yield item
             del item
@@ -134,4 +153,8 @@ class Activations:
     def release(self) -> None:
         """Forget every item."""
         while self._items:
-            self.spool.drop(self._items.pop()[0])
+            self._drop(self._items.pop()[0])
+
+    def _drop(self, entry) -> None:
+        if not isinstance(entry, _Shared):  # a shared one is its owner's to drop
+            self.spool.drop(entry)

@@ -4,7 +4,8 @@ For every linear, the mean over calibration tokens of each input channel's squar
 activation (what ``llama-imatrix`` stores, and the diagonal of GPTQ's Hessian up to a
 factor). The k-quant search weighs each weight's error by its column's entry. Layers
 are loaded one at a time, as the layer-wise methods do; the float model's own
-activations feed every layer.
+activations feed every layer. The activations go through a ``Spool`` as the layer-wise
+methods' do: in RAM up to the job's bound, in its scratch folder beyond.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.engine.activations import Spool
 from workers.engine.model import StreamedModel
-from workers.engine.pipeline import batches_of
+from workers.engine.pipeline import batches_of, configure_heap, release_heap
 
 
 class _Accumulator:
@@ -38,22 +40,37 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def collect_imatrix(source_dir, device: torch.device, ids: torch.Tensor) -> dict[str, np.ndarray]:
-    """Return source weight name (``model.layers.0.mlp.down_proj.weight``, ``lm_head.weight``) -> per-column mean square."""
+def collect_imatrix(source_dir, device: torch.device, ids: torch.Tensor, spool: Spool | None = None) -> dict[str, np.ndarray]:
+    """Return source weight name (``model.layers.0.mlp.down_proj.weight``, ``lm_head.weight``) -> per-column mean square.
+
+    The activations live in ``spool`` (default: RAM); its files are removed at the end, normally or not.
+    """
+    configure_heap()
     model = StreamedModel(source_dir, device)
     acc = _Accumulator()
-    inputs = model.capture_inputs(batches_of(ids))
-    for i in range(model.num_layers):
-        layer = model.load_layer(i)
-        inputs = model.inputs_for(i, inputs)
-        handles = [m.register_forward_pre_hook(acc.hook(f"{model.layer_prefix(i)}{n}.weight"), with_kwargs=True)
-                   for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        try:
-            inputs = model.forward_layer(layer, inputs, drain=True)
-        finally:
-            for h in handles:
-                h.remove()
-            model.release(layer)
+    spool = spool or Spool()
+    try:
+        inputs = model.capture_inputs(batches_of(ids), spool)
+        for i in range(model.num_layers):
+            layer = model.load_layer(i)
+            inputs = model.inputs_for(i, inputs)
+            handles = [m.register_forward_pre_hook(acc.hook(f"{model.layer_prefix(i)}{n}.weight"), with_kwargs=True)
+                       for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            try:
+                inputs = model.forward_layer(layer, inputs, drain=True)
+            finally:
+                for h in handles:
+                    h.remove()
+                model.release(layer)
+            release_heap()
+        _head(model, acc, inputs)
+    finally:
+        spool.close()
+    return acc.result()
+
+
+def _head(model: StreamedModel, acc: _Accumulator, inputs) -> None:
+    """The head's input (after the final norm) for every batch, when the head is a linear."""
     post = [model.materialize(p) for p in model.arch.post]
     try:
         *before, head = post
@@ -66,4 +83,3 @@ def collect_imatrix(source_dir, device: torch.device, ids: torch.Tensor) -> dict
     finally:
         for m in post:
             model.release(m)
-    return acc.result()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from workers.engine import ENGINE_VERSION
 from workers.engine.activations import Activations, Spool
 from workers.engine.calibration import calibration_ids
 from workers.engine.checkpoint import Checkpoints, tensor_digest
+from workers.engine.heap import _libc, configure_heap, release_heap  # noqa: F401  (_libc: tests probe it)
 from workers.engine.methods import LayerContext, Method
 from workers.engine.model import StreamedModel
 
@@ -156,45 +155,6 @@ def assert_finite(i: int, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):  # fp8: via float
             raise RuntimeError(f"layer {i}: {name} is not finite after quantization")
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 1024**2
-
-
-def configure_heap() -> None:
-    """Serve every allocation of 1 MiB or more (weights, activations, Hessians) from its own mmap.
-
-    glibc raises its mmap threshold to the size of each mmapped block freed (up
-    to 32 MiB), after which a layer's tensors come from the heap, whose holes a
-    later, differently sized tensor cannot always reuse: at width 1024 that added
-    about 140 MiB to a layer's peak. With a fixed threshold a freed tensor goes
-    back to the OS at once, so the resident size follows what is alive. Only
-    where memory comes from changes, never a computed value.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def release_heap() -> None:
-    """Hand a released layer's freed buffers back to the OS.
-
-    glibc keeps freed memory in its heap, so without this the resident size
-    creeps up with every layer and peak memory grows with depth.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _report(on_layer, i, total, seconds, ckpt, resumed, stats, t_start) -> None:

@@ -14,7 +14,7 @@ from quantfarm.errors import BadRequest
 from quantfarm.store import BlobStore, sha256_file, walk_files
 from workers.engine.calibration import evaluation_ids
 from workers.engine.card import model_card
-from workers.engine.checkpoint import fingerprint
+from workers.engine.checkpoint import fingerprint, recorded_dtype
 from workers.engine.methods import EngineJob, Method, Quantized, method_for
 from workers.engine.model import read_config
 from workers.engine.pipeline import LayerReport, QuantizeRequest, fingerprint_parts, load_tokenizer, prepare
@@ -111,16 +111,20 @@ def quantize(
     )
 
 
-def result_fingerprint(req: QuantizeRequest, device: torch.device, extra: dict[str, Any] | None = None) -> str:
+def result_fingerprint(req: QuantizeRequest, device: torch.device, extra: dict[str, Any] | None = None,
+                       checkpoint_store: BlobStore | None = None) -> str:
     """A digest of everything that shapes ``req``'s outputs, byte for byte, computed without quantizing.
 
     The checkpoint's own parts (engine version, weight and config hashes, method and options,
     calibration tokens, compute device and dtype) plus the other source files (tokenizer), the
     formats, the evaluation, the card's base model and source revision, and the caller's ``extra``.
+    The compute dtype is the one the run will use: the dtype recorded by the job's checkpoints in
+    ``checkpoint_store`` when it has some (a resumed job keeps it), else this worker's choice.
     Raises what opening the model or tokenizing the calibration set raises.
     """
     method = method_for(req.method, req.options)
-    model, calib = prepare(req, device, method)
+    dtype = recorded_dtype(checkpoint_store, device) if checkpoint_store is not None else None
+    model, calib = prepare(req, device, method, dtype)
     parts = fingerprint_parts(model, method, calib)
     weights = set(parts["source_files"])
     others = {p.relative_to(req.source_dir).as_posix(): p for p in walk_files(req.source_dir)}

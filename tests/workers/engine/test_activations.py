@@ -142,3 +142,44 @@ def test_awqs_clip_sample_read_batch_by_batch_equals_every_kth_row_of_all(tmp_pa
         want = flat[:: max(1, flat.shape[0] // limit)]
         assert torch.equal(in_ram.sample(limit), want)
         assert torch.equal(GroupInputs(x=spilled, held=held).sample(limit), want)
+
+
+def test_a_shared_item_is_kept_once_and_dropped_by_its_owner(tmp_path):
+    spool = Spool(tmp_path / "spool", ram_bytes=0)
+    owner, reader = Activations(spool), Activations(spool)
+    t = torch.randn(2, 3, 4)
+    owner.append((t, "rest"))
+    reader.append_shared(owner, 0)
+    assert spool.spilled == 1 and torch.equal(reader[0], t) and reader.shapes() == [torch.Size([2, 3, 4])]
+    reader.release()
+    assert torch.equal(owner[0][0], t)  # still the owner's
+    owner.release()
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_awq_records_the_attention_and_mlp_input_once(tiny_model, tmp_path, arch):
+    """q/k/v read the attention's own input and gate/up the MLP's: one spilled file each per batch, not two."""
+    from workers.engine.methods import LayerContext
+    from workers.engine.methods.awq_inputs import gather_inputs
+    from workers.engine.model import StreamedModel
+    from workers.engine.pipeline import batches_of
+
+    model = StreamedModel(tiny_model(arch, layers=2), torch.device("cpu"))
+    spool = Spool(tmp_path / "spool", ram_bytes=0)
+    ids = torch.randint(0, 200, (8, 64))
+    inputs = model.capture_inputs(batches_of(ids), spool)
+    batches, before = len(inputs), spool.spilled
+    rec, outputs = gather_inputs(LayerContext(model, 0, model.load_layer(0), inputs))
+    # Per batch: attention's call and output, o_proj's input, the MLP's call and output, down_proj's input, the layer's output.
+    assert batches == 2 and spool.spilled - before == 7 * batches
+    for group, inspect in (("self_attn.q_proj", "self_attn"), ("mlp.gate_proj", "mlp")):
+        r = rec[group]
+        for i, (_, args, kwargs, _) in enumerate(r.recorded()):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            assert torch.equal(r.x[i], hidden), (group, inspect)
+    for r in rec.values():
+        r.release()
+    outputs.release()
+    inputs.release()
+    assert list((tmp_path / "spool").iterdir()) == []

@@ -104,3 +104,28 @@ def test_resume_keeps_the_recorded_dtype(bf16_source, cpu_bf16, tmp_path, first,
 
 def test_no_checkpoints_no_recorded_dtype(tmp_path):
     assert recorded_dtype(LocalStore(tmp_path / "empty"), CPU) is None
+
+
+def test_result_fingerprint_names_the_dtype_the_run_uses(bf16_source, cpu_bf16, tmp_path):
+    """A resumed job computes in its checkpoints' dtype, so its reuse fingerprint must name that dtype, not the worker's."""
+    from tests.workers.engine.helpers import request
+    from workers.engine.run import result_fingerprint
+
+    req = request(bf16_source, **OPTIONS)
+    cpu_bf16(True)
+    in_bf16 = result_fingerprint(req, CPU)
+    cpu_bf16(False)
+    in_float32 = result_fingerprint(req, CPU)
+    assert in_bf16 != in_float32  # the dtype is part of what shapes the bytes
+
+    def crash_after_first(report):
+        if report.index == 0:
+            raise Crash("stopped after layer 0")
+
+    cpu_bf16(True)  # checkpoints made in bf16 ...
+    with pytest.raises(Crash):
+        run_job(bf16_source, tmp_path / "job", on_layer=crash_after_first, **OPTIONS)
+    cpu_bf16(False)  # ... resumed by a worker that would compute in float32
+    store = LocalStore(tmp_path / "job" / "ckpt")
+    assert result_fingerprint(req, CPU, checkpoint_store=store) == in_bf16
+    assert result_fingerprint(req, CPU, checkpoint_store=LocalStore(tmp_path / "none")) == in_float32  # nothing recorded

@@ -215,6 +215,45 @@ def test_large_allocations_are_mmapped_after_configure_heap():
     assert probe() == [0, 0, 0], "without configure_heap the probe cannot tell (glibc's default changed?)"
 
 
+_ARENA_PROBE = """
+import sys, threading
+from workers.engine.heap import _libc, configure_heap
+
+libc = _libc()
+if libc is None or not hasattr(libc, "malloc_stats"):
+    print("skip"); sys.exit(0)
+if sys.argv[1:] == ["configure"]:
+    configure_heap()  # as workers/__main__.py does, before any other thread allocates
+
+def job():  # a job's thread: small blocks (Python objects, shapes), as every forward makes
+    kept = [bytearray(64 * 1024) for _ in range(64)]
+    del kept
+
+t = threading.Thread(target=job)
+t.start()
+t.join()
+libc.malloc_stats()  # one "Arena N:" paragraph per arena, on stderr
+"""
+
+
+def test_a_jobs_thread_allocates_from_the_one_arena():
+    """A worker runs its job on a thread of its own; glibc would give that thread an arena of 64 MiB heaps, where a
+    real worker's layer tensors sat in free heap space until the layer's trim (bench/RESULTS.md, worker memory).
+    ``configure_heap`` at the worker's start keeps every thread in the main arena. Probed in fresh processes."""
+    import subprocess
+    import sys
+
+    def arenas(*args: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, *args], capture_output=True, text=True, timeout=120,
+                             check=True)
+        if out.stdout.strip() == "skip":
+            pytest.skip("not glibc")
+        return out.stderr.count("Arena ")
+
+    assert arenas("configure") == 1
+    assert arenas() >= 2, "without configure_heap the thread got no arena of its own (glibc's default changed?)"
+
+
 def test_the_memory_estimate_knows_the_engines_batch_size():
     """quantfarm.memory (imported by the API, without torch) restates the engine's batch size and bounds; keep them equal."""
     from quantfarm import memory

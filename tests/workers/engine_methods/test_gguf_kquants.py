@@ -141,6 +141,29 @@ def test_a_rerun_with_the_importance_matrix_writes_the_same_bytes(wide, q4km_run
         assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).digest() == hashlib.sha256((out / name).read_bytes()).digest()
 
 
+def test_the_importance_matrix_pass_spills_to_the_scratch_folder_with_the_same_bytes(wide, q4km_run, tmp_path, monkeypatch):
+    """Its activations go through the job's spool as the layer-wise methods' do: beyond the RAM bound (here 0)
+    every batch is a file in the scratch folder, removed at the end, and the output is byte for byte the same."""
+    from workers.engine import activations
+
+    written = []
+    keep = activations.Spool.keep
+
+    def counting_keep(self, t):
+        entry = keep(self, t)
+        if not isinstance(entry, torch.Tensor):
+            written.append(entry.path)
+        return entry
+
+    monkeypatch.setattr(activations.Spool, "keep", counting_keep)
+    out, _ = q4km_run
+    quantize(_req(wide, imatrix=True), LocalStore(tmp_path / "ckpt"), tmp_path / "out", device=CPU,
+             activations_dir=tmp_path / "scratch", activations_ram_bytes=0)
+    assert len(written) >= 3 and all(p.is_relative_to(tmp_path / "scratch") for p in written)  # 2 layers' outputs and more
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").rglob("*.bin"))
+    assert (tmp_path / "out" / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def trained_wide():
     """The trained test Llama at hidden 256, so every linear's rows split into k-quant super-blocks."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -150,11 +151,28 @@ def gather_inputs(ctx: LayerContext) -> tuple[dict[str, GroupInputs], list]:
     handles = []
     for g in groups:
         r = rec[g.names[0]]
-        handles.append(layer.get_submodule(g.names[0]).register_forward_pre_hook(lambda _m, a, r=r: r.x.append(a[0])))
         if linear_inspect(g):
+            handles.append(layer.get_submodule(g.names[0]).register_forward_pre_hook(lambda _m, a, r=r: r.x.append(a[0])))
             continue
+        # The inspected module (attention, MLP) usually hands its own input to the group's linears: that
+        # tensor is recorded once, with the call, and the group's input reads it from there.
+        last: dict[str, weakref.ref] = {}
+
+        def on_call(_m, a, k, r=r, last=last):
+            item = call_item(a, k)
+            r.calls.append(item)
+            last["hidden"] = weakref.ref(item[0])
+
+        def on_x(_m, a, r=r, last=last):
+            called = last.pop("hidden", None)
+            if called is not None and called() is a[0]:
+                r.x.append_shared(r.calls, len(r.calls) - 1)
+            else:
+                r.x.append(a[0])
+
         inspect = layer.get_submodule(g.inspect)
-        handles.append(inspect.register_forward_pre_hook(lambda _m, a, k, r=r: r.calls.append(call_item(a, k)), with_kwargs=True))
+        handles.append(inspect.register_forward_pre_hook(on_call, with_kwargs=True))
+        handles.append(layer.get_submodule(g.names[0]).register_forward_pre_hook(on_x))
         handles.append(inspect.register_forward_hook(lambda _m, _a, out, r=r: r.ref.append(_first(out))))
     try:
         outputs = ctx.model.forward_layer(layer, ctx.inputs)

@@ -120,7 +120,7 @@ class GGUFMethod(Method):
             job.stage("calibrating")
             ids = calibration_ids(job.req.calibration, load_tokenizer(job.req.source_dir), read_upload=job.req.read_upload,
                                   hub_token=job.req.hub_token)
-            imatrix = collect_imatrix(job.req.source_dir, job.device, ids)
+            imatrix = collect_imatrix(job.req.source_dir, job.device, ids, job.spool("imatrix"))
         job.stage("exporting")
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.file_name()
