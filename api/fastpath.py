@@ -34,6 +34,7 @@ from werkzeug.wsgi import get_host
 from api import auth, job_service, service
 from api.errors import json_object
 from api.jobs import SUBMIT_FAILED, created_headers, jobs_page, page_query
+from api.submits import SubmitBatches
 from quantfarm.spec import parse_spec
 from storage.job_reads import JOB_COLUMNS, view_of
 
@@ -85,6 +86,9 @@ class FastPath:
         self._jobs = EncodedViews(lambda rows: self._encoded(view_of(rows)))
         self._items = EncodedViews(lambda rows: self._encoded(job_service.summary_view(view_of(rows))))
         self._hosts: dict[tuple, tuple[list, bool]] = {}  # (what get_host reads) -> (the allowlist, trusted?)
+        db = app.extensions["quantfarm"].db
+        # PostgreSQL: the submits that arrive together stored by one statement (api/submits.py).
+        self.submits = SubmitBatches(db) if db.engine.dialect.name == "postgresql" else None
 
     def __call__(self, environ, start_response):
         method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", "")
@@ -214,7 +218,8 @@ class FastPath:
         """POST /v1/jobs of a local or uploaded model: ``job_service.check_submit``, then ``create``, as the view runs them.
 
         The quota is checked as the job is stored, in the one statement that stores it
-        (``create(..., within_quota=True)``): no SELECT of its own. Any failure before the
+        (``create(..., within_quota=True)``; on PostgreSQL with the submits that arrive
+        together, api/submits.py): no SELECT of its own. Any failure before the
         job is stored (a bad body, a check, the quota) goes to Flask, which checks again
         (the quota first, as always) and answers: nothing was written. A failure at or after
         the commit is handed to the view with the request, to answer it as it
@@ -243,7 +248,11 @@ class FastPath:
             except Exception:  # nothing stored: Flask answers it
                 return None
             try:
-                view = job_service.create(checked, within_quota=True)
+                batches, svc = self.submits, self.app.extensions["quantfarm"]
+                if batches is not None and batches.db is svc.db:
+                    view = batches.create(checked, svc.settings.team_max_queued)
+                else:
+                    view = job_service.create(checked, within_quota=True)
                 if view is None:  # over the quota, nothing stored: Flask checks again and answers the 429
                     return None
                 return self._ok(self.submit_route, view, 201, created_headers(view))

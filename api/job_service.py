@@ -153,6 +153,24 @@ def enqueue(job_id: str) -> bool:
         return False
 
 
+def enqueue_all(job_ids: list[str]) -> None:
+    """``enqueue`` each of ``job_ids`` (committed): with one push of all their wake-ups where the broker takes one.
+
+    When that push fails, each job is enqueued on its own (a wake-up that went through
+    is then sent again: a hint, the worker claims the best runnable job).
+    """
+    dispatcher = services().dispatcher
+    run_jobs = getattr(dispatcher, "run_jobs", None)
+    if run_jobs is not None and len(job_ids) > 1:
+        try:
+            run_jobs(job_ids)
+            return
+        except Exception as exc:  # noqa: BLE001 - each on its own: retried, and a failure recorded on the job
+            log.warning("Could not enqueue %s jobs together (%s); enqueueing each", len(job_ids), type(exc).__name__)
+    for job_id in job_ids:
+        enqueue(job_id)
+
+
 @dataclass(frozen=True)
 class Checked:
     """A submit that passed every check (``check_submit``); nothing of it is stored yet."""
@@ -208,16 +226,24 @@ def create(checked: Checked, via: str = "api", *, within_quota: bool = False) ->
     ``within_quota``: store it only while its team is under its quota, read in the
     same statement; None when over it (nothing stored, nothing enqueued).
     """
-    svc, spec, who = services(), checked.spec, checked.who
-    job = job_store.insert_job(
-        svc.db, method=spec.method, model_ref=model_ref(spec.model), spec=checked.public,
-        secrets=spec_secrets(spec), priority=spec.priority, team_id=who.team_id, created_by=who.key_id,
-        memory_estimate=checked.estimate, quota=svc.settings.team_max_queued if within_quota else None,
-    )
+    svc = services()
+    job = job_store.insert_job(svc.db, **job_fields(checked), quota=svc.settings.team_max_queued if within_quota else None)
     if job is None:
         return None
     enqueue(job["id"])  # only after the commit, so a worker always finds the row
-    log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], who.team_id)
+    return created(job, checked, via)
+
+
+def job_fields(checked: Checked) -> dict[str, Any]:
+    """The checked job's fields for ``storage.jobs.insert_job`` (``new_job_values``)."""
+    spec, who = checked.spec, checked.who
+    return {"method": spec.method, "model_ref": model_ref(spec.model), "spec": checked.public, "secrets": spec_secrets(spec),
+            "priority": spec.priority, "team_id": who.team_id, "created_by": who.key_id, "memory_estimate": checked.estimate}
+
+
+def created(job: dict[str, Any], checked: Checked, via: str) -> dict:
+    """The view of ``job`` (its row), stored and enqueued: logged as created."""
+    log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], checked.who.team_id)
     return job_reads.inserted_job_view(job)
 
 

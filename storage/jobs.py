@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage.lean import Fixed
+from storage.lean import wrapped as lean_error
 from storage.models import Job, JobEvent, JobRun, Team, TeamQueued, new_id, utcnow
 
 
@@ -235,8 +237,8 @@ def get_job(s: Session, job_id: str, *, lock: bool = False, team_id: str | None 
     return job
 
 
-def _new_job(*, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
-             created_by: str | None, memory_estimate: int | None) -> dict[str, Any]:
+def new_job_values(*, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
+                   created_by: str | None, memory_estimate: int | None) -> dict[str, Any]:
     """A queued job's row, every column a view reads included."""
     now = utcnow()
     return {"id": new_id("job"), "team_id": team_id, "created_by": created_by, "status": JobStatus.QUEUED.value,
@@ -259,8 +261,8 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
     """
     from storage.teams import ensure_default_team
 
-    values = _new_job(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
-                      team_id=team_id or ensure_default_team(s), created_by=created_by, memory_estimate=memory_estimate)
+    values = new_job_values(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
+                            team_id=team_id or ensure_default_team(s), created_by=created_by, memory_estimate=memory_estimate)
     job = Job(**values)
     s.add(job)
     s.add(JobEvent(**_created_event(values)))
@@ -269,7 +271,7 @@ def create_job(s: Session, *, method: str, model_ref: str, spec: dict, secrets: 
     return job
 
 
-# The columns _new_job and _created_event fill, in their order.
+# The columns new_job_values and _created_event fill, in their order.
 _JOB_KEYS = ("id", "team_id", "created_by", "status", "stage", "method", "model_ref", "spec", "secrets", "priority",
              "memory_estimate", "attempt", "claim", "cancel_requested", "metrics", "created_at", "updated_at", "enqueued_at")
 _EVENT_KEYS = ("job_id", "kind", "from_status", "to_status", "stage", "message", "data", "actor", "at")
@@ -288,24 +290,71 @@ def queued_quota(conn: Connection, team_id: str, farm_limit: int) -> tuple[int, 
     return limit, counted
 
 
-@cache
-def _insert_within_quota() -> Fixed:
-    """PostgreSQL: the job, its event and its team's count in one statement, stored only while the team has fewer
-    queued jobs than its limit; it returns the job's id when stored (no row: over the quota, nothing stored)."""
-    from sqlalchemy.dialects.postgresql import insert as upsert
+# A batch of submits (api/submits.py): each row's own columns, in the statement's order (the rest are the same for every
+# new job: see ``new_job_values`` and ``_created_event``; a test compares the rows with those ``insert_job`` writes).
+_BATCH_KEYS = ("id", "team_id", "created_by", "method", "model_ref", "spec", "secrets", "priority", "memory_estimate", "created_at")
+_BATCH_CASTS = ("varchar", "varchar", "varchar", "varchar", "varchar", "json", "json", "integer", "bigint",
+                "timestamp without time zone", "bigint")  # the last: the farm's limit of queued jobs a team
 
-    jobs_t, events_t = Job.__table__, JobEvent.__table__
-    limit, counted = _QUOTA.stmt.selected_columns
-    job = (insert(jobs_t).from_select(_JOB_KEYS, select(*[bindparam(k, type_=jobs_t.c[k].type) for k in _JOB_KEYS])
-                                      .where(counted < limit))
-           .returning(jobs_t.c.id, jobs_t.c.team_id).cte("job"))
-    event = insert(events_t).from_select(_EVENT_KEYS, select(
-        *[job.c.id if k == "job_id" else bindparam(f"event_{k}", type_=events_t.c[k].type) for k in _EVENT_KEYS])).cte("event")
-    count = upsert(TeamQueued).from_select(("team_id", "slot", "queued"), select(
-        job.c.team_id, func.mod(func.pg_backend_pid(), QUEUED_SLOTS), literal(1)))
-    count = count.on_conflict_do_update(index_elements=[TeamQueued.team_id, TeamQueued.slot],
-                                        set_={"queued": TeamQueued.queued + count.excluded.queued}).cte("counted")
-    return Fixed(select(job.c.id).add_cte(event, count))
+
+@cache
+def _batch_sql(n: int) -> str:
+    """PostgreSQL: ``n`` new jobs, their events and their teams' counts in one statement, each job stored only while its
+    team has fewer queued jobs than its limit, counting the batch's own earlier jobs of that team (``nth``); it returns
+    the ids stored (over the quota: nothing of that job is stored)."""
+    row = ", ".join(f"%s::{cast}" for cast in _BATCH_CASTS)
+    values = ", ".join(f"({i}, {row})" for i in range(n))
+    return f"""WITH input (ord, {", ".join(_BATCH_KEYS)}, farm_limit) AS (VALUES {values}),
+numbered AS (SELECT input.*, row_number() OVER (PARTITION BY team_id ORDER BY ord) AS nth FROM input),
+ok AS (SELECT * FROM numbered n WHERE
+    (SELECT coalesce(sum(q.queued), 0) FROM team_queued q WHERE q.team_id = n.team_id) + n.nth
+    <= coalesce((SELECT t.max_queued FROM teams t WHERE t.id = n.team_id), n.farm_limit)),
+job AS (INSERT INTO jobs (id, team_id, created_by, status, stage, method, model_ref, spec, secrets, priority, memory_estimate,
+                          attempt, claim, cancel_requested, metrics, created_at, updated_at, enqueued_at)
+    SELECT id, team_id, created_by, 'queued', NULL, method, model_ref, spec, secrets, priority, memory_estimate,
+           1, 0, false, '{{}}'::json, created_at, created_at, created_at FROM ok ORDER BY ord
+    RETURNING id, team_id),
+event AS (INSERT INTO job_events (job_id, kind, from_status, to_status, stage, message, data, actor, at)
+    SELECT ok.id, 'status', NULL, 'queued', NULL, 'Job created', '{{}}'::json, ok.created_by, ok.created_at
+    FROM ok JOIN job ON job.id = ok.id ORDER BY ok.ord),
+counted AS (INSERT INTO team_queued (team_id, slot, queued)
+    SELECT team_id, mod(pg_backend_pid(), {QUEUED_SLOTS}), count(*) FROM job GROUP BY team_id
+    ON CONFLICT (team_id, slot) DO UPDATE SET queued = team_queued.queued + excluded.queued)
+SELECT id FROM job"""
+
+
+_batch_processors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def batch_row(dialect, values: dict[str, Any], farm_limit: int) -> tuple:
+    """The bound parameters of one job of ``insert_jobs`` (``values``: ``new_job_values``), its column types' own
+    processing (the JSON, the secrets' encryption, UTC times) done: in the submitting thread, so a row that cannot be
+    bound fails alone."""
+    procs = _batch_processors.get(dialect)
+    if procs is None:
+        cols = Job.__table__.c
+        procs = _batch_processors[dialect] = tuple(cols[k].type.dialect_impl(dialect).bind_processor(dialect) for k in _BATCH_KEYS)
+    return (*(v if proc is None else proc(v) for proc, v in zip(procs, map(values.__getitem__, _BATCH_KEYS))), farm_limit)
+
+
+def insert_jobs(db, rows: list[tuple]) -> set[str]:
+    """PostgreSQL: store the jobs of ``rows`` (``batch_row``'s) within their teams' quotas, with their events and counts,
+    in one statement on an autocommit connection (its own transaction: every row or none); return the ids stored.
+
+    Within one statement the quota is exact, several jobs of one team included (each counts the team's queued
+    jobs as counted, plus the batch's jobs of that team before it). The statement's error is raised as
+    SQLAlchemy's would be (storage/lean.py).
+    """
+    sql = _batch_sql(len(rows))
+    params = [v for row in rows for v in row]
+    with db.connect_read() as conn:
+        dbapi_conn = conn.connection.dbapi_connection
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute(sql, params)
+                return {id_ for (id_,) in cur.fetchall()}
+        except conn.dialect.loaded_dbapi.Error as err:
+            raise lean_error(conn, dbapi_conn, err, sql, {}) from err
 
 
 def insert_job(db, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,
@@ -320,23 +369,19 @@ def insert_job(db, *, method: str, model_ref: str, spec: dict, secrets: dict, pr
 
     ``quota`` (the farm's limit of queued jobs a team; a team's own ``max_queued``
     comes first): store the job only while its team has fewer queued jobs than
-    that, read on PostgreSQL in the same statement as the writes, so a submit is
-    one round trip; None when over it (nothing stored).
+    that, read on PostgreSQL in the same statement as the writes (``insert_jobs``
+    of one job), so a submit is one round trip; None when over it (nothing stored).
     """
-    values = _new_job(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
-                      team_id=team_id, created_by=created_by, memory_estimate=memory_estimate)
-    event = _created_event(values)
-    if quota is not None and db.engine.dialect.name == "postgresql":
-        with db.connect_read() as conn:  # autocommit: the one statement is its own transaction
-            stored = _insert_within_quota().rows(conn, {**values, **{f"event_{k}": v for k, v in event.items()},
-                                                        "farm_limit": quota})
-        return values if stored else None
+    values = new_job_values(method=method, model_ref=model_ref, spec=spec, secrets=secrets, priority=priority,
+                            team_id=team_id, created_by=created_by, memory_estimate=memory_estimate)
+    if quota is not None and db.engine.dialect.name == "postgresql":  # one statement, its own transaction
+        return values if insert_jobs(db, [batch_row(db.reader.dialect, values, quota)]) else None
     if quota is not None:  # SQLite (one writer at a time): read, then write
         with db.connect_read() as conn:
             limit, counted = queued_quota(conn, team_id, quota)
         if counted >= limit:
             return None
-    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, event),
+    db.write_together([(_INSERT_JOB, values), (_INSERT_EVENT, _created_event(values)),
                        (queued_move(db.engine.dialect.name), {"team_id": team_id, "delta": 1})])
     return values
 

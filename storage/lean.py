@@ -68,7 +68,7 @@ class Fixed:
                 cur.execute(sql, values)
                 return cur.fetchall() if fetch else []
         except conn.dialect.loaded_dbapi.Error as err:
-            raise _wrapped(conn, dbapi_conn, err, sql, values) from err
+            raise wrapped(conn, dbapi_conn, err, sql, values) from err
 
 
 def write_together(conn: Connection, writes: list[tuple[Fixed, dict[str, Any]]]) -> None:
@@ -87,10 +87,10 @@ def write_together(conn: Connection, writes: list[tuple[Fixed, dict[str, Any]]])
             for sql, values in bound:
                 cur.execute(sql, values)
     except conn.dialect.loaded_dbapi.Error as err:  # raised at the sync: it names no one statement
-        raise _wrapped(conn, dbapi_conn, err, "; ".join(sql for sql, _ in bound), {}) from err
+        raise wrapped(conn, dbapi_conn, err, "; ".join(sql for sql, _ in bound), {}) from err
 
 
-def _wrapped(conn: Connection, dbapi_conn, err: Exception, sql: str, values: dict[str, Any]) -> sa_exc.DBAPIError:
+def wrapped(conn: Connection, dbapi_conn, err: Exception, sql: str, values: dict[str, Any]) -> sa_exc.DBAPIError:
     """The error SQLAlchemy's execute would raise for the driver's ``err``, with a dead connection invalidated."""
     invalidated = conn.dialect.is_disconnect(err, dbapi_conn, None)
     if invalidated:

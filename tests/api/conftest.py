@@ -47,6 +47,7 @@ class RecordingDispatcher:
         self.db = db
         self.broker_up = broker_up
         self.jobs: list[str] = []
+        self.batches: list[list[str]] = []  # the jobs of each run_jobs
         self.webhooks: list[str] = []
         self.committed_at_enqueue: list[bool] = []
 
@@ -60,6 +61,12 @@ class RecordingDispatcher:
             with self.db.session() as s:
                 self.committed_at_enqueue.append(s.get(Job, job_id) is not None)
         self.jobs.append(job_id)
+
+    def run_jobs(self, job_ids: list[str]) -> None:
+        self._check()
+        self.batches.append(list(job_ids))
+        for job_id in job_ids:
+            self.run_job(job_id)
 
     def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:
         self._check()
