@@ -35,6 +35,10 @@ from storage import jobs as job_store
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64  # jobs one statement stores at most (a process has as many submits at once as threads)
+# Statements one process runs at once. One: the largest batches (~4 jobs a statement under the load bench, 8 threads),
+# and a team's quota checked by one statement after another in a process. Two or four made no difference to the load
+# bench's rate that its noise would show (bench/RESULTS.md, API load), with smaller batches.
+LEADERS = 1
 # SQLSTATE classes of errors after which the connection or the server's state is in doubt: never stored again.
 _IN_DOUBT = ("08", "53", "57", "58", "XX")
 
@@ -42,13 +46,13 @@ _IN_DOUBT = ("08", "53", "57", "58", "XX")
 class _Submit:
     """One submit waiting in ``SubmitBatches``: its bound row, and what became of it."""
 
-    __slots__ = ("error", "job_id", "lead", "ready", "row", "stored")
+    __slots__ = ("batch", "error", "job_id", "ready", "row", "stored")
 
-    def __init__(self, row: tuple, job_id: str):
+    def __init__(self, row: str, job_id: str):
         self.row, self.job_id = row, job_id
         self.ready = threading.Lock()
-        self.ready.acquire()  # released when it is done, or when it is to lead the next batch
-        self.lead = False
+        self.ready.acquire()  # released when it is done, or when it is to store the next batch (``batch``)
+        self.batch: list[_Submit] | None = None
         self.stored: bool | None = None
         self.error: BaseException | None = None
 
@@ -56,11 +60,11 @@ class _Submit:
 class SubmitBatches:
     """One per app (process): ``create`` is ``job_service.create(checked, within_quota=True)``, batched."""
 
-    def __init__(self, db, max_batch: int = MAX_BATCH):
-        self.db, self.max_batch = db, max_batch
+    def __init__(self, db, max_batch: int = MAX_BATCH, leaders: int = LEADERS):
+        self.db, self.max_batch, self.leaders = db, max_batch, leaders
         self._lock = threading.Lock()
         self._waiting: list[_Submit] = []
-        self._busy = False  # a thread is storing a batch (it hands the next batch to a waiting thread)
+        self._leading = 0  # threads storing a batch now (each hands the next batch to a waiting thread)
         self.batches = 0  # statements run (the tests and the bench read these two)
         self.jobs = 0
 
@@ -75,26 +79,29 @@ class SubmitBatches:
             return None
         return job_service.created(values, checked, via)
 
+    def _take(self) -> list[_Submit]:
+        """The next batch: the submits waiting longest (the lock held)."""
+        batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+        return batch
+
     def _store(self, me: _Submit) -> bool:
         with self._lock:
             self._waiting.append(me)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            me.ready.acquire()  # done by another thread's batch, or handed the lead
-            if not me.lead:
-                if me.error is not None:
-                    raise me.error
-                return bool(me.stored)
-        self._lead()
+            batch = None
+            if self._leading < self.leaders:
+                self._leading += 1
+                batch = self._take()
+        if batch is None:
+            me.ready.acquire()  # done by another thread's batch, or handed the next batch
+            batch = me.batch
+        if batch is not None:
+            self._lead(batch)
         if me.error is not None:
             raise me.error
         return bool(me.stored)
 
-    def _lead(self) -> None:
-        """Store the waiting submits (this thread's among them), wake their jobs, then hand on the lead and release them."""
-        with self._lock:
-            batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+    def _lead(self, batch: list[_Submit]) -> None:
+        """Store ``batch`` (this thread's submit among them), wake its jobs, hand the next batch on, release them."""
         try:
             self._run(batch)
         except BaseException as exc:  # noqa: BLE001 - whatever it was, it is every unfinished submit's error
@@ -103,16 +110,16 @@ class SubmitBatches:
                     s.error = exc
         finally:
             with self._lock:
-                nxt = self._waiting[0] if self._waiting else None
-                if nxt is None:
-                    self._busy = False
+                nxt = self._take()
+                if nxt:
+                    nxt[0].batch = nxt
                 else:
-                    nxt.lead = True
+                    self._leading -= 1
             for s in batch:
                 if s.ready.locked():
                     s.ready.release()
-            if nxt is not None:
-                nxt.ready.release()
+            if nxt:
+                nxt[0].ready.release()
 
     def _run(self, batch: list[_Submit]) -> None:
         self.batches += 1

@@ -8,16 +8,17 @@ never both move the same job), and appends a ``job_events`` row.
 from __future__ import annotations
 
 import enum
+import json
 import logging
-import weakref
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, func, insert, literal, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeDecorator
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
 from storage.lean import Fixed
@@ -290,21 +291,20 @@ def queued_quota(conn: Connection, team_id: str, farm_limit: int) -> tuple[int, 
     return limit, counted
 
 
-# A batch of submits (api/submits.py): each row's own columns, in the statement's order (the rest are the same for every
-# new job: see ``new_job_values`` and ``_created_event``; a test compares the rows with those ``insert_job`` writes).
-_BATCH_KEYS = ("id", "team_id", "created_by", "method", "model_ref", "spec", "secrets", "priority", "memory_estimate", "created_at")
-_BATCH_CASTS = ("varchar", "varchar", "varchar", "varchar", "varchar", "json", "json", "integer", "bigint",
-                "timestamp without time zone", "bigint")  # the last: the farm's limit of queued jobs a team
-
-
-@cache
-def _batch_sql(n: int) -> str:
-    """PostgreSQL: ``n`` new jobs, their events and their teams' counts in one statement, each job stored only while its
-    team has fewer queued jobs than its limit, counting the batch's own earlier jobs of that team (``nth``); it returns
-    the ids stored (over the quota: nothing of that job is stored)."""
-    row = ", ".join(f"%s::{cast}" for cast in _BATCH_CASTS)
-    values = ", ".join(f"({i}, {row})" for i in range(n))
-    return f"""WITH input (ord, {", ".join(_BATCH_KEYS)}, farm_limit) AS (VALUES {values}),
+# A batch of submits (api/submits.py): each job's own columns and their types, and its team's limit (the rest are the
+# same for every new job: see ``new_job_values`` and ``_created_event``; a test compares the rows with insert_job's).
+_BATCH_COLUMNS = (("id", "varchar"), ("team_id", "varchar"), ("created_by", "varchar"), ("method", "varchar"),
+                  ("model_ref", "varchar"), ("spec", "json"), ("secrets", "json"), ("priority", "integer"),
+                  ("memory_estimate", "bigint"), ("created_at", "timestamp"), ("farm_limit", "bigint"))
+# PostgreSQL: the jobs of a JSON array (``batch_row``'s objects, in order), their events and their teams' counts in
+# one statement, each job stored only while its team has fewer queued jobs than its limit, counting the batch's own
+# earlier jobs of that team (``nth``); it returns the ids stored (over the quota, nothing of that job is stored).
+# One fixed text and one parameter, whatever the batch's size: psycopg converts it once and prepares it (PostgreSQL
+# plans it once a connection). A json value is reproduced exactly from its text (json_to_record): the same text as
+# the single INSERT's json.dumps of it.
+_BATCH_SQL = f"""WITH input AS (
+    SELECT r.*, e.ord FROM json_array_elements(%s::json) WITH ORDINALITY AS e(job, ord),
+        json_to_record(e.job) AS r({", ".join(f"{name} {kind}" for name, kind in _BATCH_COLUMNS)})),
 numbered AS (SELECT input.*, row_number() OVER (PARTITION BY team_id ORDER BY ord) AS nth FROM input),
 ok AS (SELECT * FROM numbered n WHERE
     (SELECT coalesce(sum(q.queued), 0) FROM team_queued q WHERE q.team_id = n.team_id) + n.nth
@@ -321,40 +321,40 @@ counted AS (INSERT INTO team_queued (team_id, slot, queued)
     SELECT team_id, mod(pg_backend_pid(), {QUEUED_SLOTS}), count(*) FROM job GROUP BY team_id
     ON CONFLICT (team_id, slot) DO UPDATE SET queued = team_queued.queued + excluded.queued)
 SELECT id FROM job"""
+_BATCH_KEYS = tuple(name for name, _ in _BATCH_COLUMNS[:-1])
 
 
-_batch_processors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def batch_row(dialect, values: dict[str, Any], farm_limit: int) -> str:
+    """One job of ``insert_jobs`` (``values``: ``new_job_values``) as its JSON object, each column's own processing
+    done (the secrets' encryption, UTC times): in the submitting thread, so a job that cannot be bound fails alone."""
+    cols = Job.__table__.c
+    row: dict[str, Any] = {}
+    for key in _BATCH_KEYS:
+        value, kind = values[key], cols[key].type
+        if isinstance(kind, TypeDecorator):
+            value = kind.process_bind_param(value, dialect)
+        row[key] = value.isoformat() if isinstance(value, datetime) else value
+    row["farm_limit"] = farm_limit
+    return json.dumps(row)
 
 
-def batch_row(dialect, values: dict[str, Any], farm_limit: int) -> tuple:
-    """The bound parameters of one job of ``insert_jobs`` (``values``: ``new_job_values``), its column types' own
-    processing (the JSON, the secrets' encryption, UTC times) done: in the submitting thread, so a row that cannot be
-    bound fails alone."""
-    procs = _batch_processors.get(dialect)
-    if procs is None:
-        cols = Job.__table__.c
-        procs = _batch_processors[dialect] = tuple(cols[k].type.dialect_impl(dialect).bind_processor(dialect) for k in _BATCH_KEYS)
-    return (*(v if proc is None else proc(v) for proc, v in zip(procs, map(values.__getitem__, _BATCH_KEYS))), farm_limit)
-
-
-def insert_jobs(db, rows: list[tuple]) -> set[str]:
+def insert_jobs(db, rows: list[str]) -> set[str]:
     """PostgreSQL: store the jobs of ``rows`` (``batch_row``'s) within their teams' quotas, with their events and counts,
-    in one statement on an autocommit connection (its own transaction: every row or none); return the ids stored.
+    in one statement on an autocommit connection (its own transaction: every job or none); return the ids stored.
 
     Within one statement the quota is exact, several jobs of one team included (each counts the team's queued
     jobs as counted, plus the batch's jobs of that team before it). The statement's error is raised as
     SQLAlchemy's would be (storage/lean.py).
     """
-    sql = _batch_sql(len(rows))
-    params = [v for row in rows for v in row]
+    batch = f"[{','.join(rows)}]"
     with db.connect_read() as conn:
         dbapi_conn = conn.connection.dbapi_connection
         try:
             with dbapi_conn.cursor() as cur:
-                cur.execute(sql, params)
+                cur.execute(_BATCH_SQL, (batch,))
                 return {id_ for (id_,) in cur.fetchall()}
         except conn.dialect.loaded_dbapi.Error as err:
-            raise lean_error(conn, dbapi_conn, err, sql, {}) from err
+            raise lean_error(conn, dbapi_conn, err, _BATCH_SQL, {}) from err
 
 
 def insert_job(db, *, method: str, model_ref: str, spec: dict, secrets: dict, priority: int, team_id: str,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from api import auth
 from api.job_service import Checked
@@ -48,8 +49,9 @@ def _queued(db, team_id: str) -> tuple[int, int]:
 
 
 def _fields(team_id: str) -> dict:
-    """A job's fields for insert_job."""
-    return {"method": "rtn", "model_ref": "local:/m", "spec": {"model": {"source": "local", "path": "/m"}, "method": "rtn"},
+    """A job's fields for insert_job (a spec whose text json.dumps escapes)."""
+    return {"method": "rtn", "model_ref": "local:/m", "spec": {"model": {"source": "local", "path": "/m"}, "method": "rtn",
+                                                                "labels": {"équipe": "nlp ☃ \U0001f600", "q": "a\"b\\c"}},
             "secrets": {"model.token": "hf_secret"}, "priority": 3, "team_id": team_id, "created_by": "key_x",
             "memory_estimate": 2**40}
 
@@ -120,6 +122,13 @@ def test_a_batch_stores_the_rows_a_single_insert_stores(pg):
             assert job.created_at == job.updated_at == job.enqueued_at == event.at
         assert rows[0] == rows[1] and rows[0][0]["secrets"] == {"model.token": "hf_secret"}
         assert s.get(Job, other["id"]).created_at == other["created_at"]
+    # The json columns' stored text too, byte for byte (the spec's escapes and spacing as json.dumps writes them).
+    with pg.read() as s:
+        texts = [s.execute(text("SELECT spec::text, metrics::text, secrets::text FROM jobs WHERE id = :id"), {"id": j}).one()
+                 for j in (one["id"], other["id"])]
+    assert texts[0][:2] == texts[1][:2] and texts[0][0] == json.dumps(_fields(team)["spec"])
+    assert texts[0][2] != texts[1][2]  # each sealed on its own (a fresh nonce), neither the secret in clear
+    assert "hf_secret" not in texts[0][2] + texts[1][2]
 
 
 def test_concurrent_fast_submits_of_one_team_store_exactly_its_limit(pg, store, tmp_path, monkeypatch):
@@ -174,7 +183,7 @@ def _submit_together(app, batches, checked: list[Checked]):
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(checked))]
     threads[0].start()
-    while not batches._busy:
+    while not batches._leading:
         time.sleep(0.001)
     for t in threads[1:]:
         t.start()
@@ -270,3 +279,30 @@ def test_wake_ups_of_a_batch_go_in_one_push_in_their_order(tmp_path):
         for key in r.scan_iter(f"*{name}*"):
             r.delete(key)
         r.close()
+
+
+@pytest.mark.parametrize("leaders", [1, 2])
+def test_many_threads_submitting_at_once_each_get_their_own_answer(pg, store, tmp_path, leaders):
+    """16 threads, 6 submits each, through one process's batches (one or two statements at a time): every job stored
+    once, answered to its own thread, woken once; the team's count equals its rows; fewer statements than jobs."""
+    from api.submits import SubmitBatches
+
+    broker = RecordingDispatcher()
+    app = make_app(pg, store, broker, tmp_path)
+    batches = SubmitBatches(pg, leaders=leaders)
+    team = _team(pg, "t")
+    answers: dict[int, list] = {}
+
+    def worker(i):
+        with app.app_context():
+            answers[i] = [batches.create(_checked(team), 10**6)["id"] for _ in range(6)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [j for got in answers.values() for j in got]
+    assert len(answers) == 16 and len(set(ids)) == 96 == batches.jobs
+    assert sorted(broker.jobs) == sorted(ids) and _queued(pg, team) == (96, 96)
+    assert batches.batches < 96 and batches._leading == 0 and batches._waiting == []
