@@ -311,11 +311,11 @@ ok AS (SELECT * FROM numbered n WHERE
     <= coalesce((SELECT t.max_queued FROM teams t WHERE t.id = n.team_id), n.farm_limit)),
 job AS (INSERT INTO jobs (id, team_id, created_by, status, stage, method, model_ref, spec, secrets, priority, memory_estimate,
                           attempt, claim, cancel_requested, metrics, created_at, updated_at, enqueued_at)
-    SELECT id, team_id, created_by, 'queued', NULL, method, model_ref, spec, secrets, priority, memory_estimate,
+    SELECT id, team_id, created_by, '{JobStatus.QUEUED.value}', NULL, method, model_ref, spec, secrets, priority, memory_estimate,
            1, 0, false, '{{}}'::json, created_at, created_at, created_at FROM ok ORDER BY ord
     RETURNING id, team_id),
 event AS (INSERT INTO job_events (job_id, kind, from_status, to_status, stage, message, data, actor, at)
-    SELECT ok.id, 'status', NULL, 'queued', NULL, 'Job created', '{{}}'::json, ok.created_by, ok.created_at
+    SELECT ok.id, 'status', NULL, '{JobStatus.QUEUED.value}', NULL, 'Job created', '{{}}'::json, ok.created_by, ok.created_at
     FROM ok JOIN job ON job.id = ok.id ORDER BY ok.ord),
 counted AS (INSERT INTO team_queued (team_id, slot, queued)
     SELECT team_id, mod(pg_backend_pid(), {QUEUED_SLOTS}), count(*) FROM job GROUP BY team_id
