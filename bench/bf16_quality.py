@@ -70,7 +70,7 @@ def quantize_variant(model: Path, calib: Path, out: Path, bits: int, bf16_comput
     ids = torch.load(calib)
     pipeline.calibration_ids = lambda calibration, tokenizer, **_: ids.clone()
     prefer_cpu_bf16(bf16_compute)
-    accumulate, prepare_hinv = quant.accumulate_hessian, gptq.prepare_hinv
+    accumulate, factor_hessian = quant.accumulate_hessian, gptq.factor_hessian
     refs: dict[int, torch.Tensor] = {}
     errors: list[float] = []
 
@@ -82,13 +82,13 @@ def quantize_variant(model: Path, calib: Path, out: Path, bits: int, bf16_comput
         refs[id(H)], _ = accumulate(ref, n, X.float())
         return H, total
 
-    def prepare_measured(H, *args):
+    def factor_measured(H, *args):
         ref = refs.pop(id(H), None)
         if ref is not None:
             errors.append(float((H - ref).norm() / ref.norm()))
-        return prepare_hinv(H, *args)
+        return factor_hessian(H, *args)
 
-    quant.accumulate_hessian, gptq.prepare_hinv = accumulate_measured, prepare_measured
+    quant.accumulate_hessian, gptq.factor_hessian = accumulate_measured, factor_measured
     ckpt = out.parent / (out.name + ".checkpoints")
     for d in (out, ckpt):
         shutil.rmtree(d, ignore_errors=True)
@@ -103,7 +103,7 @@ def quantize_variant(model: Path, calib: Path, out: Path, bits: int, bf16_comput
     except torch.linalg.LinAlgError as exc:  # a Hessian the bf16 rounding left indefinite
         row["error"] = str(exc).splitlines()[0]
     finally:
-        quant.accumulate_hessian, gptq.prepare_hinv = accumulate, prepare_hinv
+        quant.accumulate_hessian, gptq.factor_hessian = accumulate, factor_hessian
         prefer_cpu_bf16(None)
         shutil.rmtree(ckpt, ignore_errors=True)
     if errors:

@@ -26,7 +26,7 @@ STAGES = [
     ("  layer walk: early-stopping passes", "engine/walk.py", "watch"),
     ("    accumulate_hessian", "engine/quant.py", "accumulate_hessian"),
     ("  solve_group", "methods/gptq.py", "solve_group"),
-    ("    prepare_hinv (Cholesky inverse)", "engine/quant.py", "prepare_hinv"),
+    ("    factor_hessian (one Cholesky)", "engine/quant.py", "factor_hessian"),
     ("    gptq_quantize (column sweep)", "engine/quant.py", "gptq_quantize"),
     ("      find_params", "engine/quant.py", "find_params"),
     ("  set quantized weight (true_sequential)", "engine/quant.py", "dequantize"),

@@ -205,9 +205,9 @@ def render(r: dict) -> str:
         ]
     if "hessian" in r:
         parts += [
-            "## Shared Hessian: one inverse and one stacked solve vs one per linear",
+            "## Shared Hessian: one factor and one stacked solve vs one per linear",
             "",
-            ("`GPTQMethod.solve_group` (one Hessian, one inverse, one column sweep over the stacked rows) vs `prepare_hinv` + "
+            ("`GPTQMethod.solve_group` (one Hessian, one factor, one column sweep over the stacked rows) vs `factor_hessian` + "
             "`gptq_quantize` per weight, on the same weights and inputs; the codes, scales and zeros are asserted identical. "
             "Median of the runs; ratio < 1 means shared is faster. \"incl. Hessian\" adds the accumulation (once vs once per linear)."),
             "",

@@ -59,7 +59,7 @@ def _shared(method, layer, group, X):
 
 
 def _separate(opts, layer, group, X):
-    from workers.engine.quant import accumulate_hessian, gptq_quantize, prepare_hinv
+    from workers.engine.quant import accumulate_hessian, factor_hessian, gptq_quantize
 
     t_h = t_s = 0.0
     out = []
@@ -67,8 +67,8 @@ def _separate(opts, layer, group, X):
         t0 = time.perf_counter()
         H, _ = accumulate_hessian(None, 0, X)  # each linear's hook sees the same input
         t1 = time.perf_counter()
-        Hinv, perm, dead = prepare_hinv(H, opts.damp_percent, opts.desc_act)
-        res = gptq_quantize(layer.get_submodule(name).weight.data, Hinv, perm, dead, bits=opts.bits,
+        factor = factor_hessian(H, opts.damp_percent, opts.desc_act)
+        res = gptq_quantize(layer.get_submodule(name).weight.data, factor, bits=opts.bits,
                             group_size=opts.group_size, sym=opts.sym, static_groups=opts.static_groups,
                             min_zero=0 if opts.sym else 1)
         t2 = time.perf_counter()

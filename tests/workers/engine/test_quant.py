@@ -2,8 +2,9 @@
 
 The reference keeps the full inverse Hessian and removes each quantized column with
 the explicit OBS update ``Hinv -= Hinv[:, q] Hinv[q, :] / Hinv[q, q]`` and updates every
-remaining weight at once (no Cholesky, no lazy blocks). Our solver uses the upper
-Cholesky factor and lazy 128-column blocks; in float64 both must pick the same codes.
+remaining weight at once (no Cholesky, no lazy blocks). Our solver reads the upper
+triangular ``V`` with ``H = V Vᵀ`` (no inverse) in 128-column blocks; in float64 both must
+pick the same codes.
 
 Scale/zero conventions (fp16-exact scales, sym zero at the middle, asym zero clamped to
 ``[min_zero, maxq]``) are the checkpoint format's, so the reference states them too.
@@ -17,9 +18,9 @@ import torch
 from workers.engine.quant import (
     QuantResult,
     accumulate_hessian,
+    factor_hessian,
     find_params,
     gptq_quantize,
-    prepare_hinv,
     rtn_quantize,
 )
 
@@ -108,8 +109,7 @@ def make_problem(seed: int = 0, dead: tuple[int, ...] = (), rows: int = ROWS, co
 
 
 def ours(W, H, *, bits, group_size, sym, desc_act=False, static_groups=False, min_zero=0, dtype=torch.float64) -> QuantResult:
-    Hinv, perm, dead = prepare_hinv(H.to(dtype), DAMP, desc_act)
-    return gptq_quantize(W.to(dtype), Hinv, perm, dead, bits=bits, group_size=group_size, sym=sym,
+    return gptq_quantize(W.to(dtype), factor_hessian(H.to(dtype), DAMP, desc_act), bits=bits, group_size=group_size, sym=sym,
                          static_groups=static_groups, min_zero=min_zero)
 
 
@@ -160,7 +160,7 @@ def test_gptq_act_order_equals_reference(bits, sym, group_size, static_groups):
     else:
         # Act-order groups follow the permutation: columns quantized together share a group.
         diag = torch.diag(H).clone()
-        diag[diag == 0] = 1.0  # dead columns, as prepare_hinv treats them
+        diag[diag == 0] = 1.0  # dead columns, as factor_hessian treats them
         perm = torch.argsort(diag, descending=True)
         assert torch.equal(res.g_idx.long()[perm], torch.arange(COLS) // gs)
         assert not torch.equal(res.g_idx.long(), torch.arange(COLS) // gs)
@@ -227,15 +227,15 @@ def test_gptq_parts_on_threads_equal_one_sweep(monkeypatch, desc_act):
     import workers.engine.quant as quant
 
     W, H, _ = make_problem(13, rows=24)
-    Hinv, perm, dead = prepare_hinv(H.float(), DAMP, desc_act)
+    factor = factor_hessian(H.float(), DAMP, desc_act)
     kw = dict(bits=3, group_size=32, sym=False, static_groups=desc_act, min_zero=1)
-    whole = quant.gptq_sweep(W.float(), Hinv, perm, dead, **kw)
+    whole = quant.gptq_sweep(W.float(), factor, **kw)
     monkeypatch.setattr(quant, "_PARALLEL_ROWS", 8)
     monkeypatch.setattr(quant.torch, "get_num_threads", lambda: 3)
     calls = []
     sweep = quant.gptq_sweep
     monkeypatch.setattr(quant, "gptq_sweep", lambda W, *a, **k: calls.append(W.shape[0]) or sweep(W, *a, **k))
-    parts = quant.gptq_quantize(W.float(), Hinv, perm, dead, **kw)
+    parts = quant.gptq_quantize(W.float(), factor, **kw)
     assert calls == [8, 8, 8]
     for field in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(parts, field), getattr(whole, field)), field
@@ -244,30 +244,34 @@ def test_gptq_parts_on_threads_equal_one_sweep(monkeypatch, desc_act):
 
 
 @pytest.mark.parametrize("desc_act", [False, True])
-def test_prepare_hinv_is_the_upper_factor_of_the_damped_inverse(desc_act):
-    """UᵀU = H⁻¹ (dead columns set to 1, damped, act-order permuted), U upper triangular; the caller's H is untouched."""
+def test_factor_hessian_is_the_upper_factor_of_the_damped_hessian(desc_act):
+    """V Vᵀ = H (dead columns set to 1, damped, act-order permuted), V upper triangular; the caller's H is untouched."""
     _W, H, _X = make_problem(seed=3, dead=(7, 100))
     before = H.clone()
-    U, perm, dead = prepare_hinv(H, DAMP, desc_act)
+    f = factor_hessian(H, DAMP, desc_act)
     assert torch.equal(H, before)
-    assert dead.nonzero().flatten().tolist() == [7, 100]
+    assert f.dead.nonzero().flatten().tolist() == [7, 100]
     Hd = H.clone()
-    Hd[dead, dead] = 1.0
+    Hd[f.dead, f.dead] = 1.0
     if desc_act:
-        assert torch.equal(perm, torch.argsort(torch.diag(Hd), descending=True))
-        Hd = Hd[perm][:, perm]
+        assert torch.equal(f.perm, torch.argsort(torch.diag(Hd), descending=True))
+        Hd = Hd[f.perm][:, f.perm]
     else:
-        assert perm is None
+        assert f.perm is None
     Hd += DAMP * torch.mean(torch.diag(Hd)) * torch.eye(COLS, dtype=torch.float64)
-    assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
+    V = f.Vs * f.d
+    assert torch.equal(f.Vs, torch.triu(f.Vs)) and torch.equal(torch.diag(f.Vs), torch.ones(COLS, dtype=torch.float64))
+    assert bool((f.d > 0).all())
+    torch.testing.assert_close(V @ V.t(), Hd, rtol=1e-12, atol=1e-12)
+    # V is the inverse of the reference's factor U (UᵀU = H⁻¹): the same sweep, read from either
+    U = torch.linalg.inv(V)
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-9, atol=1e-12)
 
 
 def test_gptq_rejects_group_size_that_does_not_divide():
     W, H, _ = make_problem(0, cols=96, rows=4)
-    Hinv, perm, dead = prepare_hinv(H, DAMP, False)
     with pytest.raises(ValueError, match="multiples of group_size 64"):
-        gptq_quantize(W, Hinv, perm, dead, bits=4, group_size=64, sym=True)
+        gptq_quantize(W, factor_hessian(H, DAMP, False), bits=4, group_size=64, sym=True)
 
 
 # --- Hessian, RTN, find_params ----------------------------------------------------
@@ -358,3 +362,19 @@ def test_find_params_tiny_values_keep_a_representable_scale():
     W = torch.full((2, 8), 1e-9)
     scale, _ = find_params(W, 4, sym=True)
     assert (scale >= 1e-6).all() and torch.equal(scale, scale.half().float())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_is_the_fp16_product_of_scale_and_code_offset(act_order):
+    """Consecutive groups (broadcast) and act-order groups (gathered) alike: each weight is its group's fp16 scale times
+    its code minus the zero point, rounded once to fp16 (the product of two fp16 values, as the kernel computes it)."""
+    g = torch.Generator().manual_seed(4)
+    rows, cols, gs = 6, 64, 16
+    g_idx = torch.arange(cols) // gs
+    if act_order:
+        g_idx = g_idx[torch.randperm(cols, generator=g)]
+    res = QuantResult(torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.int32),
+                      (torch.rand(cols // gs, rows, generator=g) * 3).half().float(),
+                      torch.randint(1, 16, (cols // gs, rows), generator=g, dtype=torch.int32), g_idx.to(torch.int32))
+    exact = res.scales.double()[g_idx].t() * (res.codes - res.zeros[g_idx].t()).double()
+    assert torch.equal(res.dequantize(), exact.half().float())

@@ -15,7 +15,7 @@ from workers.engine.methods.base import LayerContext, LayerOutput, LayerwiseMeth
 from workers.engine.moe import calibrating, routed_counts
 from workers.engine.walk import LayerWalk, replace_first
 from workers.engine.pack import dequantize_gptq, pack_gptq, unpack_gptq
-from workers.engine.quant import HessianSum, QuantResult, gptq_quantize, prepare_hinv, rtn_quantize
+from workers.engine.quant import HessianSum, QuantResult, factor_hessian, gptq_quantize, rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,11 @@ class GPTQMethod(GPTQFormat):
     def solve_group(self, layer: nn.Module, group: LinearGroup, H: torch.Tensor) -> list[tuple[str, QuantResult]]:
         """Quantize every linear of a group against their shared Hessian in one solve."""
         o = self.options
-        Hinv, perm, dead = prepare_hinv(H, o.damp_percent, o.desc_act)
+        factor = factor_hessian(H, o.damp_percent, o.desc_act)
         weights = [layer.get_submodule(n).weight.data for n in group.names]
         W = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
         res = gptq_quantize(
-            W, Hinv, perm, dead, bits=o.bits, group_size=o.group_size, sym=o.sym,
+            W, factor, bits=o.bits, group_size=o.group_size, sym=o.sym,
             static_groups=o.static_groups, min_zero=0 if o.sym else 1,
         )
         parts = split_rows(res, [w.shape[0] for w in weights])
