@@ -124,7 +124,7 @@ def _layers(model, method, calib, ckpt, on_layer, spool: Spool) -> LoopStats:
             if wants_next and method.next_from_source:  # the source layer's outputs, before apply
                 nxt = model.forward_layer(layer, inputs, drain=True)
         else:
-            out = method.quantize_layer(LayerContext(model, i, layer, inputs))
+            out = method.quantize_layer(LayerContext(model, i, layer, inputs, wants_next))
             tensors, nxt = out.tensors, out.next_inputs
             out.next_inputs = None
             assert_finite(i, tensors)

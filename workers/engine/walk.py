@@ -152,7 +152,11 @@ class LayerWalk:
             for self.batch, (hidden, kwargs) in enumerate(self.inputs):
                 o = self.layer(hidden, **kwargs)
                 outs.append((o[0] if isinstance(o, tuple) else o, kwargs))
+        self.release()
+        return outs
+
+    def release(self) -> None:
+        """Drop the memoized outputs (``finish`` does, or a walk whose layer's outputs are not needed)."""
         for memo in self.memo.values():
             memo.release()
         self.memo.clear()
-        return outs

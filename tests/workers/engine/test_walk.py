@@ -81,3 +81,31 @@ def test_the_walk_equals_one_forward_per_group(tiny_model, arch, desc_act, recom
     parallel = method_for("gptq", GPTQOptions(bits=4, group_size=32, desc_act=desc_act, true_sequential=False))
     flat = parallel.quantize_layer(LayerContext(model, 0, model.load_layer(0), inputs))
     assert any(not torch.equal(flat.tensors[k], t) for k, t in plain.tensors.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_the_last_layer_computes_no_outputs(tiny_model, arch):
+    """After the last layer nothing reads its outputs: the same codes and losses, no next inputs, and the last
+    group's linear never runs (its inputs are all GPTQ needs)."""
+    model = StreamedModel(tiny_model(arch), CPU)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    inputs = model.capture_inputs(batches_of(ids))
+    method = method_for("gptq", GPTQOptions(bits=4, group_size=32, true_sequential=True))
+    last = model.arch.groups[-1].names
+
+    def run(wants_next):
+        layer = model.load_layer(0)
+        runs = {n: 0 for n in last}
+        for n in last:
+            m = layer.get_submodule(n)
+            m.forward = lambda *a, _real=m.forward, _n=n, **k: runs.__setitem__(_n, runs[_n] + 1) or _real(*a, **k)
+        return method.quantize_layer(LayerContext(model, 0, layer, inputs, wants_next)), runs
+
+    full, full_runs = run(True)
+    bare, bare_runs = run(False)
+    assert bare.next_inputs is None and len(full.next_inputs) == len(inputs)
+    assert all(n >= len(inputs) for n in full_runs.values()) and bare_runs == dict.fromkeys(last, 0)
+    assert bare.tensors.keys() == full.tensors.keys()
+    for key, t in full.tensors.items():
+        assert torch.equal(bare.tensors[key], t), key
+    assert bare.losses == full.losses

@@ -24,6 +24,7 @@ class LayerContext:
     index: int
     layer: nn.Module
     inputs: list[Batch]
+    wants_next: bool = True  # whether the next layer's inputs are needed (after the last layer they are not)
 
     @property
     def arch(self) -> Arch:

@@ -136,26 +136,34 @@ class GPTQMethod(GPTQFormat):
 
     @torch.no_grad()
     def _sequential(self, ctx: LayerContext) -> LayerOutput:
-        """Group by group: each sees the quantized outputs of the groups before it."""
+        """Group by group: each sees the quantized outputs of the groups before it.
+
+        After the last layer nothing reads the layer's outputs: its last group's output and the final pass
+        are not computed (the down projection's forward, a sixth of a Llama layer's)."""
         out = LayerOutput({})
         walk = LayerWalk(ctx.layer, ctx.inputs)
+        last = ctx.arch.groups[-1]
         for (stage, _step), run in groupby(ctx.arch.groups, key=lambda g: (g.stage, g.step)):
             if stage is not None:
                 self._stage(ctx, walk, list(run), out)
                 continue
             for group in run:
-                self._one_group(ctx, walk, group, out)
-        out.next_inputs = walk.finish()
+                self._one_group(ctx, walk, group, out, outputs=ctx.wants_next or group is not last)
+        if ctx.wants_next:
+            out.next_inputs = walk.finish()
+        else:
+            walk.release()
         return out
 
-    def _one_group(self, ctx: LayerContext, walk: LayerWalk, group: LinearGroup, out: LayerOutput) -> None:
+    def _one_group(self, ctx: LayerContext, walk: LayerWalk, group: LinearGroup, out: LayerOutput, outputs: bool = True) -> None:
+        """Quantize one group on the inputs it sees now; with ``outputs``, keep the output of the sub-module it closes."""
         first, h = group.names[0], HessianSum()
         linear = ctx.layer.get_submodule(first)
         stored = Activations(walk.inputs.spool)  # kept as the calibration activations are: in RAM or spilled
         # The sub-module's output is computed from the linear's inputs once it is quantized: kept from this
         # pass, or (when all of them would take more than STORED_INPUTS_MAX_BYTES) computed again by a second
         # pass, which costs the sub-module's forward up to the linear but holds one batch instead of them all.
-        keep = group.closes is not None and stored_input_bytes(walk, linear) <= STORED_INPUTS_MAX_BYTES
+        keep = outputs and group.closes is not None and stored_input_bytes(walk, linear) <= STORED_INPUTS_MAX_BYTES
 
         def on_input(x):
             h.add(x)
@@ -164,12 +172,12 @@ class GPTQMethod(GPTQFormat):
 
         # The norm that feeds the group (not a linear: one of those is quantized later) is computed once.
         norm = group.prev if group.prev is not None and group.prev not in ctx.arch.linears and group.prev not in walk.memo else None
-        returned = walk.watch(first, on_input, until_output_of=group.closes, keep_output_of=norm)
+        returned = walk.watch(first, on_input, until_output_of=group.closes if outputs else None, keep_output_of=norm)
         for name, res in self.solve_group(ctx.layer, group, h.H):
             self._store(out, name, res)
             set_quantized(ctx.layer, name, res.dequantize())
         h.H = None  # solved: free it before the outputs below are computed
-        if group.closes is None:
+        if group.closes is None or not outputs:
             return
         memo = Activations(walk.inputs.spool)
         if keep:
