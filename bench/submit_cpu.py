@@ -8,7 +8,7 @@ auth on with an admin key) and has ``--threads`` threads each call it as gunicor
 threads would (``app(environ, start_response)``, POST /v1/jobs of a local model)
 ``--requests`` times. For each round it prints the submits a second, this process's
 user and system CPU per submit and that of the database backends serving it (read
-from /proc), and, where the app batches submits (api/submits.py), the jobs a
+from /proc), its context switches a submit, and, where the app batches submits (api/submits.py), the jobs a
 statement. Unlike bench/api_load.py nothing else runs in the process (no gunicorn,
 no HTTP), so it prices the submit itself at a gunicorn worker's concurrency.
 Prints; writes nothing.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -93,18 +94,19 @@ def main(argv: list[str] | None = None) -> int:
 
         for n_round in range(a.rounds):
             made = (batches.batches, batches.jobs) if batches is not None else None
-            pg0, t0, w0 = backends_cpu(url), os.times(), time.perf_counter()
+            pg0, t0, w0, r0 = backends_cpu(url), os.times(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             threads = [threading.Thread(target=run, args=(call,)) for call in calls]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            w1, t1, pg1 = time.perf_counter(), os.times(), backends_cpu(url)
+            w1, t1, r1, pg1 = time.perf_counter(), os.times(), resource.getrusage(resource.RUSAGE_SELF), backends_cpu(url)
             n = a.threads * a.requests
             per = f"{(batches.jobs - made[1]) / max(1, batches.batches - made[0]):.1f} jobs a statement" if made else "one a statement"
             print(f"round {n_round + 1}: {n / (w1 - w0):,.0f} submits/s; process user {(t1.user - t0.user) / n * 1e6:,.0f} + "
                   f"system {(t1.system - t0.system) / n * 1e6:,.0f} µs a submit; PostgreSQL backends {(pg1 - pg0) / n * 1e6:,.0f} µs; "
-                  f"{per}; load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"{per}; context switches a submit {(r1.ru_nvcsw - r0.ru_nvcsw) / n:.1f} voluntary, "
+                  f"{(r1.ru_nivcsw - r0.ru_nivcsw) / n:.1f} involuntary; load {os.getloadavg()[0]:.1f}", flush=True)
         db.dispose()
     finally:
         r = redis.Redis.from_url(a.redis)
