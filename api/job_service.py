@@ -208,9 +208,10 @@ def check_submit(spec, *, quota: bool = True) -> Checked:
         with svc.db.session() as s:
             team_store.ensure_default_team(s)
     # Reads only (autocommit on PostgreSQL: no BEGIN/COMMIT). The quota's count is no more exact than in a
-    # transaction: READ COMMITTED reads every statement anew, and nothing was locked. The session takes a
-    # connection only for a statement: a local model's submit without credentials or an estimate needs none.
-    with svc.db.read() as s:
+    # transaction: READ COMMITTED reads every statement anew, and nothing was locked. The session is made at its
+    # first use and takes a connection only for a statement: a local model's submit without the quota's check,
+    # credentials or an estimate needs neither.
+    with svc.db.read_when_needed() as s:
         if quota:
             check_quota(s, team_id)
         check_references(s, spec, team_id)

@@ -121,6 +121,21 @@ def after_commit(s: Session, fn) -> None:
     s.info.setdefault("after_commit", []).append(fn)
 
 
+class _LazySession:
+    """Stands for a Session made by ``make`` at the first attribute looked up on it (``Database.read_when_needed``)."""
+
+    __slots__ = ("_make", "_made")
+
+    def __init__(self, make: Callable[[], Session]):
+        self._make, self._made = make, None
+
+    def __getattr__(self, name: str) -> Any:
+        made = self._made
+        if made is None:
+            made = self._made = self._make()
+        return getattr(made, name)
+
+
 class Database:
     """An engine plus a session factory; one per process."""
 
@@ -177,6 +192,17 @@ class Database:
             yield s
         finally:
             s.close()
+
+    @contextlib.contextmanager
+    def read_when_needed(self) -> Iterator[Session]:
+        """``read``, with the session made at its first use: checks that may need no statement at all (a submit's,
+        of a local model without credentials or an estimate) pay nothing for it. Closed on exit if it was made."""
+        lazy = _LazySession(self.readers)
+        try:
+            yield lazy  # type: ignore[misc]
+        finally:
+            if lazy._made is not None:
+                lazy._made.close()
 
     def write_together(self, writes: list) -> None:
         """Run ``(lean.Fixed, params)`` writes as one transaction, committed on return (no Session).

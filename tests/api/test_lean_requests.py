@@ -174,6 +174,37 @@ def test_a_submit_is_one_statement_before_flask_and_two_round_trips_in_the_view(
     db.dispose()
 
 
+def test_a_read_session_is_made_only_when_a_check_uses_it(pg_url, store, tmp_path, monkeypatch):
+    """``Database.read_when_needed`` (a submit's checks): no Session made for a local model's submit that needs no
+    statement before it is stored (the fast path's); made at its first use and closed at the end otherwise (the
+    view's quota check)."""
+    from tests.conftest import _truncate
+
+    db = Database(pg_url)
+    _truncate(db)
+    client = make_app(db, store, RecordingDispatcher(), tmp_path, auth="on").test_client()
+    member = _key(db, "t1", "member")
+    client.post("/v1/jobs", json=MINIMAL, headers=member)  # the key's first use
+    made, closed = [], []
+    readers = db.readers
+
+    def counted():
+        s = readers()
+        made.append(s)
+        monkeypatch.setattr(s, "close", lambda real=s.close: closed.append(s) or real())
+        return s
+
+    monkeypatch.setattr(db, "readers", counted)
+    assert client.post("/v1/jobs", json=MINIMAL, headers=member).status_code == 201  # before Flask
+    assert made == [] and closed == []
+    assert client.post("/v1/jobs?via=view", json=MINIMAL, headers=member).status_code == 201  # the view: the quota
+    assert len(made) == 1 and closed == made
+    with db.read_when_needed() as s:
+        assert s.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 3
+    assert len(made) == 2 and closed == made
+    db.dispose()
+
+
 def test_a_submit_whose_event_fails_stores_no_job_and_wakes_no_worker(pg_url, store, tmp_path, monkeypatch):
     """The job and its event are one transaction: when the event's INSERT fails, the job's is rolled back too."""
     import storage.jobs as job_store
