@@ -88,3 +88,28 @@ def test_the_wake_up_client_outlives_a_dropped_connection(tmp_path, queue):
     dispatcher.run_job("job_4")  # both dropped: the client retries on a fresh connection
     assert [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in r.lrange(name, 0, -1)] == \
         ["job_4", "job_3", "job_2", "job_1"]
+
+
+@pytest.mark.parametrize("args", [["job_01jabcdefghijklmnopqrstuvw"], ['job_"\\é\u2028\U0001f600'], [1, None, {"a": [1.5, -0.0]}], []])
+def test_the_wake_up_bytes_are_the_envelopes_json(args, monkeypatch):
+    """``message`` builds the envelope's text from parts encoded once a task name and process: the very bytes
+    ``json.dumps`` writes of the envelope (with the message's own ids), for any args; a forked child (another pid)
+    names itself in the origin."""
+    import os
+
+    from quantfarm import queue as queue_module
+    from quantfarm.queue import RedisWakeups
+
+    wakeups = RedisWakeups("redis://127.0.0.1:1/0", "qf-some-queue")  # never connects here
+    for pid in (os.getpid(), os.getpid() + 1):
+        monkeypatch.setattr(queue_module.os, "getpid", lambda pid=pid: pid)
+        seen = set()
+        for _ in range(3):
+            raw = wakeups.message(RUN_JOB, args)
+            got = json.loads(raw)
+            task_id, tag = got["headers"]["id"], got["properties"]["delivery_tag"]
+            assert raw == json.dumps(wakeups.envelope(RUN_JOB, args, task_id, tag, pid)).encode()
+            assert uuid.UUID(task_id).version == uuid.UUID(tag).version == 4 and task_id != tag
+            assert got["headers"]["origin"].startswith(f"gen{pid}@")
+            seen |= {task_id, tag}
+        assert len(seen) == 6  # fresh ids every message
