@@ -327,15 +327,21 @@ _BATCH_KEYS = tuple(name for name, _ in _BATCH_COLUMNS[:-1])
 def batch_row(dialect, values: dict[str, Any], farm_limit: int) -> str:
     """One job of ``insert_jobs`` (``values``: ``new_job_values``) as its JSON object, each column's own processing
     done (the secrets' encryption, UTC times): in the submitting thread, so a job that cannot be bound fails alone."""
-    cols = Job.__table__.c
     row: dict[str, Any] = {}
-    for key in _BATCH_KEYS:
-        value, kind = values[key], cols[key].type
-        if isinstance(kind, TypeDecorator):
+    for key, kind in _batch_types():
+        value = values[key]
+        if kind is not None:
             value = kind.process_bind_param(value, dialect)
         row[key] = value.isoformat() if isinstance(value, datetime) else value
     row["farm_limit"] = farm_limit
     return json.dumps(row)
+
+
+@cache
+def _batch_types() -> tuple[tuple[str, TypeDecorator | None], ...]:
+    """Each of ``_BATCH_KEYS`` with its column's type where that processes a bound value (looked up once)."""
+    cols = Job.__table__.c
+    return tuple((key, cols[key].type if isinstance(cols[key].type, TypeDecorator) else None) for key in _BATCH_KEYS)
 
 
 def insert_jobs(db, rows: list[str]) -> set[str]:
