@@ -98,8 +98,11 @@ def goals(summaries: dict[str, dict]) -> dict:
     """The issue's goals: perplexity <= every peer's, time <= 0.5x the fastest peer's."""
     ours = summaries.get("ours", {})
     peers = {k: v for k, v in summaries.items() if k != "ours" and not v.get("context") and v.get("ok")}
-    if not ours.get("ok") or not peers:
-        return {"evaluated": False, "why": "ours did not run" if not ours.get("ok") else "no peer ran"}
+    missing = [k for k, v in summaries.items() if k != "ours" and not v.get("context") and not v.get("ok")]
+    if not ours.get("ok") or not peers or missing:
+        # Judged against the peers that ran, a missing one (a venv not made yet, a crash) could turn NOT met into met.
+        why = "ours did not run" if not ours.get("ok") else f"a peer did not run ({', '.join(missing)})" if missing else "no peer ran"
+        return {"evaluated": False, "why": why}
     fastest = min(peers, key=lambda k: peers[k]["quant_s"])
     fastest_wall = min(peers, key=lambda k: peers[k]["wall_s"])
     have_ppl = ours.get("perplexity") is not None and all(p.get("perplexity") is not None for p in peers.values())
