@@ -6,9 +6,9 @@ request's thread. Storing is the part that waits: while one thread's statement
 is at the database, the submits that arrive queue up here, and when it returns,
 one of them stores all of them in one statement (``storage.jobs.insert_jobs``:
 one commit, each job within its team's quota, counting the batch's own jobs of
-that team before it), then pushes their wake-ups in one LPUSH
-(``job_service.enqueue_all``), then lets each thread answer. Nothing waits for a
-batch to fill: a submit that finds no statement running runs its own at once.
+that team before it), lets each of the other threads answer, and pushes the
+stored jobs' wake-ups in one LPUSH (``job_service.enqueue_all``) while they do;
+the next batch's statement starts after the push. Nothing waits for a batch to fill: a submit that finds no statement running runs its own at once.
 A statement, a commit, a round trip and a push per job were most of the
 database's and much of the API's CPU for a submit under load.
 
@@ -101,27 +101,37 @@ class SubmitBatches:
         return bool(me.stored)
 
     def _lead(self, batch: list[_Submit]) -> None:
-        """Store ``batch`` (this thread's submit among them), wake its jobs, hand the next batch on, release them."""
+        """Store ``batch`` (this thread's submit among them), let the others answer, wake the jobs stored, hand the next
+        batch on."""
+        woken: list[str] = []
         try:
-            self._run(batch)
+            woken = self._run(batch)
         except BaseException as exc:  # noqa: BLE001 - whatever it was, it is every unfinished submit's error
             for s in batch:
                 if s.stored is None and s.error is None:
                     s.error = exc
         finally:
-            with self._lock:
-                nxt = self._take()
-                if nxt:
-                    nxt[0].batch = nxt
-                else:
-                    self._leading -= 1
+            # Each submit's outcome is known: its thread answers while this one pushes the wake-ups (a 201 says the job
+            # is stored; its wake-up is a hint after the commit, retried or recorded on the job when the broker fails).
+            # The next batch waits for the push, and grows meanwhile.
             for s in batch:
                 if s.ready.locked():
                     s.ready.release()
-            if nxt:
-                nxt[0].ready.release()
+            try:
+                if woken:
+                    job_service.enqueue_all(woken)  # never raises
+            finally:
+                with self._lock:
+                    nxt = self._take()
+                    if nxt:
+                        nxt[0].batch = nxt
+                    else:
+                        self._leading -= 1
+                if nxt:
+                    nxt[0].ready.release()
 
-    def _run(self, batch: list[_Submit]) -> None:
+    def _run(self, batch: list[_Submit]) -> list[str]:
+        """Store ``batch``: each submit's ``stored`` or ``error`` set; return the ids stored, to wake."""
         self.batches += 1
         self.jobs += len(batch)
         try:
@@ -130,7 +140,7 @@ class SubmitBatches:
             if len(batch) == 1 or not _rolled_back(err):
                 for s in batch:
                     s.error = err
-                return
+                return []
             log.warning("A batch of %s submits failed (%s); storing each on its own", len(batch), type(err.orig).__name__)
             stored = set()
             for s in batch:
@@ -144,8 +154,7 @@ class SubmitBatches:
                 s.stored = s.job_id in stored
                 if s.stored:
                     woken.append(s.job_id)
-        if woken:
-            job_service.enqueue_all(woken)  # after the commit; never raises
+        return woken
 
 
 def _rolled_back(err: sa_exc.DBAPIError) -> bool:

@@ -210,6 +210,55 @@ def test_one_bad_job_in_a_batch_fails_alone(pg, store, tmp_path, monkeypatch):
     assert _queued(pg, team) == (3, 3) and sorted(broker.jobs) == sorted(v["id"] for v in views)
 
 
+def test_a_batchs_other_submits_answer_while_its_wake_ups_are_pushed(pg, store, tmp_path, monkeypatch):
+    """A batch's statement returns: its other submits answer at once, with the broker's push still under way on the
+    leader's thread; the next batch's statement waits for that push; every job stored is woken once, after its commit."""
+    pushing, go, pusher = threading.Event(), threading.Event(), []
+
+    class SlowBroker(RecordingDispatcher):
+        def run_jobs(self, job_ids):
+            pusher.append(threading.current_thread())
+            pushing.set()
+            assert go.wait(20)
+            super().run_jobs(job_ids)
+
+    broker = SlowBroker(db=pg)
+    app = make_app(pg, store, broker, tmp_path)
+    batches = app.wsgi_app.submits
+    team = _team(pg, "t")
+    _held_insert(monkeypatch, batches, 3)
+    out: list = [None] * 5
+
+    def one(i):
+        with app.app_context():
+            out[i] = batches.create(_checked(team), 100)
+
+    first = threading.Thread(target=one, args=(0,))
+    first.start()
+    while not batches._leading:
+        time.sleep(0.001)
+    rest = [threading.Thread(target=one, args=(i,)) for i in (1, 2, 3)]
+    for t in rest:
+        t.start()
+    first.join(20)
+    # The first alone (one job: run_job), then the three together; their leader is held in the push.
+    assert pushing.wait(20) and pusher[0] in rest
+    others = [(i, t) for i, t in zip((1, 2, 3), rest) if t is not pusher[0]]
+    for _, t in others:
+        t.join(20)
+    assert pusher[0].is_alive() and [out[i]["status"] for i, t in others if not t.is_alive()] == ["queued", "queued"]
+    late = threading.Thread(target=one, args=(4,))
+    late.start()
+    time.sleep(0.2)
+    assert batches.batches == 2 and out[4] is None  # the next statement has not started: the push holds it
+    go.set()
+    for t in [*rest, late]:
+        t.join(20)
+    ids = [v["id"] for v in out]
+    assert batches.batches == 3 and sorted(broker.jobs) == sorted(ids) and len(broker.batches) == 1
+    assert all(broker.committed_at_enqueue) and _queued(pg, team) == (5, 5)
+
+
 def test_on_sqlite_submits_are_not_batched(lite):
     """The embedded farm's one writer: the fast path's submit stores each job as before (job_service.create)."""
     assert lite.wsgi_app.submits is None
