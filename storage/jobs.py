@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
 from quantfarm.errors import InvalidState, LeaseLost, NotFound
-from storage.lean import Fixed
+from storage.lean import Fixed, kept_cursor
 from storage.lean import wrapped as lean_error
 from storage.models import Job, JobEvent, JobRun, Team, TeamQueued, new_id, utcnow
 
@@ -356,9 +356,9 @@ def insert_jobs(db, rows: list[str]) -> set[str]:
     with db.connect_read() as conn:
         dbapi_conn = conn.connection.dbapi_connection
         try:
-            with dbapi_conn.cursor() as cur:
-                cur.execute(_BATCH_SQL, (batch,))
-                return {id_ for (id_,) in cur.fetchall()}
+            cur = kept_cursor(conn)
+            cur.execute(_BATCH_SQL, (batch,))
+            return {id_ for (id_,) in cur.fetchall()}
         except conn.dialect.loaded_dbapi.Error as err:
             raise lean_error(conn, dbapi_conn, err, _BATCH_SQL, {}) from err
 

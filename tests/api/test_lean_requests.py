@@ -323,3 +323,51 @@ def test_lean_json_and_security_headers_answer_as_flask_would(sqlite_url, store,
     assert own.headers["X-Content-Type-Options"] == "nosniff" and "frame-ancestors 'none'" in own.headers["Content-Security-Policy"]
     assert "Content-Security-Policy" not in security_headers(Response("{}", content_type="application/json")).headers
     db.dispose()
+
+
+def test_a_pooled_connection_keeps_one_cursor_for_its_statements(pg_url):
+    """Reads on one pooled connection run on the cursor kept with it (its dumpers and loaders looked up once); a fresh
+    connection after the old one died gets a cursor of its own; a statement's error leaves the kept cursor usable."""
+    from storage.lean import kept_cursor
+
+    db = Database(pg_url)
+    with db.connect_read() as conn:
+        first = kept_cursor(conn)
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with db.connect_read() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid  # the same pooled connection
+        assert kept_cursor(conn) is first
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            first.execute("SELECT 1 / 0")
+        first.execute("SELECT %(v)s::int + 1", {"v": 41})
+        assert first.fetchall() == [(42,)]
+    conn = db.reader.connect()
+    conn.invalidate()  # as a dead connection found by a statement is
+    conn.close()
+    with db.connect_read() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid and kept_cursor(conn) is not first
+    db.dispose()
+
+
+def test_reads_return_their_connection_without_a_rollback_unless_a_transaction_is_open(pg_url, monkeypatch):
+    """The readers' pool (autocommit) skips the reset's rollback at checkin; a connection on which a statement opened a
+    transaction anyway is rolled back (what it wrote is gone) before the next checkout gets it."""
+    from storage.lean import kept_cursor
+
+    db = Database(pg_url)
+    with db.connect_read() as conn:  # the first connect (SQLAlchemy's dialect set-up rolls back)
+        conn.exec_driver_sql("SELECT 1")
+    calls = []
+    real = psycopg.Connection.rollback
+    monkeypatch.setattr(psycopg.Connection, "rollback", lambda self: (calls.append(self), real(self))[1])
+    with db.connect_read() as conn:  # as storage/lean.py reads (a Core connection's own autobegun work rolls back)
+        kept_cursor(conn).execute("SELECT 1")
+    assert calls == []
+    monkeypatch.undo()
+    with db.connect_read() as conn:
+        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("CREATE TABLE left_open (x int)")
+    with db.connect_read() as conn:
+        assert conn.connection.dbapi_connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.exec_driver_sql("SELECT to_regclass('left_open') IS NULL").scalar() is True
+    db.dispose()
