@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -75,6 +76,9 @@ def test_counts_are_summed_over_two_gunicorn_workers(pg_url, tmp_path):
                 t.join()
         n = len(codes)
         assert sorted(set(codes)) == [200, 404] and codes.count(200) == codes.count(404) == n // 2
+        deadline = time.monotonic() + 10  # each worker writes its counts every FLUSH_SECONDS
+        while sum(per_worker().values()) < n // 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert sum(per_worker().values()) == n // 2
         for _ in range(4):  # whichever worker answers the scrape, it reports the sum
             text = stack.get("/metrics").text
@@ -122,3 +126,28 @@ def test_farm_metrics_count_queue_failures_and_deliveries(lite):
     assert _series(text, "quantfarm_running_jobs") == {(("method", "rtn"),): 1}
     assert _series(text, "quantfarm_job_failures_total") == {(("error_code", "oom"),): 2}
     assert _series(text, "quantfarm_webhook_deliveries") == {(("status", s),): 0 for s in ("pending", "delivered", "failed", "disabled")}
+
+
+def test_deferred_counts_reach_the_same_sums_and_buckets():
+    """Under gunicorn a worker's requests are counted in memory and written to the shared files at a flush: the
+    exposition then equals counting each request as it ends (every bucket's edge included), and nothing before."""
+    from prometheus_client import generate_latest
+
+    from api.metrics import SECONDS_BUCKETS, HttpMetrics
+
+    direct, deferred = HttpMetrics(), HttpMetrics()
+    direct.deferred, deferred.deferred = False, True
+    seconds = [0.0, *SECONDS_BUCKETS, *(b * 1.01 for b in SECONDS_BUCKETS), 0.0001, 42.0]
+    for i, sec in enumerate(seconds):
+        for m in (direct, deferred):
+            m.observe("/v1/jobs/<job_id>", "GET" if i % 3 else "BREW", 200 if i % 2 else 404, sec)
+    assert "quantfarm_http_requests_total{" not in generate_latest(deferred.registry).decode()
+    deferred.flush()
+    got, want = (_parse_metrics(generate_latest(m.registry).decode()) for m in (deferred, direct))
+    assert got.keys() == want.keys() and len(want) > 30
+    for key, value in want.items():  # counts and buckets exactly; a sum added once differs in its last bits at most
+        assert got[key] == pytest.approx(value, rel=1e-12) if key[0].endswith("_sum") else got[key] == value, key
+    assert deferred._flusher is not None and deferred._flusher.is_alive()  # writes on its own every FLUSH_SECONDS
+    deferred.observe("/healthz", "GET", 200, 0.001)
+    time.sleep(1.5)
+    assert 'quantfarm_http_requests_total{code="200",method="GET",route="/healthz"} 1.0' in generate_latest(deferred.registry).decode()
