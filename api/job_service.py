@@ -266,7 +266,7 @@ def read_job(db, who: auth.Principal, job_id: str) -> dict:
 def read_job_rows(db, who: auth.Principal, job_id: str) -> tuple[tuple, ...]:
     """``read_job``'s job as its rows (storage.job_reads.view_of makes the view); the same checks, in the same order."""
     who.require(Role.VIEWER)
-    with db.connect_read() as conn:
+    with db.held_read() as conn:
         return job_reads.job_rows_by_id(conn, job_id, team_id=who.scope)
 
 
@@ -289,7 +289,7 @@ def read_page_rows(db, who: auth.Principal, *, status: str | None, limit: int,
                    cursor: str | None) -> tuple[list[tuple[tuple, ...]], str | None]:
     """``read_page``'s jobs as each one's rows (``summary_view(view_of(rows))`` is its item), and the next cursor."""
     who.require(Role.VIEWER)
-    with db.connect_read() as conn:
+    with db.held_read() as conn:
         return job_reads.job_rows_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
 
 

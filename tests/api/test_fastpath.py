@@ -212,6 +212,7 @@ def test_a_database_error_is_answered_once_by_flask(farm, monkeypatch):
         raise sa.exc.OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
 
     monkeypatch.setattr(farm["db"], "connect_read", down)
+    monkeypatch.setattr(farm["db"], "held_read", down)  # the fast path's reads (a kept connection)
     farm["flask_calls"].clear()
     r = client.get(f"/v1/jobs/{farm['ids'][0]}", headers=member)
     assert (r.status_code, r.headers["Retry-After"], r.get_json()["error"]) == (503, "2", "service_unavailable")

@@ -371,3 +371,51 @@ def test_reads_return_their_connection_without_a_rollback_unless_a_transaction_i
         assert conn.connection.dbapi_connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.exec_driver_sql("SELECT to_regclass('left_open') IS NULL").scalar() is True
     db.dispose()
+
+
+def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_second(pg_url, monkeypatch):
+    """``held_read``: back-to-back reads of one thread use one connection (one pool checkout); unused a second it goes
+    back to the pool, whose checkout pings it; a read that meets a dead connection fails (a 503 for the caller) and the
+    next one gets a fresh connection; a transaction left open is rolled back before the next use; ``dispose`` closes
+    every thread's."""
+    import threading
+
+    import storage.db as dbmod
+    from sqlalchemy import event
+
+    from tests.conftest import _admin_exec
+
+    clock = [1000.0]
+    monkeypatch.setattr(dbmod.time, "monotonic", lambda: clock[0])
+    db = Database(pg_url)
+    checkouts = []
+    event.listen(db.reader.pool, "checkout", lambda dbapi_conn, record, proxy: checkouts.append(dbapi_conn))
+
+    def pid() -> int:
+        with db.held_read() as conn:
+            return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+    first = pid()
+    clock[0] += 0.5
+    assert pid() == first and len(checkouts) == 1 and db.reader.pool.checkedout() == 1
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(pid()))
+    t.start()
+    t.join()
+    assert other[0] != first and len(checkouts) == 2  # another thread, its own connection
+    clock[0] += 1.5  # unused a second and a half: back to the pool, checked out again
+    assert pid() == first and len(checkouts) == 3
+    _admin_exec(f"SELECT pg_terminate_backend({first})")  # as a database restart would, while in steady use
+    clock[0] += 0.1
+    with pytest.raises(sa.exc.OperationalError):
+        pid()
+    assert pid() != first  # the dead one dropped; a fresh connection
+    with db.held_read() as conn:
+        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("CREATE TABLE left_open (x int)")
+    with db.held_read() as conn:  # the transaction left open was rolled back before the next use
+        assert conn.connection.dbapi_connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.exec_driver_sql("SELECT to_regclass('left_open') IS NULL").scalar() is True
+    assert len(checkouts) == 4
+    db.dispose()
+    assert db.reader.pool.checkedout() == 0 and db._held_all == set()
