@@ -8,7 +8,8 @@ one of them stores all of them in one statement (``storage.jobs.insert_jobs``:
 one commit, each job within its team's quota, counting the batch's own jobs of
 that team before it), lets each of the other threads answer, and pushes the
 stored jobs' wake-ups in one LPUSH (``job_service.enqueue_all``) while they do;
-the next batch's statement starts after the push. Nothing waits for a batch to fill: a submit that finds no statement running runs its own at once.
+the next batch's statement starts after the push. Nothing waits for a batch to
+fill: a submit that finds no statement running runs its own at once.
 A statement, a commit, a round trip and a push per job were most of the
 database's and much of the API's CPU for a submit under load.
 

@@ -270,9 +270,11 @@ class Database:
         A pool checkout and checkin a request were about a fifth of a GET's CPU on the fast path. As Django keeps a
         thread's connection between requests (``CONN_MAX_AGE`` with health checks): the thread keeps its connection
         checked out between uses; a use that finds it unused for ``HELD_IDLE_SECONDS`` or more gives it back and checks
-        out again (the pool pings a connection that sat idle, so one that died with a database restart is replaced). A transaction a use left open is rolled back; a connection left invalidated or closed goes back
-        (the pool discards it), so the next use gets a fresh one. ``dispose`` closes every thread's. A thread keeps one
-        reader connection at most (gunicorn's 8 threads a process: 8 of the pool's 10)."""
+        out again (the pool pings a connection that sat idle, so one that died with a database restart is replaced).
+        A transaction a use left open is rolled back; a connection left invalidated or closed goes back (the pool
+        discards it), so the next use gets a fresh one. ``dispose`` closes every thread's. A thread keeps one reader
+        connection at most (gunicorn's 8 threads a process: 8 of the pool's 10).
+        """
         held = self._held.__dict__
         conn = held.get("conn")
         if conn is not None and time.monotonic() - held["at"] >= HELD_IDLE_SECONDS:
