@@ -512,7 +512,7 @@ def release(s: Session, job: Job, lease: Lease, reason: str, *, why: str = "pree
 
 
 def oldest_waiting(s: Session, older_than: float) -> list[str]:
-    """Ids of queued jobs waiting longer than ``older_than`` seconds, oldest first."""
+    """Ids of queued jobs waiting longer than ``older_than`` seconds, oldest first (the same time: in the order made)."""
     cutoff = utcnow() - timedelta(seconds=older_than)
     return list(s.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)
-                          .order_by(Job.enqueued_at).limit(100)))
+                          .order_by(Job.enqueued_at, Job.id).limit(100)))
