@@ -177,10 +177,10 @@ def test_the_sweeper_judges_leases_by_the_database_clock(db):
     from workers.sweeper import Sweeper
 
     job_id = queue(db)
-    claim(db, "w1", lease=0.3)
+    claim(db, "w1", lease=1.5)  # long enough for the first sweep on a loaded CI machine (0.3 s was not, once)
     rec = Recorder()
     assert Sweeper(Settings(), db, rec).sweep_once()["requeued"] == []  # still valid
-    time.sleep(0.5)
+    time.sleep(1.7)
     assert Sweeper(Settings(), db, rec).sweep_once()["requeued"] == [job_id] and rec.sent == [job_id]
 
 
