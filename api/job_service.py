@@ -2,7 +2,8 @@
 
 Submit checks, in this order for everyone who adds to it: body and schema (the
 caller parsed the spec: 400/422) → auth (401/403) → quota (429) → admission (422)
-→ create → enqueue after commit.
+→ create → wake the workers after the commit (on PostgreSQL the insert's own notice
+does: storage/notices.py; elsewhere a broker message).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from storage import teams as team_store
 from storage.layout import upload_prefix
 from storage.lean import Fixed
 from storage.models import Job
+from storage.notices import announces_new_jobs
 from storage.peek import estimate_remote
 from storage.sources import check_local_path
 from storage.teams import Role
@@ -153,24 +155,6 @@ def enqueue(job_id: str) -> bool:
         return False
 
 
-def enqueue_all(job_ids: list[str]) -> None:
-    """``enqueue`` each of ``job_ids`` (committed): with one push of all their wake-ups where the broker takes one.
-
-    When that push fails, each job is enqueued on its own (a wake-up that went through
-    is then sent again: a hint, the worker claims the best runnable job).
-    """
-    dispatcher = services().dispatcher
-    run_jobs = getattr(dispatcher, "run_jobs", None)
-    if run_jobs is not None and len(job_ids) > 1:
-        try:
-            run_jobs(job_ids)
-            return
-        except Exception as exc:  # noqa: BLE001 - each on its own: retried, and a failure recorded on the job
-            log.warning("Could not enqueue %s jobs together (%s); enqueueing each", len(job_ids), type(exc).__name__)
-    for job_id in job_ids:
-        enqueue(job_id)
-
-
 @dataclass(frozen=True)
 class Checked:
     """A submit that passed every check (``check_submit``); nothing of it is stored yet."""
@@ -222,16 +206,20 @@ def check_submit(spec, *, quota: bool = True) -> Checked:
 
 
 def create(checked: Checked, via: str = "api", *, within_quota: bool = False) -> dict | None:
-    """Store the checked job and its event (one transaction: one round trip on PostgreSQL), enqueue it; return its view.
+    """Store the checked job and its event (one transaction: one round trip on PostgreSQL), wake the workers; return
+    its view.
 
     ``within_quota``: store it only while its team is under its quota, read in the
-    same statement; None when over it (nothing stored, nothing enqueued).
+    same statement; None when over it (nothing stored, nothing enqueued). On
+    PostgreSQL the insert announces the job itself (storage/notices.py): no
+    broker message.
     """
     svc = services()
     job = job_store.insert_job(svc.db, **job_fields(checked), quota=svc.settings.team_max_queued if within_quota else None)
     if job is None:
         return None
-    enqueue(job["id"])  # only after the commit, so a worker always finds the row
+    if not announces_new_jobs(svc.db):
+        enqueue(job["id"])  # only after the commit, so a worker always finds the row
     return created(job, checked, via)
 
 

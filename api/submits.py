@@ -1,17 +1,20 @@
 """Group commit of the fast path's submits (PostgreSQL): the submits of one process that arrive together are stored
-by one statement and woken by one push.
+by one statement.
 
 A submit's own work (its checks, its row, the view it answers with) stays on its
 request's thread. Storing is the part that waits: while one thread's statement
 is at the database, the submits that arrive queue up here, and when it returns,
 one of them stores all of them in one statement (``storage.jobs.insert_jobs``:
 one commit, each job within its team's quota, counting the batch's own jobs of
-that team before it), lets each of the other threads answer, and pushes the
-stored jobs' wake-ups in one LPUSH (``job_service.enqueue_all``) while they do;
-the next batch's statement starts after the push. Nothing waits for a batch to
-fill: a submit that finds no statement running runs its own at once.
-A statement, a commit, a round trip and a push per job were most of the
+that team before it) and lets each of the other threads answer. Nothing waits
+for a batch to fill: a submit that finds no statement running runs its own at
+once. A statement, a commit and a round trip per job were most of the
 database's and much of the API's CPU for a submit under load.
+
+No broker message follows: the statement's insert announces its jobs to the idle
+workers at its commit (storage/notices.py). A wake-up pushed from here cost the
+batch a second round trip, during which the next batch could not start (its
+threads parked), and the pushing thread its own CPU (bench/RESULTS.md, API load).
 
 Failures, per submit as before: a job whose row cannot be bound fails alone (it is
 bound on its own thread); over the quota, nothing of that job is stored and the
@@ -70,10 +73,10 @@ class SubmitBatches:
         self.jobs = 0
 
     def create(self, checked: job_service.Checked, quota: int, via: str = "api") -> dict | None:
-        """Store the checked job within its team's quota (``quota``: the farm's limit), enqueue it; return its view.
+        """Store the checked job within its team's quota (``quota``: the farm's limit); return its view.
 
-        None when its team is over its quota (nothing stored, nothing enqueued). Must
-        run in the app's context (the view and the wake-up read the app's services).
+        None when its team is over its quota (nothing stored). Must run in the app's
+        context (the view reads the app's services).
         """
         values = job_store.new_job_values(**job_service.job_fields(checked))
         if not self._store(_Submit(job_store.batch_row(self.db.reader.dialect, values, quota), values["id"])):
@@ -102,37 +105,28 @@ class SubmitBatches:
         return bool(me.stored)
 
     def _lead(self, batch: list[_Submit]) -> None:
-        """Store ``batch`` (this thread's submit among them), let the others answer, wake the jobs stored, hand the next
-        batch on."""
-        woken: list[str] = []
+        """Store ``batch`` (this thread's submit among them), let the others answer, hand the next batch on."""
         try:
-            woken = self._run(batch)
+            self._run(batch)
         except BaseException as exc:  # noqa: BLE001 - whatever it was, it is every unfinished submit's error
             for s in batch:
                 if s.stored is None and s.error is None:
                     s.error = exc
         finally:
-            # Each submit's outcome is known: its thread answers while this one pushes the wake-ups (a 201 says the job
-            # is stored; its wake-up is a hint after the commit, retried or recorded on the job when the broker fails).
-            # The next batch waits for the push, and grows meanwhile.
             for s in batch:
                 if s.ready.locked():
                     s.ready.release()
-            try:
-                if woken:
-                    job_service.enqueue_all(woken)  # never raises
-            finally:
-                with self._lock:
-                    nxt = self._take()
-                    if nxt:
-                        nxt[0].batch = nxt
-                    else:
-                        self._leading -= 1
+            with self._lock:
+                nxt = self._take()
                 if nxt:
-                    nxt[0].ready.release()
+                    nxt[0].batch = nxt
+                else:
+                    self._leading -= 1
+            if nxt:
+                nxt[0].ready.release()
 
-    def _run(self, batch: list[_Submit]) -> list[str]:
-        """Store ``batch``: each submit's ``stored`` or ``error`` set; return the ids stored, to wake."""
+    def _run(self, batch: list[_Submit]) -> None:
+        """Store ``batch``: each submit's ``stored`` or ``error`` set."""
         self.batches += 1
         self.jobs += len(batch)
         try:
@@ -141,7 +135,7 @@ class SubmitBatches:
             if len(batch) == 1 or not _rolled_back(err):
                 for s in batch:
                     s.error = err
-                return []
+                return
             log.warning("A batch of %s submits failed (%s); storing each on its own", len(batch), type(err.orig).__name__)
             stored = set()
             for s in batch:
@@ -149,13 +143,9 @@ class SubmitBatches:
                     stored |= job_store.insert_jobs(self.db, [s.row])
                 except Exception as one:  # noqa: BLE001 - that submit's own error
                     s.error = one
-        woken = []
         for s in batch:
             if s.error is None:
                 s.stored = s.job_id in stored
-                if s.stored:
-                    woken.append(s.job_id)
-        return woken
 
 
 def _rolled_back(err: sa_exc.DBAPIError) -> bool:

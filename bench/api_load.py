@@ -145,8 +145,39 @@ def _client(port, method, path, body, headers, rate, start, indices, threads) ->
     return latencies, lags, failures[0]
 
 
+class Listener:
+    """An idle worker's listening connection on the farm's database (storage/notices.py, as workers/poller.py keeps
+    one), on a thread of this process: the notices the submits' statements send are delivered to it, as they would
+    be to the idle workers of a farm; ``heard`` counts the wake-ups it took (a wake-up takes every notice waiting)."""
+
+    def __init__(self, url: str):
+        from storage.db import Database
+        from storage.notices import NewJobNotices
+
+        self.db = Database(url)
+        self.notices = NewJobNotices(self.db)
+        self.heard = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> "Listener":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.notices.wait(0.5, self._stop):
+                self.heard += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.notices.close()
+        self.db.dispose()
+
+
 class Servers:
-    """PostgreSQL database + Redis + both gunicorns; ``close`` stops what it started."""
+    """PostgreSQL database + Redis + both gunicorns + an idle worker's listener; ``close`` stops what it started."""
 
     def __init__(self, work: Path, jobs: int):
         from tests.conftest import PG_ADMIN, _admin_exec
@@ -166,6 +197,7 @@ class Servers:
                     "QUANTFARM_AUTH": "on", "QUANTFARM_SECRET_KEY": new_key(), "QUANTFARM_TRUSTED_HOSTS": "127.0.0.1,localhost",
                     "QUANTFARM_TEAM_MAX_QUEUED": "100000000", "QUANTFARM_LOCAL_ROOTS": "/models"}  # the bench queues far more jobs than a team's quota
         self.job_id, self.token = self._seed(jobs)
+        self.listener: Listener | None = None
 
     def _seed(self, n: int) -> tuple[str, str]:
         """Migrate, make an admin key (auth is on, as in compose) and ``n`` jobs of its team; return a job id and the key."""
@@ -195,8 +227,11 @@ class Servers:
         wait_http(self.farm_port, "/healthz")
         wait_http(self.ceiling_port, "/ping")
         wait_http(self.open_port, "/healthz")
+        self.listener = Listener(self.db_url).start()
 
     def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         for p in self.procs:
             p.terminate()
         for p in self.procs:
@@ -229,9 +264,10 @@ def measure(srv: Servers, a, work: Path) -> list[dict]:
             script = work / f"{key}.lua"
             script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\nwrk.headers["Content-Type"] = "application/json"\n')
             headers = {**headers, "Content-Type": "application/json"}
+        heard = srv.listener.heard
         sat = run_wrk(f"http://127.0.0.1:{port}{path}", duration=a.duration, connections=a.connections, headers=headers, script=script)
         held = open_loop(port, method, path, body, headers, rate=sat["rps"] / 2, seconds=a.duration)
-        rows.append({"key": key, "label": label, **sat, "half_rate": held})
+        rows.append({"key": key, "label": label, **sat, "half_rate": held, "wake_ups": srv.listener.heard - heard})
         print(f"{label}: {sat['rps']:.0f} rps, p99 {sat['p99_ms']:.1f} ms; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
     return rows
 
@@ -295,6 +331,7 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
     headers = ["endpoint", "rps (max)", "ratio to ceiling", "goal", "ratio goal", "p99 ms at saturation",
                "held rps (½ max)", "p50 ms held", "p99 ms held", "client send lag ms (p50)", "p99 ≤ 50 ms", "errors"]
     cmd = f".venv/bin/python -m bench.api_load --duration {a.duration} --connections {a.connections} --jobs {a.jobs}"
+    wake_ups = ", ".join(f"{r['wake_ups']:,} wake-ups during {r['label']}" for r in rows if r["key"] == "post")
     return "\n".join([
         BEGIN, "## API load: gunicorn on PostgreSQL vs a trivial Flask ceiling", "",
         f"- Command: `{cmd}`", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
@@ -302,6 +339,9 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
         f"and a Redis of its own, auth on (every farm call carries an admin API key). Saturation: `wrk -t2 -c{a.connections} -d{a.duration}s`, one endpoint at a time in this one run. "
         f"Held: an open-loop client ({CLIENT_PROCESSES} processes) at half the measured maximum, latency from each request's scheduled send time; "
         f"where the client's own median send lag passed {LAGGING_MS:g} ms it could not keep the rate, and the p99 is not judged.",
+        "- An idle worker's listening connection (storage/notices.py) ran on the farm's database throughout: the submits' "
+        f"inserts notified it ({wake_ups}; "
+        "no broker message is sent for a submit on PostgreSQL).",
         *[f"- {note}" for note in a.note], "",
         md_table(headers, table), "", END,
     ])

@@ -89,14 +89,6 @@ class Dispatcher:
         else:
             self.app.send_task(RUN_JOB, args=[job_id])
 
-    def run_jobs(self, job_ids: list[str]) -> None:
-        """``run_job`` for each of ``job_ids``, in their order: on Redis one LPUSH of all their messages."""
-        if self.wakeups is not None:
-            self.wakeups.send_many(RUN_JOB, [[job_id] for job_id in job_ids])
-        else:
-            for job_id in job_ids:
-                self.app.send_task(RUN_JOB, args=[job_id])
-
     def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:
         self.app.send_task(DELIVER_WEBHOOK, args=[delivery_id], countdown=countdown or None)
 
@@ -198,20 +190,16 @@ class RedisWakeups:
         The client's command path (its pool, retry and timing layers) cost a submit
         more CPU than the push itself (~80 µs of ~120 in a gunicorn-like request).
         """
-        self.send_many(name, [args])
-
-    def send_many(self, name: str, argss: list[list[Any]]) -> None:
-        """``send`` of one message for each of ``argss``, in one LPUSH (a worker pops them in this order)."""
         import redis
 
-        messages = [self.message(name, args) for args in argss]
+        message = self.message(name, args)
         conn = self._connection()
         try:
-            conn.send_packed_command(conn.pack_command("LPUSH", self.queue, *messages))
+            conn.send_packed_command(conn.pack_command("LPUSH", self.queue, message))
             conn.read_response()
         except (redis.ConnectionError, redis.TimeoutError):  # dropped (a Redis restart): the client's way, which retries
             conn.disconnect()
-            self.client.lpush(self.queue, *messages)
+            self.client.lpush(self.queue, message)
 
     def _connection(self):
         """This thread's connection, made with the client's settings (a forked child makes its own)."""

@@ -56,13 +56,13 @@ class JobRunner:
 
     # --- entry points ----------------------------------------------------------------
 
-    def drain(self, wait: bool = True) -> list[tuple[str, str]]:
-        """Run the best runnable job, then the next, until none is left or we are preempted.
+    def drain(self, wait: bool = True) -> list[tuple[str, str]] | None:
+        """Run the best runnable job, then the next, until none is left or we are preempted; the jobs run.
 
-        One caller at a time (a wake-up or the poller); ``wait=False`` returns at once when another drains.
+        One caller at a time (a wake-up or the poller); ``wait=False`` returns None at once when another drains.
         """
         if not self._draining.acquire(blocking=wait):
-            return []
+            return None
         try:
             done = []
             while not self.preempting:

@@ -47,7 +47,6 @@ class RecordingDispatcher:
         self.db = db
         self.broker_up = broker_up
         self.jobs: list[str] = []
-        self.batches: list[list[str]] = []  # the jobs of each run_jobs
         self.webhooks: list[str] = []
         self.committed_at_enqueue: list[bool] = []
 
@@ -62,12 +61,6 @@ class RecordingDispatcher:
                 self.committed_at_enqueue.append(s.get(Job, job_id) is not None)
         self.jobs.append(job_id)
 
-    def run_jobs(self, job_ids: list[str]) -> None:
-        self._check()
-        self.batches.append(list(job_ids))
-        for job_id in job_ids:
-            self.run_job(job_id)
-
     def deliver_webhook(self, delivery_id: str, countdown: float = 0) -> None:
         self._check()
         self.webhooks.append(delivery_id)
@@ -75,6 +68,14 @@ class RecordingDispatcher:
     def ping(self) -> bool:
         self._check()
         return True
+
+
+def woken_at_submit(db, job_ids: list[str]) -> list[str]:
+    """The broker wake-ups a submit of ``job_ids`` sends: none on PostgreSQL, whose insert announces the jobs itself
+    (storage/notices.py); one each elsewhere."""
+    from storage.notices import announces_new_jobs
+
+    return [] if announces_new_jobs(db) else list(job_ids)
 
 
 def make_app(db, store, dispatcher, tmp_path, **settings):

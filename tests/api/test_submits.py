@@ -133,7 +133,8 @@ def test_a_batch_stores_the_rows_a_single_insert_stores(pg):
 
 def test_concurrent_fast_submits_of_one_team_store_exactly_its_limit(pg, store, tmp_path, monkeypatch):
     """Twelve submits of one team at once through the fast path, its limit 5 with one job queued: one statement, then
-    one batch of the other eleven; exactly four stored (201, each enqueued once), eight answered 429 by Flask."""
+    one batch of the other eleven; exactly four stored (201), eight answered 429 by Flask; no broker message (the
+    database announces the jobs: test_a_batchs_jobs_are_announced_by_the_database_at_its_commit)."""
     broker = RecordingDispatcher()
     app = make_app(pg, store, broker, tmp_path, auth="on")
     batches = app.wsgi_app.submits
@@ -160,8 +161,7 @@ def test_concurrent_fast_submits_of_one_team_store_exactly_its_limit(pg, store, 
     assert sorted(code for code, _ in answers) == [201] * 4 + [429] * 8
     assert all(body["error"] == "quota_exceeded" for code, body in answers if code == 429)
     assert _queued(pg, team) == (5, 5)
-    # The first statement's job woken alone, the batch's three in one push, each once.
-    assert broker.jobs[2:] == broker.batches[0] and len(broker.batches) == 1 and sorted(broker.jobs[1:]) == sorted(created)
+    assert broker.jobs == []
     assert {client.get(f"/v1/jobs/{j}", headers=member).get_json()["status"] for j in created} == {"queued"}
 
 
@@ -194,7 +194,7 @@ def _submit_together(app, batches, checked: list[Checked]):
 
 def test_one_bad_job_in_a_batch_fails_alone(pg, store, tmp_path, monkeypatch):
     """The database refuses the batch's statement (a job of a team that does not exist): nothing was stored, so each
-    job is stored again on its own: the others are stored and enqueued, the bad one's submit raises its error."""
+    job is stored again on its own: the others are stored, the bad one's submit raises its error."""
     from sqlalchemy.exc import IntegrityError
 
     broker = RecordingDispatcher()
@@ -207,56 +207,68 @@ def test_one_bad_job_in_a_batch_fails_alone(pg, store, tmp_path, monkeypatch):
     assert isinstance(out[2], IntegrityError)
     views = [out[0], out[1], out[3]]
     assert all(isinstance(v, dict) and v["status"] == "queued" for v in views)
-    assert _queued(pg, team) == (3, 3) and sorted(broker.jobs) == sorted(v["id"] for v in views)
+    assert _queued(pg, team) == (3, 3) and broker.jobs == []
 
 
-def test_a_batchs_other_submits_answer_while_its_wake_ups_are_pushed(pg, store, tmp_path, monkeypatch):
-    """A batch's statement returns: its other submits answer at once, with the broker's push still under way on the
-    leader's thread; the next batch's statement waits for that push; every job stored is woken once, after its commit."""
-    pushing, go, pusher = threading.Event(), threading.Event(), []
+def test_a_batchs_jobs_are_announced_by_the_database_at_its_commit(pg, store, tmp_path, monkeypatch):
+    """No broker message on PostgreSQL: each committed statement that stores jobs notifies the new-jobs channel once
+    (an idle worker's poller listens: storage/notices.py), delivered only at its commit; a statement the database
+    refused (rolled back) announces nothing."""
+    from sqlalchemy.exc import IntegrityError
 
-    class SlowBroker(RecordingDispatcher):
-        def run_jobs(self, job_ids):
-            pusher.append(threading.current_thread())
-            pushing.set()
-            assert go.wait(20)
-            super().run_jobs(job_ids)
+    from storage.notices import NewJobNotices
 
-    broker = SlowBroker(db=pg)
+    broker = RecordingDispatcher(db=pg)
     app = make_app(pg, store, broker, tmp_path)
     batches = app.wsgi_app.submits
     team = _team(pg, "t")
-    _held_insert(monkeypatch, batches, 3)
-    out: list = [None] * 5
+    notices = NewJobNotices(pg)
+    try:
+        assert notices.wait(5)  # listening now (a new connection counts as a notice: what came before is lost)
+        assert not notices.wait(0.3)
+        committed, go = threading.Event(), threading.Event()
+        real = job_store.insert_jobs
 
-    def one(i):
-        with app.app_context():
-            out[i] = batches.create(_checked(team), 100)
+        def held(db, rows):  # the statement done, its commit delayed: a notice must wait for the commit
+            with db.held_read() as conn:
+                cur = conn.connection.dbapi_connection.cursor()
+                cur.execute("BEGIN")
+                try:
+                    cur.execute(job_store._BATCH_SQL, (f"[{','.join(rows)}]",))
+                    ids = {row[0] for row in cur.fetchall()}
+                    assert go.wait(20)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+            committed.set()
+            return ids
 
-    first = threading.Thread(target=one, args=(0,))
-    first.start()
-    while not batches._leading:
-        time.sleep(0.001)
-    rest = [threading.Thread(target=one, args=(i,)) for i in (1, 2, 3)]
-    for t in rest:
+        monkeypatch.setattr(job_store, "insert_jobs", held)
+        out: list = []
+
+        def one():
+            with app.app_context():
+                out.append(batches.create(_checked(team), 100))
+
+        t = threading.Thread(target=one)
         t.start()
-    first.join(20)
-    # The first alone (one job: run_job), then the three together; their leader is held in the push.
-    assert pushing.wait(20) and pusher[0] in rest
-    others = [(i, t) for i, t in zip((1, 2, 3), rest) if t is not pusher[0]]
-    for _, t in others:
+        assert not notices.wait(0.5) and not committed.is_set()  # inserted, not committed: nobody told yet
+        go.set()
+        assert notices.wait(5) and committed.wait(5)
         t.join(20)
-    assert pusher[0].is_alive() and [out[i]["status"] for i, t in others if not t.is_alive()] == ["queued", "queued"]
-    late = threading.Thread(target=one, args=(4,))
-    late.start()
-    time.sleep(0.2)
-    assert batches.batches == 2 and out[4] is None  # the next statement has not started: the push holds it
-    go.set()
-    for t in [*rest, late]:
-        t.join(20)
-    ids = [v["id"] for v in out]
-    assert batches.batches == 3 and sorted(broker.jobs) == sorted(ids) and len(broker.batches) == 1
-    assert all(broker.committed_at_enqueue) and _queued(pg, team) == (5, 5)
+        assert [v["status"] for v in out] == ["queued"]
+        assert not notices.wait(0.3)  # one notice a statement
+        views = _submit_together(app, batches, [_checked(team), _checked(team), _checked(team)])
+        assert [v["status"] for v in views] == ["queued"] * 3
+        assert notices.wait(5)  # two statements (the first alone, then the other two): their notices, one wake-up
+        monkeypatch.setattr(job_store, "insert_jobs", real)
+        with app.app_context(), pytest.raises(IntegrityError):
+            batches.create(_checked("team_gone"), 100)  # refused: rolled back
+        assert not notices.wait(0.5)
+        assert broker.jobs == [] and _queued(pg, team) == (4, 4)
+    finally:
+        notices.close()
 
 
 def test_on_sqlite_submits_are_not_batched(lite):
@@ -299,41 +311,10 @@ def test_a_batch_whose_outcome_is_in_doubt_is_never_stored_again(pg, store, tmp_
     assert _queued(pg, team) == (2, 2)
 
 
-def test_wake_ups_of_a_batch_go_in_one_push_in_their_order(tmp_path):
-    """Dispatcher.run_jobs on Redis: one LPUSH of every job's message, popped (as a worker pops, from the tail) in order,
-    each the message run_job sends."""
-    import base64
-    import json
-    import uuid
-
-    import redis
-
-    from quantfarm.queue import Dispatcher
-    from quantfarm.settings import Settings
-    from tests.conftest import REDIS_URL
-
-    name = f"qf-test-{uuid.uuid4().hex[:10]}"
-    r = redis.Redis.from_url(REDIS_URL)
-    try:
-        dispatcher = Dispatcher(Settings(home=tmp_path / "home", broker_url=REDIS_URL, queue=name))
-        dispatcher.run_job("job_0")
-        dispatcher.run_jobs(["job_1", "job_2", "job_3"])
-        popped = [json.loads(r.rpop(name)) for _ in range(4)]
-        assert r.llen(name) == 0
-        assert [json.loads(base64.b64decode(m["body"]))[0] for m in popped] == [["job_0"], ["job_1"], ["job_2"], ["job_3"]]
-        assert all(list(m["headers"]) == list(popped[0]["headers"]) and m["properties"].keys() == popped[0]["properties"].keys()
-                   for m in popped)
-        assert len({m["headers"]["id"] for m in popped}) == 4
-    finally:
-        for key in r.scan_iter(f"*{name}*"):
-            r.delete(key)
-        r.close()
-
-
 @pytest.mark.parametrize("leaders", [1, 2])
 def test_many_threads_submitting_at_once_each_get_their_own_answer(pg, store, tmp_path, leaders):
     """16 threads, 6 submits each, through one process's batches (one or two statements at a time): every job stored
-    once, answered to its own thread, woken once; the team's count equals its rows; fewer statements than jobs."""
+    once, answered to its own thread; the team's count equals its rows; fewer statements than jobs."""
     from api.submits import SubmitBatches
 
     broker = RecordingDispatcher()
@@ -353,5 +334,5 @@ def test_many_threads_submitting_at_once_each_get_their_own_answer(pg, store, tm
         t.join()
     ids = [j for got in answers.values() for j in got]
     assert len(answers) == 16 and len(set(ids)) == 96 == batches.jobs
-    assert sorted(broker.jobs) == sorted(ids) and _queued(pg, team) == (96, 96)
+    assert broker.jobs == [] and _queued(pg, team) == (96, 96)
     assert batches.batches < 96 and batches._leading == 0 and batches._waiting == []

@@ -11,7 +11,7 @@ from api.app import create_app
 from quantfarm import taskset
 from quantfarm.settings import Settings
 from storage import teams as team_store
-from tests.api.conftest import MINIMAL, RecordingDispatcher, counts
+from tests.api.conftest import MINIMAL, RecordingDispatcher, counts, woken_at_submit
 
 GOOD = b'{"prompt": "2 + 2 =", "answer": "4"}\n\n{"prompt": "The capital of France is", "answer": "Paris"}\n'
 FIELD = "gate.task_set_upload_id"
@@ -28,12 +28,12 @@ def _body(gate: dict, **extra) -> dict:
     return {**MINIMAL, "gate": gate, **extra}
 
 
-def test_a_good_task_set_is_accepted(client, dispatcher):
+def test_a_good_task_set_is_accepted(client, db, dispatcher):
     upload_id = _upload(client, GOOD)
     resp = client.post("/v1/jobs", json=_body({"task_set_upload_id": upload_id, "min_exact_match": 0.5}, evaluate=False))
     assert resp.status_code == 201, resp.get_json()
     assert resp.get_json()["spec"]["gate"] == {"task_set_upload_id": upload_id, "min_exact_match": 0.5}
-    assert dispatcher.jobs == [resp.get_json()["id"]]
+    assert dispatcher.jobs == woken_at_submit(db, [resp.get_json()["id"]])
 
 
 @pytest.mark.parametrize("data,why", [

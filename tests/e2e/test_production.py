@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def prod(pg_url, tmp_path):
-    # The worker's database poll waits 10 minutes: only the submit's wake-up can start a job in this test.
+    # The worker's database poll waits 10 minutes: only the submit's notice (its INSERT's, storage/notices.py) can start
+    # a job in this test.
     yield from _prod(pg_url, tmp_path, {"QUANTFARM_WORKER_POLL_SECONDS": "600"})
 
 
@@ -121,15 +122,19 @@ def test_job_runs_through_redis_and_postgres(prod, tiny_llama):
     job = wait(client, job_id, logs=tmp)
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 1 and len(job["artifacts"]) == 1
-    # Started by the API's wake-up message (workers.tasks.run_job logs it once the job ended), not by the poll.
-    woken = f"woken for {job_id}; ran [('{job_id}', 'succeeded')]"
+    # Started at the database's notice of the new job (workers/poller.py logs it once the job ended), not by the poll.
+    woken = f"found waiting work by the database's notice of new jobs; ran [('{job_id}', 'succeeded')]"
     deadline = time.monotonic() + 30
     while woken not in (tmp / "worker0.log").read_text():
         assert time.monotonic() < deadline, (tmp / "worker0.log").read_text()[-3000:]
         time.sleep(0.2)
-    # A duplicate delivery of the same message (as Redis does after its visibility timeout) is harmless.
+    # A broker wake-up (the sweeper's and a requeue's; Redis redelivers one after its visibility timeout) reaches the
+    # worker through Celery, and one for a job that already ran is harmless.
     Dispatcher(settings).run_job(job_id)
-    time.sleep(3)
+    deadline = time.monotonic() + 30
+    while f"woken for {job_id}; ran nothing" not in (tmp / "worker0.log").read_text():
+        assert time.monotonic() < deadline, (tmp / "worker0.log").read_text()[-3000:]
+        time.sleep(0.2)
     events = client.get(f"/v1/jobs/{job_id}/events").get_json()
     events = events["items"] if isinstance(events, dict) else events
     assert sum(1 for e in events if e["to_status"] == "running") == 1

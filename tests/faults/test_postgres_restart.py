@@ -2,7 +2,8 @@
 
 The database is a cluster of the test's own (tests/support/servers.py), really
 stopped and started again while the worker is between layers; the API is
-gunicorn as compose runs it, polled throughout.
+gunicorn as compose runs it, polled throughout. Afterwards the idle worker hears
+of a new job from the database again (its listening connection made anew).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_worker_and_api_ride_through_a_postgres_restart(own_pg, own_db, own_redi
         retries = [x for x in lines if "database unreachable" in x["message"]]
         assert retries, "the worker never waited for the database"  # it really rode through an outage
         # Lines the job causes (not a wake-up's or the poller's summary, which may name several jobs) name it.
-        summaries = ("woken for", "found waiting work by polling")
+        summaries = ("woken for", "found waiting work by")
         about_job = [x for x in lines if job_id in x["message"] and not x["message"].startswith(summaries)]
         untagged = [x for x in about_job + retries if (x.get("job_id"), x.get("attempt")) != (job_id, 1)]
         assert about_job and not untagged, untagged
@@ -80,3 +81,8 @@ def test_worker_and_api_ride_through_a_postgres_restart(own_pg, own_db, own_redi
         progress = [e["data"] for e in events if e["kind"] == "progress"]
         assert [p["layers_done"] for p in progress] == list(range(1, 11))  # every layer once: none redone
         assert not any(p.get("resumed") for p in progress)
+        # The poll is every 10 s: a job that starts sooner was announced to the worker's new listening connection.
+        submitted = time.monotonic()
+        after = stack.post("/v1/jobs", json={"model": {"source": "local", "path": str(deep_llama)}, **GPTQ, "reuse": False}).json()["id"]
+        stack.wait_job(after, until=("running", "succeeded"), timeout=30)
+        assert time.monotonic() - submitted < 5, stack.log("worker").read_text()[-3000:]

@@ -1,11 +1,13 @@
 """Redis restarted while one job runs and others wait, on the compose-shaped processes.
 
 The broker is a redis-server of the test's own without persistence
-(tests/support/servers.py): stopping it loses every message, as a crash does,
-including the wake-ups of the jobs submitted while it was down. The queued jobs
-must still start within about a lease period (idle workers poll the database),
-the running one must ride through, and every job ends succeeded on its first
-attempt with each layer done once.
+(tests/support/servers.py): stopping it loses every message, as a crash does.
+A submit needs no broker on PostgreSQL (its insert notifies the idle workers:
+storage/notices.py), so the jobs submitted while it is down must start within
+about a lease period (idle workers also poll the database), the running one must
+ride through, every job ends succeeded on its first attempt with each layer done
+once, and the workers' broker consumers reconnect (a broker wake-up sent after
+the restart reaches one).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from datetime import datetime
 
 import pytest
 
+from quantfarm.queue import Dispatcher
+from quantfarm.settings import Settings
 from tests.support.compose import ComposeStack
 
 pytestmark = pytest.mark.slow
@@ -52,9 +56,9 @@ def test_queued_jobs_start_again_and_all_succeed_after_a_redis_restart(own_db, o
             submitted.append(time.time())
         assert stack.get(f"/v1/jobs/{running}").json()["status"] == "running"
         own_redis.start()
-        # No message names the waiting jobs: the idle worker finds them by polling, within about a lease.
+        # No message names the waiting jobs: the idle worker hears of them from the database, within about a lease.
         stack.wait_job(waiting[0], until=("running", "succeeded"), timeout=6 + 2 * POLL_SECONDS)
-        late = stack.post("/v1/jobs", json={"model": model, **GPTQ}).json()["id"]  # its wake-up goes through the new broker
+        late = stack.post("/v1/jobs", json={"model": model, **GPTQ}).json()["id"]
         jobs = {j: stack.wait_job(j, timeout=240) for j in [running, *waiting, late]}
 
         for job_id, job in jobs.items():
@@ -72,7 +76,9 @@ def test_queued_jobs_start_again_and_all_succeed_after_a_redis_restart(own_db, o
         assert started[waiting[0]] < ended
         assert len({e.get("data", {}).get("owner") for j in jobs for e in stack.get(f"/v1/jobs/{j}/events").json()["items"]
                      if e["to_status"] == "running"}) == 2
-        # The broker consumers reconnected: the late job's wake-up reached a worker.
+        # The broker consumers reconnected: a wake-up sent through the new broker (as the sweeper sends) reaches a worker.
+        queue = stack.env.get("QUANTFARM_QUEUE") or Settings.model_fields["queue"].default
+        Dispatcher(Settings(home=tmp_path / "client", broker_url=own_redis.url, queue=queue)).run_job(late)
         deadline = time.monotonic() + 30
         while not any(f"woken for {late}" in stack.log(w).read_text() for w in ("worker-a", "worker-b")):
             assert time.monotonic() < deadline, stack.logs()
