@@ -353,7 +353,7 @@ def insert_jobs(db, rows: list[str]) -> set[str]:
     SQLAlchemy's would be (storage/lean.py).
     """
     batch = f"[{','.join(rows)}]"
-    with db.connect_read() as conn:
+    with db.held_read() as conn:  # the thread's kept connection (an API thread's, for its reads too)
         dbapi_conn = conn.connection.dbapi_connection
         try:
             cur = kept_cursor(conn)
