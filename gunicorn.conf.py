@@ -34,3 +34,10 @@ def child_exit(server, worker):
 def on_exit(server):
     for path in _made:
         shutil.rmtree(path, ignore_errors=True)
+
+# Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new connections over them. On one
+# shared socket, whichever worker woke first accepted a burst of connections: a client's keep-alive connections (a
+# load balancer's, a CI pipeline's) could all land on one worker, which then served them on one core (its GIL) while
+# the other sat idle. Seen under the load bench in 3 of 7 runs of POST /v1/jobs: one worker at 97% of a core, the
+# other at 0%, half the rate (bench/RESULTS.md, API load).
+reuse_port = True
