@@ -7,8 +7,10 @@ service and one job worker, on PostgreSQL (``QUANTFARM_TEST_PG``'s server, a new
 database), a Redis of its own and a local store. Each job (RTN on the 10-layer
 tiny Llama) is submitted only when the worker is idle again; the time is from
 just before the POST to the job's ``running`` event (the worker's claim), both
-on this machine's clock. The worker's database poll is left at its default, so
-the broker's wake-up is what is measured. Goal: ≤ 1 s. Two warm-up jobs are not
+on this machine's clock. The worker's database poll is left at its default (10 s),
+so the wake-up is what is measured: on PostgreSQL the insert's notice to the idle
+worker's listening connection (storage/notices.py; the submit sends no broker
+message). Goal: ≤ 1 s. Two warm-up jobs are not
 counted: a gunicorn process's first request opens its database and broker
 connections (seen once at 1.9 s with a single warm-up, every later one ~0.1 s).
 """
@@ -84,7 +86,8 @@ def render(measured: list[tuple[float, float]], a, started: str, load: str) -> s
         f"- Date: {started}; machine: {os.cpu_count()} cores, load average at start {load}",
         "- The compose file's gunicorn API, service and one worker on PostgreSQL and a Redis of its own; "
         f"{a.jobs} RTN jobs (10-layer tiny Llama) one at a time, each after the worker sat idle {a.idle:g} s ({WARM_UP} warm-ups not counted); "
-        "from just before the POST to the job's `running` event. Seconds, each: "
+        "from just before the POST to the job's `running` event; the worker is woken by the insert's notice "
+        "(storage/notices.py), not a broker message. Seconds, each: "
         + ", ".join(f"{s:.2f}" for s in seconds), "",
         md_table(["", "seconds", "goal", ""], rows), "", END,
     ])
