@@ -12,9 +12,10 @@ once. A statement, a commit and a round trip per job were most of the
 database's and much of the API's CPU for a submit under load.
 
 No broker message follows: the statement's insert announces its jobs to the idle
-workers at its commit (storage/notices.py). A wake-up pushed from here cost the
-batch a second round trip, during which the next batch could not start (its
-threads parked), and the pushing thread its own CPU (bench/RESULTS.md, API load).
+workers at its commit (storage/notices.py). The Redis push it replaces was a
+second round trip a batch, during which the next batch could not start; without
+it the batches are smaller (more statements), and the load bench measures the
+same rate (bench/RESULTS.md, API load).
 
 Failures, per submit as before: a job whose row cannot be bound fails alone (it is
 bound on its own thread); over the quota, nothing of that job is stored and the
