@@ -19,6 +19,7 @@ from api.context import services
 from api.uploads import read_meta, upload_exists
 from quantfarm import taskset
 from quantfarm.errors import QuantfarmError, ValidationFailed
+from quantfarm.logs import job_context
 from quantfarm.memory import estimate_at_submit
 from quantfarm.netguard import check_webhook_urls
 from quantfarm.spec import public_spec, spec_secrets
@@ -140,18 +141,19 @@ def check_quota(s, team_id: str) -> None:
     )
 
 
-def enqueue(job_id: str) -> bool:
+def enqueue(job_id: str, attempt: int = 1) -> bool:
     """Wake the workers; if the broker is down, the job stays queued and an idle worker polls for it."""
     try:
         services().dispatcher.run_job(job_id)
         return True
     except Exception as exc:  # any broker failure: the DB row is the truth; idle workers poll for it
-        log.warning("Could not enqueue job %s (%s); it stays queued and an idle worker finds it by polling.", job_id, type(exc).__name__)
-        try:
-            with services().db.session() as s:
-                job_store.add_event(s, job_id, "log", message="The queue was unreachable; the job will be started automatically.")
-        except Exception:
-            log.warning("Could not record the enqueue failure of job %s", job_id, exc_info=True)
+        with job_context(job_id, attempt):
+            log.warning("Could not enqueue job %s (%s); it stays queued and an idle worker finds it by polling.", job_id, type(exc).__name__)
+            try:
+                with services().db.session() as s:
+                    job_store.add_event(s, job_id, "log", message="The queue was unreachable; the job will be started automatically.")
+            except Exception:
+                log.warning("Could not record the enqueue failure of job %s", job_id, exc_info=True)
         return False
 
 
@@ -231,8 +233,9 @@ def job_fields(checked: Checked) -> dict[str, Any]:
 
 
 def created(job: dict[str, Any], checked: Checked, via: str) -> dict:
-    """The view of ``job`` (its row), stored and enqueued: logged as created."""
-    log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], checked.who.team_id)
+    """The view of ``job`` (its row), stored and enqueued: logged as created (the line names the job and its attempt)."""
+    with job_context(job["id"], job["attempt"]):
+        log.info("Created job %s via %s (%s, %s) for team %s", job["id"], via, job["method"], job["model_ref"], checked.who.team_id)
     return job_reads.inserted_job_view(job)
 
 
@@ -305,7 +308,8 @@ def cancel(job_id: str) -> dict:
         job_store.get_job(s, job_id, team_id=who.scope)  # another team's job is a 404 before any 403
         who.require(Role.MEMBER)
         view = job_view(job_store.request_cancel(s, job_id, team_id=who.scope, actor=who.key_id))
-    log.info("Cancel of job %s: now %s%s", job_id, view["status"], " (cancel requested)" if view["cancel_requested"] else "")
+    with job_context(job_id, view["attempt"]):
+        log.info("Cancel of job %s: now %s%s", job_id, view["status"], " (cancel requested)" if view["cancel_requested"] else "")
     return view
 
 
@@ -315,6 +319,7 @@ def retry(job_id: str) -> dict:
         job_store.get_job(s, job_id, team_id=who.scope)
         who.require(Role.MEMBER)
         view = job_view(job_store.retry(s, job_id, team_id=who.scope, actor=who.key_id, retry_window_days=services().settings.retry_window))
-    enqueue(job_id)
-    log.info("Retry of job %s: attempt %s", job_id, view["attempt"])
+    enqueue(job_id, view["attempt"])
+    with job_context(job_id, view["attempt"]):
+        log.info("Retry of job %s: attempt %s", job_id, view["attempt"])
     return view

@@ -50,3 +50,37 @@ def test_each_worker_listens_on_its_own_socket_and_keep_alive_connections_reach_
         finally:
             for c in conns:
                 c.close()
+
+
+@pytest.mark.slow
+def test_the_apis_log_lines_under_gunicorn_are_json_and_name_the_job(pg_url, tmp_path):
+    """``QUANTFARM_LOG_FORMAT=json`` reaches gunicorn's workers (api/wsgi.py sets up their logging): a submit's and a
+    cancel's lines are JSON objects with the role, and the job's id and attempt as fields. Before, the API's INFO
+    lines were dropped under gunicorn (no handler but Python's last resort, warnings only)."""
+    import json
+    import time
+
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/12"
+    model = tmp_path / "model"
+    model.mkdir()
+    with ComposeStack(tmp_path, database_url=pg_url, broker_url=broker, s3_url="http://127.0.0.1:9",
+                      QUANTFARM_STORE="local", QUANTFARM_LOG_FORMAT="json") as stack:
+        stack.start("api")
+        stack.wait_healthy()
+        stack.first_admin_key()
+        r = stack.post("/v1/jobs", json={"model": {"source": "local", "path": str(model)}, "method": "rtn"})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        assert stack.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+
+        def about_job() -> list[dict]:
+            lines = [json.loads(x) for x in stack.log("api").read_text().splitlines() if x.startswith("{")]
+            return [x for x in lines if job_id in x["message"]]
+
+        deadline = time.monotonic() + 10
+        while len(about_job()) < 2:
+            assert time.monotonic() < deadline, stack.log("api").read_text()[-3000:]
+            time.sleep(0.1)
+        lines = about_job()
+        assert [x["message"].split(" ", 1)[0] for x in lines] == ["Created", "Cancel"]
+        assert all((x["role"], x["level"], x["job_id"], x["attempt"]) == ("api", "info", job_id, 1) for x in lines), lines
