@@ -65,7 +65,7 @@ def make_engine(url: str, **kwargs) -> Engine:
     return engine
 
 
-# A thread's kept reader connection unused this long goes back to the pool (whose checkout pings one idle this long).
+# A kept reader connection (held_read) unused this long goes back to the pool (whose checkout pings one idle this long).
 HELD_IDLE_SECONDS = 1.0
 
 
@@ -195,7 +195,7 @@ class Database:
         self.reader = self.engine if url.startswith("sqlite") else _autocommit_engine(url)
         self.reader.dialect.quantfarm_keyring = keyring
         self.readers = sessionmaker(self.reader, expire_on_commit=False)
-        self._held = threading.local()  # each thread's kept reader connection (``held_read``)
+        self._kept: list[tuple[Connection, float]] = []  # ``held_read``'s idle connections, the last used on top
         self._held_all: set[Connection] = set()
         self._held_lock = threading.Lock()
 
@@ -265,36 +265,42 @@ class Database:
 
     @contextlib.contextmanager
     def held_read(self) -> Iterator[Connection]:
-        """``connect_read``'s connection, kept by this thread from one use to the next (the fast path's reads).
+        """``connect_read``'s connection, kept from one use to the next and handed out last used first (the fast path's
+        reads and the batched submits).
 
         A pool checkout and checkin a request were about a fifth of a GET's CPU on the fast path. As Django keeps a
-        thread's connection between requests (``CONN_MAX_AGE`` with health checks): the thread keeps its connection
-        checked out between uses; a use that finds it unused for ``HELD_IDLE_SECONDS`` or more gives it back and checks
-        out again (the pool pings a connection that sat idle, so one that died with a database restart is replaced).
-        A transaction a use left open is rolled back; a connection left invalidated or closed goes back (the pool
-        discards it), so the next use gets a fresh one. ``dispose`` closes every thread's. A thread keeps one reader
-        connection at most (gunicorn's 8 threads a process: 8 of the pool's 10).
+        connection between requests (``CONN_MAX_AGE`` with health checks), a use takes the connection used last and
+        puts it back after: the process runs on as few database backends as ran its statements at once, each warm.
+        Each of gunicorn's threads keeping a connection of its own spread a process's statements over 8 backends that
+        each sat idle in between, and PostgreSQL spent more CPU on the same statements (``bench.submit_cpu``, 8 threads,
+        alternated: its backends 133-213 µs a submit with a connection a thread, 108-117 last used first). A connection found
+        unused for ``HELD_IDLE_SECONDS`` or more goes back to the pool and another is checked out (the pool pings one
+        that sat idle, so one that died with a database restart is replaced). A transaction a use left open is rolled
+        back; a connection left invalidated or closed goes back (the pool discards it), so the next use gets a fresh
+        one. ``dispose`` closes every kept one. At most as many are kept as uses ran at once (gunicorn's 8 threads a
+        process: 8 of the pool's 10).
         """
-        held = self._held.__dict__
-        conn = held.get("conn")
-        if conn is not None and time.monotonic() - held["at"] >= HELD_IDLE_SECONDS:
+        try:
+            conn, at = self._kept.pop()  # list.pop and append are atomic: no lock on the way in and out
+        except IndexError:
+            conn = None
+        if conn is not None and time.monotonic() - at >= HELD_IDLE_SECONDS:
             conn = self._unhold(conn)
         if conn is None:
-            conn = held["conn"] = self.reader.connect()
+            conn = self.reader.connect()
             with self._held_lock:
                 self._held_all.add(conn)
         try:
             yield conn
         finally:
             if _reusable(conn):
-                held["at"] = time.monotonic()
+                self._kept.append((conn, time.monotonic()))
             else:
-                held["conn"] = self._unhold(conn)
+                self._unhold(conn)
 
     def _unhold(self, conn: Connection) -> None:
         with self._held_lock:
             self._held_all.discard(conn)
-        self._held.__dict__["conn"] = None
         try:
             conn.close()
         except Exception:  # noqa: BLE001 - a broken connection's close: the pool discards it
@@ -334,7 +340,8 @@ class Database:
     def dispose(self) -> None:
         with self._held_lock:
             held, self._held_all = list(self._held_all), set()
-        for conn in held:  # every thread's kept connection (no request runs any more)
+            self._kept.clear()
+        for conn in held:  # every kept connection (no request runs any more)
             try:
                 conn.close()
             except Exception:  # noqa: BLE001 - already broken

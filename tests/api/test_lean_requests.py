@@ -381,8 +381,9 @@ def test_reads_return_their_connection_without_a_rollback_unless_a_transaction_i
     db.dispose()
 
 
-def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_second(pg_url, monkeypatch):
-    """``held_read``: back-to-back reads of one thread use one connection (one pool checkout); unused a second it goes
+def test_reader_connections_are_kept_and_reused_last_used_first_while_used_at_least_once_a_second(pg_url, monkeypatch):
+    """``held_read``: back-to-back reads use one connection (one pool checkout), whichever thread reads; reads at once
+    use one each, and the one used last is handed out first; unused a second it goes
     back to the pool, whose checkout pings it; a read that meets a dead connection fails (a 503 for the caller) and the
     next one gets a fresh connection; a transaction left open is rolled back before the next use; ``dispose`` closes
     every thread's."""
@@ -410,7 +411,11 @@ def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_sec
     t = threading.Thread(target=lambda: other.append(pid()))
     t.start()
     t.join()
-    assert other[0] != first and len(checkouts) == 2  # another thread, its own connection
+    assert other[0] == first and len(checkouts) == 1  # another thread after it: the same warm connection
+    with db.held_read() as a, db.held_read() as b:  # two at once: two connections
+        both = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (a, b)]
+    assert both[0] == first and both[1] != first and len(checkouts) == 2
+    assert pid() == first  # the one put back last is handed out first
     clock[0] += 1.5  # unused a second and a half: back to the pool, checked out again
     assert pid() == first and len(checkouts) == 3
     _admin_exec(f"SELECT pg_terminate_backend({first})")  # as a database restart would, while in steady use
