@@ -20,6 +20,7 @@ bitsandbytes quantizes while transformers loads, so its peak is the whole model.
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,8 @@ def estimate_at_submit(public_spec: dict[str, Any]) -> int | None:
         return None
     path = Path(str(model.get("path", ""))) / "config.json"
     try:
-        if not path.is_file() or path.stat().st_size > 1024 * 1024:
+        info = path.stat()  # one system call (a submit's thread gives up the GIL for each)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 1024 * 1024:
             return None
         return estimate_for_spec(json.loads(path.read_text(encoding="utf-8")), public_spec)
     except (OSError, ValueError):

@@ -51,7 +51,11 @@ def test_local_roots_are_checked_with_symlinks_resolved(tiny_llama, tmp_path):
     (root / "escape").symlink_to(tiny_llama)  # inside the root by name, outside once resolved
     assert check_local_path(str(root / "a"), [root]) == (root / "a").resolve()
     assert check_local_path(str(root / "a" / ".." / "a"), [root]) == (root / "a").resolve()
-    for bad in ("/etc", str(root / ".." / "elsewhere"), str(root / "escape"), "relative/dir", "/models/a\x00b"):
+    assert check_local_path(str(root) + "/", [root]) == root.resolve()  # the root itself
+    assert check_local_path(str(root / "a"), [Path("/")]) == (root / "a").resolve()  # "/" holds every absolute path
+    (tmp_path / "models2" / "a").mkdir(parents=True)  # the root's name as a prefix of a sibling's is not inside it
+    for bad in ("/etc", str(root / ".." / "elsewhere"), str(root / "escape"), "relative/dir", "/models/a\x00b",
+                str(tmp_path / "models2" / "a"), str(tmp_path / "models2")):
         with pytest.raises(ValidationFailed) as err:
             check_local_path(bad, [root])
         assert err.value.fields == {"model.path": f"must be a folder under one of the local roots ({root})"}
