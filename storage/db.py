@@ -195,7 +195,8 @@ class Database:
         self.reader = self.engine if url.startswith("sqlite") else _autocommit_engine(url)
         self.reader.dialect.quantfarm_keyring = keyring
         self.readers = sessionmaker(self.reader, expire_on_commit=False)
-        self._kept: list[tuple[Connection, float]] = []  # ``held_read``'s idle connections, the last used on top
+        self._held = threading.local()  # each thread's own kept reader connections (``held_read``), in a list
+        self._kept: list[tuple[Connection, float]] = []  # ``held_read(shared=True)``'s idle ones, the last used on top
         self._held_all: set[Connection] = set()
         self._held_lock = threading.Lock()
 
@@ -264,24 +265,31 @@ class Database:
             lean.write_together(conn, writes)
 
     @contextlib.contextmanager
-    def held_read(self) -> Iterator[Connection]:
-        """``connect_read``'s connection, kept from one use to the next and handed out last used first (the fast path's
-        reads and the batched submits).
+    def held_read(self, *, shared: bool = False) -> Iterator[Connection]:
+        """``connect_read``'s connection, kept from one use to the next (the fast path's reads; with ``shared``, the
+        batched submits' statements).
 
         A pool checkout and checkin a request were about a fifth of a GET's CPU on the fast path. As Django keeps a
-        connection between requests (``CONN_MAX_AGE`` with health checks), a use takes the connection used last and
-        puts it back after: the process runs on as few database backends as ran its statements at once, each warm.
-        Each of gunicorn's threads keeping a connection of its own spread a process's statements over 8 backends that
-        each sat idle in between, and PostgreSQL spent more CPU on the same statements (``bench.submit_cpu``, 8 threads,
-        alternated: its backends 133-213 µs a submit with a connection a thread, 108-117 last used first). A connection found
-        unused for ``HELD_IDLE_SECONDS`` or more goes back to the pool and another is checked out (the pool pings one
-        that sat idle, so one that died with a database restart is replaced). A transaction a use left open is rolled
-        back; a connection left invalidated or closed goes back (the pool discards it), so the next use gets a fresh
-        one. ``dispose`` closes every kept one. At most as many are kept as uses ran at once (gunicorn's 8 threads a
-        process: 8 of the pool's 10).
+        thread's connection between requests (``CONN_MAX_AGE`` with health checks), a thread keeps its connection
+        between uses. ``shared``: the process's kept connections instead, handed out last used first, so its batch
+        statements run on as few database backends as ran at once, each warm: on the connection of whichever thread
+        led a batch they went round 8 backends that each sat idle in between, and PostgreSQL spent more CPU on the
+        same statements (``bench.submit_cpu``, 8 threads, alternated: its backends 133-213 µs a submit, 108-117 shared
+        last used first). A connection found unused for ``HELD_IDLE_SECONDS`` or more goes back to the pool and
+        another is checked out (the pool pings one that sat idle, so one that died with a database restart is
+        replaced). A transaction a use left open is rolled back; a connection left invalidated or closed goes back
+        (the pool discards it), so the next use gets a fresh one. ``dispose`` closes every kept one. A thread keeps
+        one of its own at most, and the shared ones are as many as ran at once (gunicorn's 8 threads: at most 8 of
+        the pool's 10 for reads, and one or two for the statements).
         """
+        if shared:
+            kept = self._kept
+        else:
+            kept = self._held.__dict__.get("kept")
+            if kept is None:
+                kept = self._held.__dict__["kept"] = []
         try:
-            conn, at = self._kept.pop()  # list.pop and append are atomic: no lock on the way in and out
+            conn, at = kept.pop()  # list.pop and append are atomic: no lock on the way in and out
         except IndexError:
             conn = None
         if conn is not None and time.monotonic() - at >= HELD_IDLE_SECONDS:
@@ -294,7 +302,7 @@ class Database:
             yield conn
         finally:
             if _reusable(conn):
-                self._kept.append((conn, time.monotonic()))
+                kept.append((conn, time.monotonic()))
             else:
                 self._unhold(conn)
 

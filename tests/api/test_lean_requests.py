@@ -381,9 +381,8 @@ def test_reads_return_their_connection_without_a_rollback_unless_a_transaction_i
     db.dispose()
 
 
-def test_reader_connections_are_kept_and_reused_last_used_first_while_used_at_least_once_a_second(pg_url, monkeypatch):
-    """``held_read``: back-to-back reads use one connection (one pool checkout), whichever thread reads; reads at once
-    use one each, and the one used last is handed out first; unused a second it goes
+def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_second(pg_url, monkeypatch):
+    """``held_read``: back-to-back reads of one thread use one connection (one pool checkout); unused a second it goes
     back to the pool, whose checkout pings it; a read that meets a dead connection fails (a 503 for the caller) and the
     next one gets a fresh connection; a transaction left open is rolled back before the next use; ``dispose`` closes
     every thread's."""
@@ -411,11 +410,7 @@ def test_reader_connections_are_kept_and_reused_last_used_first_while_used_at_le
     t = threading.Thread(target=lambda: other.append(pid()))
     t.start()
     t.join()
-    assert other[0] == first and len(checkouts) == 1  # another thread after it: the same warm connection
-    with db.held_read() as a, db.held_read() as b:  # two at once: two connections
-        both = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (a, b)]
-    assert both[0] == first and both[1] != first and len(checkouts) == 2
-    assert pid() == first  # the one put back last is handed out first
+    assert other[0] != first and len(checkouts) == 2  # another thread, its own connection
     clock[0] += 1.5  # unused a second and a half: back to the pool, checked out again
     assert pid() == first and len(checkouts) == 3
     _admin_exec(f"SELECT pg_terminate_backend({first})")  # as a database restart would, while in steady use
@@ -430,5 +425,33 @@ def test_reader_connections_are_kept_and_reused_last_used_first_while_used_at_le
         assert conn.connection.dbapi_connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.exec_driver_sql("SELECT to_regclass('left_open') IS NULL").scalar() is True
     assert len(checkouts) == 4
+    db.dispose()
+    assert db.reader.pool.checkedout() == 0 and db._held_all == set()
+
+
+def test_shared_reader_connections_go_to_any_thread_last_used_first(pg_url):
+    """``held_read(shared=True)`` (the batched submits' statements): a use after another's takes its connection,
+    whichever thread it runs on; uses at once take one each, and the one put back last is handed out first; a
+    thread's own kept connection is apart from the shared ones; ``dispose`` closes them all."""
+    import threading
+
+    db = Database(pg_url)
+
+    def pid(**kw) -> int:
+        with db.held_read(**kw) as conn:
+            return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+    first = pid(shared=True)
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(pid(shared=True)))
+    t.start()
+    t.join()
+    assert other == [first]  # another thread after it: the same warm connection
+    with db.held_read(shared=True) as a, db.held_read(shared=True) as b:  # two at once: two connections
+        both = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (a, b)]
+    assert both[0] == first and both[1] != first
+    assert pid(shared=True) == first  # the one put back last is handed out first
+    assert pid() not in both  # this thread's own, apart from the shared ones
+    assert db.reader.pool.checkedout() == 3
     db.dispose()
     assert db.reader.pool.checkedout() == 0 and db._held_all == set()
