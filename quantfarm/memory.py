@@ -128,7 +128,7 @@ def estimate_at_submit(public_spec: dict[str, Any]) -> int | None:
         return None
     path = Path(str(model.get("path", ""))) / "config.json"
     try:
-        info = path.stat()  # one system call (a submit's thread gives up the GIL for each)
+        info = path.stat()  # one system call, not two (is_file, then stat)
         if not stat.S_ISREG(info.st_mode) or info.st_size > 1024 * 1024:
             return None
         return estimate_for_spec(json.loads(path.read_text(encoding="utf-8")), public_spec)

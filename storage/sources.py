@@ -118,7 +118,7 @@ def check_local_path(path: str, roots: list[Path]) -> Path:
         real = None
     # ``real`` is resolved already: only each root is (is_inside would resolve both, a realpath more per root). Both are
     # normalised absolute paths, so "inside" is the root itself or the root and a separator as a prefix (compared as
-    # strings: Path objects were a tenth of a submit's CPU here).
+    # strings: no Path objects on a submit's path).
     if real is None or not any(_within(real, os.path.realpath(root)) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise ValidationFailed({"model.path": f"must be a folder under one of the local roots ({allowed})"})
