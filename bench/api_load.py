@@ -1,11 +1,20 @@
 """API load: wrk against the farm's gunicorn on PostgreSQL, side by side with a trivial Flask ceiling.
 
-    .venv/bin/python -m bench.api_load [--duration 10] [--connections 32] [--jobs 200] [--token KEY] [--no-write] [--no-auth]
+    .venv/bin/python -m bench.api_load [--duration 12] [--slices 3] [--warmup 2] [--connections 32] [--jobs 200] [--token KEY]
+        [--no-write] [--no-auth]
 
 Both servers run with the gunicorn arguments of ``docker-compose.yml`` (2 workers x
 8 threads). The farm talks to PostgreSQL (``QUANTFARM_TEST_PG``'s server, a new
-database with ``--jobs`` jobs) and a Redis of its own. Each endpoint is loaded by
-``wrk -t2 -c<connections>`` for its maximum rate and p99 at saturation, then held at
+database with ``--jobs`` jobs) and a Redis of its own. Every endpoint, the ceiling
+among them, is first warmed by an uncounted ``--warmup``-second run (a fresh
+server's first second of submits ran at half the rate of the rest: connections,
+prepared statements, lazily built validators). Each farm endpoint is then loaded
+by ``wrk -t2 -c<connections>`` in ``--slices`` slices of ``--duration/--slices``
+seconds, each beside a slice of the ceiling just as long, their order swapped
+every round: its ratio is its requests over the ceiling's in those paired slices,
+so a drift of the machine within the run (this host's ceiling moved by ±10% within
+minutes) falls on both alike. Its maximum rate and p99 at saturation come from
+its slices; then it is held at
 half that rate by a small open-loop client of a few processes (wrk cannot hold a rate;
 latency counts from each request's scheduled send time, so a stall is not hidden, and
 the client reports how late it sent itself, so a client that fell behind is not taken
@@ -68,9 +77,25 @@ def parse_wrk(out: str) -> dict:
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    seconds = float(done.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[done.group(3)]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
-    return {"rps": rps, "p99_ms": p99, "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(0) if errors else ""}
+    return {"rps": rps, "p99_ms": p99, "requests": int(done.group(1)), "seconds": seconds,
+            "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(0) if errors else ""}
+
+
+def paired(ceiling: list[dict], endpoint: list[dict]) -> dict:
+    """An endpoint's saturation from its slices (``parse_wrk``'s) and the ceiling's slices beside them: its rate over
+    all its slices, its ratio (its requests a second over the ceiling's, each over its own slices), the ceiling's rate
+    in those slices, the worst p99 of its slices and its failed responses."""
+    def rate(runs: list[dict]) -> float:
+        return sum(r["requests"] for r in runs) / sum(r["seconds"] for r in runs)
+
+    rps, beside = rate(endpoint), rate(ceiling)
+    return {"rps": rps, "ratio": rps / beside, "ceiling_rps": beside, "p99_ms": max(r["p99_ms"] for r in endpoint),
+            "non_2xx": sum(r["non_2xx"] for r in endpoint), "slices": [r["rps"] for r in endpoint],
+            "ceiling_slices": [r["rps"] for r in ceiling]}
 
 
 def run_wrk(url: str, *, duration: int, connections: int, headers: dict[str, str], script: Path | None = None) -> dict:
@@ -254,22 +279,52 @@ def endpoints(srv: Servers) -> list[tuple[str, str, int, str, str, bytes | None]
     ]
 
 
+def _wrk_args(token: str | None, work: Path, key: str, port: int, method: str, path: str,
+              body: bytes | None) -> tuple[str, dict[str, str], Path | None]:
+    """(url, headers, wrk script) for one endpoint: the key on every farm call, a script for a body."""
+    headers = {"Authorization": f"Bearer {token}"} if token and key != "ceiling" else {}
+    script = None
+    if body is not None:
+        script = work / f"{key}.lua"
+        script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\nwrk.headers["Content-Type"] = "application/json"\n')
+        headers = {**headers, "Content-Type": "application/json"}
+    return f"http://127.0.0.1:{port}{path}", headers, script
+
+
 def measure(srv: Servers, a, work: Path) -> list[dict]:
     token = a.token or os.environ.get("QUANTFARM_BENCH_TOKEN") or srv.token
+    eps = endpoints(srv)
+    args = {key: _wrk_args(token, work, key, port, method, path, body) for key, _label, port, method, path, body in eps}
+    slice_s = max(1, round(a.duration / a.slices))
+
+    def wrk(key: str, seconds: int) -> dict:
+        url, headers, script = args[key]
+        return run_wrk(url, duration=seconds, connections=a.connections, headers=headers, script=script)
+
+    if a.warmup:
+        for key, *_ in eps:
+            wrk(key, a.warmup)
+    ceiling_runs: list[dict] = []
     rows = []
-    for key, label, port, method, path, body in endpoints(srv):
-        headers = {"Authorization": f"Bearer {token}"} if token and key != "ceiling" else {}
-        script = None
-        if body is not None:
-            script = work / f"{key}.lua"
-            script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\nwrk.headers["Content-Type"] = "application/json"\n')
-            headers = {**headers, "Content-Type": "application/json"}
+    for key, label, port, method, path, body in eps[1:]:
         heard = srv.listener.heard
-        sat = run_wrk(f"http://127.0.0.1:{port}{path}", duration=a.duration, connections=a.connections, headers=headers, script=script)
-        held = open_loop(port, method, path, body, headers, rate=sat["rps"] / 2, seconds=a.duration)
-        rows.append({"key": key, "label": label, **sat, "half_rate": held, "wake_ups": srv.listener.heard - heard})
-        print(f"{label}: {sat['rps']:.0f} rps, p99 {sat['p99_ms']:.1f} ms; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
-    return rows
+        mine, beside = [], []
+        for n in range(a.slices):  # the ceiling first in even rounds, the endpoint first in odd ones
+            for which in (("ceiling", key) if n % 2 == 0 else (key, "ceiling")):
+                (beside if which == "ceiling" else mine).append(wrk(which, slice_s))
+        wake_ups = srv.listener.heard - heard
+        sat = paired(beside, mine)
+        ceiling_runs += beside
+        held = open_loop(port, method, path, body, args[key][1], rate=sat["rps"] / 2, seconds=a.duration)
+        rows.append({"key": key, "label": label, **sat, "half_rate": held, "wake_ups": wake_ups})
+        print(f"{label}: {sat['rps']:.0f} rps (slices {', '.join(f'{x:.0f}' for x in sat['slices'])}) beside the ceiling's "
+              f"{sat['ceiling_rps']:.0f} (slices {', '.join(f'{x:.0f}' for x in sat['ceiling_slices'])}): {sat['ratio']:.2f}; "
+              f"p99 {sat['p99_ms']:.1f} ms; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
+    key, label, port, method, path, body = eps[0]
+    ceiling = paired(ceiling_runs, ceiling_runs)
+    held = open_loop(port, method, path, body, args[key][1], rate=ceiling["rps"] / 2, seconds=a.duration)
+    print(f"{label}: {ceiling['rps']:.0f} rps over all its slices; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
+    return [{"key": key, "label": label, **ceiling, "half_rate": held, "wake_ups": 0}, *rows]
 
 
 AUTH_BEGIN, AUTH_END = "<!-- auth_overhead:begin -->", "<!-- auth_overhead:end -->"
@@ -313,10 +368,9 @@ def render_auth(rows: list[dict], a, started: str, env: dict) -> str:
 
 
 def render(rows: list[dict], a, started: str, env: dict) -> str:
-    ceiling = rows[0]["rps"]
     table = []
     for r in rows:
-        ratio = r["rps"] / ceiling
+        ratio = r["ratio"]
         goal = GOALS.get(r["key"])
         held = r["half_rate"]
         met = "—" if goal is None else ("met" if ratio >= goal else "**NOT met**")
@@ -326,17 +380,22 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
         else:
             p99_met = "met" if held["p99_ms"] <= P99_GOAL_MS else "**NOT met**"
         bad = r["non_2xx"] + held["failures"]
-        table.append([r["label"], f"{r['rps']:,.0f}", f"{ratio:.2f}", f"≥ {goal}" if goal else "", met, f"{r['p99_ms']:.0f}",
+        table.append([r["label"], f"{r['rps']:,.0f}", f"{r['ceiling_rps']:,.0f}", f"{ratio:.2f}", f"≥ {goal}" if goal else "", met, f"{r['p99_ms']:.0f}",
                       f"{held['rate']:,.0f}", f"{held['p50_ms']:.1f}", f"{held['p99_ms']:.1f}", f"{lag:.1f}", p99_met, str(bad)])
-    headers = ["endpoint", "rps (max)", "ratio to ceiling", "goal", "ratio goal", "p99 ms at saturation",
+    headers = ["endpoint", "rps (max)", "ceiling rps beside it", "ratio to ceiling", "goal", "ratio goal", "p99 ms at saturation",
                "held rps (½ max)", "p50 ms held", "p99 ms held", "client send lag ms (p50)", "p99 ≤ 50 ms", "errors"]
-    cmd = f".venv/bin/python -m bench.api_load --duration {a.duration} --connections {a.connections} --jobs {a.jobs}"
+    cmd = (f".venv/bin/python -m bench.api_load --duration {a.duration} --slices {a.slices} --warmup {a.warmup} "
+           f"--connections {a.connections} --jobs {a.jobs}")
+    slice_s = max(1, round(a.duration / a.slices))
     wake_ups = ", ".join(f"{r['wake_ups']:,} wake-ups during {r['label']}" for r in rows if r["key"] == "post")
     return "\n".join([
         BEGIN, "## API load: gunicorn on PostgreSQL vs a trivial Flask ceiling", "",
         f"- Command: `{cmd}`", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
         f"- Both servers: the compose file's gunicorn command (2 workers x 8 threads); the farm on PostgreSQL with {a.jobs} jobs "
-        f"and a Redis of its own, auth on (every farm call carries an admin API key). Saturation: `wrk -t2 -c{a.connections} -d{a.duration}s`, one endpoint at a time in this one run. "
+        f"and a Redis of its own, auth on (every farm call carries an admin API key). Each endpoint warmed first by an uncounted "
+        f"{a.warmup} s run. Saturation: `wrk -t2 -c{a.connections}` in {a.slices} slices of {slice_s} s, each beside a "
+        "slice of the ceiling as long (their order swapped every round); the ratio is the endpoint's requests a second "
+        "over the ceiling's in those paired slices, and the ceiling's row is all its slices. "
         f"Held: an open-loop client ({CLIENT_PROCESSES} processes) at half the measured maximum, latency from each request's scheduled send time; "
         f"where the client's own median send lag passed {LAGGING_MS:g} ms it could not keep the rate, and the p99 is not judged.",
         "- An idle worker's listening connection (storage/notices.py) ran on the farm's database throughout: the submits' "
@@ -350,7 +409,9 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, default=12, help="seconds of saturation an endpoint (split into slices), and of the held run")
+    ap.add_argument("--slices", type=int, default=3, help="slices of an endpoint's saturation, each beside a ceiling slice")
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of an uncounted run of each endpoint first (0: none)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--token", help="API key sent as Authorization: Bearer (default: $QUANTFARM_BENCH_TOKEN)")
