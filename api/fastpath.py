@@ -11,7 +11,7 @@ route's template, as the Flask hook would.
 
 Everything else goes to Flask untouched, which answers it, so every error
 response is made in one place: another method, an untrusted Host, a cookie (page
-sessions), no key or one this process has not verified within its cache TTL, a
+sessions), no key (but with auth off: the local admin) or one this process has not verified within its cache TTL, a
 key whose last use is due to be recorded, a query other than the list's plain
 ``status``/``limit``/``cursor``, a job not found, a browser's cross-site headers
 on a submit, a Hub or S3 model (its submit reads over the network), any error
@@ -44,6 +44,8 @@ _PLAIN_QUERY = re.compile(r"[a-z]+=[0-9A-Za-z_]*(?:&[a-z]+=[0-9A-Za-z_]*)*")
 _LIST_PARAMS = frozenset({"status", "limit", "cursor"})
 _STATUS = {200: "200 OK", 201: "201 CREATED"}  # werkzeug's status lines
 _ETA = JOB_COLUMNS.index("eta_seconds")
+# Set on a request answered for the keyless local admin: Flask looked for a session cookie to answer it, and says so.
+_VARY_COOKIE = "quantfarm.vary_cookie"
 
 
 class EncodedViews:
@@ -110,6 +112,8 @@ class FastPath:
                 done = None
             if done is not None:
                 route, code, status, headers, body = done
+                if environ.get(_VARY_COOKIE):  # as Flask's session interface adds it, last
+                    headers = [*headers, ("Vary", "Cookie")]
                 start_response(status, headers)
                 self.app.extensions["quantfarm_metrics"].observe(route, method, code, time.perf_counter() - started)
                 return [body]
@@ -179,10 +183,17 @@ class FastPath:
         return encoded[1]
 
     def _caller(self, environ) -> auth.Principal | None:
-        """The caller of a request with a verified key (in this process's cache) and nothing else to look at."""
-        header = environ.get("HTTP_AUTHORIZATION")
-        if header is None or "HTTP_COOKIE" in environ:
+        """The caller of a request with a verified key (in this process's cache) and nothing else to look at; with
+        ``QUANTFARM_AUTH=off`` (a loopback farm), a request with neither key nor cookie is the local admin, as
+        ``auth.authenticate`` resolves it (``auto``'s answer needs the database: Flask's)."""
+        if "HTTP_COOKIE" in environ:
             return None
+        header = environ.get("HTTP_AUTHORIZATION")
+        if header is None:
+            if self.app.extensions["quantfarm"].settings.auth != "off":
+                return None
+            environ[_VARY_COOKIE] = True
+            return auth.LOCAL_ADMIN
         return auth.cached_principal(self.app.extensions["quantfarm_keys"], auth.bearer_key(header))
 
     def _job(self, environ):

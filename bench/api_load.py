@@ -337,13 +337,9 @@ def auth_overhead(srv: Servers, a, work: Path, token: str, rounds: int = 2) -> l
     for key, label, _port, method, path, body in endpoints(srv)[1:4]:
         got: dict[str, list[float]] = {"on": [], "off": []}
         for _ in range(rounds):
-            for mode, port, headers in (("on", srv.farm_port, {"Authorization": f"Bearer {token}"}), ("off", srv.open_port, {})):
-                script = None
-                if body is not None:
-                    script = work / f"auth-{key}.lua"
-                    script.write_text(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body.decode())}\n'
-                                      'wrk.headers["Content-Type"] = "application/json"\n')
-                res = run_wrk(f"http://127.0.0.1:{port}{path}", duration=a.duration, connections=a.connections, headers=headers, script=script)
+            for mode, port, key_sent in (("on", srv.farm_port, token), ("off", srv.open_port, None)):
+                url, headers, script = _wrk_args(key_sent, work, key, port, method, path, body)
+                res = run_wrk(url, duration=a.duration, connections=a.connections, headers=headers, script=script)
                 if res["non_2xx"]:
                     raise RuntimeError(f"{label} with auth {mode}: {res['non_2xx']} non-2xx responses")
                 got[mode].append(res["rps"])

@@ -297,3 +297,44 @@ def test_a_submit_the_fast_path_cannot_finish_is_answered_by_flask_and_stored_at
     r = client.post("/v1/jobs", json=MINIMAL, headers=member)
     assert (r.status_code, r.get_json()["error"]) == (500, "internal_error") and farm["flask_calls"]
     assert count_jobs() == before + 1 and len(broker.jobs) == sent
+
+
+def test_with_auth_off_a_request_without_a_key_is_answered_before_flask_as_the_local_admin(pg_url, store, tmp_path):
+    """QUANTFARM_AUTH=off (a loopback farm, ``make run``): a request with neither key nor cookie is the local admin in the
+    fast path as in Flask's ``authenticate``, with Flask's bytes. A cookie, and ``auto`` (whose answer needs the database:
+    are there keys yet?), still go to Flask."""
+    from storage.models import DEFAULT_TEAM_ID
+    from tests.conftest import _truncate
+
+    db = Database(pg_url)
+    _truncate(db)
+    calls: list[str] = []
+    apps = {mode: make_app(db, store, RecordingDispatcher(), tmp_path, auth=mode) for mode in ("off", "auto")}
+    for app in apps.values():
+        request_started.connect(lambda sender, **kw: calls.append(sender.name), app, weak=False)
+    app, client = apps["off"], apps["off"].test_client()
+    try:
+        fast = client.post("/v1/jobs", json=MINIMAL)
+        assert calls == [] and fast.status_code == 201
+        slow = flask_view(app).post("/v1/jobs", json=MINIMAL)
+        assert calls != [] and slow.status_code == 201
+        ids = (fast.get_json()["id"], slow.get_json()["id"])
+        assert _same_but_ids_and_times(fast.get_data(), slow.get_data(), ids)
+        assert [(k, v.replace(ids[0], "ID")) for k, v in fast.headers.items()] == [(k, v.replace(ids[1], "ID")) for k, v in slow.headers.items()]
+        assert fast.headers.getlist("Vary") == ["Cookie"]  # a cookie would have made another caller
+        assert fast.get_json()["team_id"] == DEFAULT_TEAM_ID
+        for path in (f"/v1/jobs/{ids[0]}", "/v1/jobs?limit=20"):
+            calls.clear()
+            fast = client.get(path)
+            assert calls == [] and fast.status_code == 200, path
+            slow = flask_view(app).get(path)
+            assert (fast.status, fast.get_data(), list(fast.headers.items())) == (slow.status, slow.get_data(), list(slow.headers.items())), path
+        assert [j["id"] for j in client.get("/v1/jobs").get_json()["items"]] == [ids[1], ids[0]]
+
+        calls.clear()
+        client.set_cookie("quantfarm_session", "x")
+        assert client.get(f"/v1/jobs/{ids[0]}").status_code == 200 and calls != []
+        calls.clear()
+        assert apps["auto"].test_client().get(f"/v1/jobs/{ids[0]}").status_code == 200 and calls != []  # no key yet: local admin
+    finally:
+        db.dispose()
