@@ -353,9 +353,10 @@ def render_auth(rows: list[dict], a, started: str, env: dict) -> str:
     table = [[r["label"], f"{r['on']:,.0f}", f"{r['off']:,.0f}", f"{r['ratio']:.2f}",
               "met" if r["ratio"] >= AUTH_GOAL else "**NOT met**"] for r in rows]
     cmd = f".venv/bin/python -m bench.api_load --duration {a.duration} --connections {a.connections} --jobs {a.jobs}"
+    cmd, which = (f"{cmd} --only-auth", "") if a.only_auth else (cmd, " (the same run as the table above)")
     return "\n".join([
         AUTH_BEGIN, "## API load with auth on vs off", "",
-        f"- Command: `{cmd}` (the same run as the table above)", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
+        f"- Command: `{cmd}`{which}", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
         "- One farm database, two gunicorns with the compose command: `QUANTFARM_AUTH=on` with an admin key in `Authorization: Bearer`, "
         f"and `QUANTFARM_AUTH=off`. Max rps by `wrk -t2 -c{a.connections} -d{a.duration}s`, on and off alternated twice and averaged. "
         f"Goal: auth on ≥ {AUTH_GOAL} of auth off.", "",
