@@ -255,10 +255,23 @@ def read_job(db, who: auth.Principal, job_id: str) -> dict:
 
 
 def read_job_rows(db, who: auth.Principal, job_id: str) -> tuple[tuple, ...]:
-    """``read_job``'s job as its rows (storage.job_reads.view_of makes the view); the same checks, in the same order."""
+    """``read_job``'s job as its rows (storage.job_reads.view_of makes the view); the same checks, in the same order.
+
+    On PostgreSQL the rows may come from those this process kept (``db.job_rows``: storage/job_cache.py), which
+    are forgotten at the job's change notice; a job outside ``who``'s scope is read, and not found, as before.
+    """
     who.require(Role.VIEWER)
+    cache = db.job_rows
+    if cache is not None:
+        rows = cache.get(job_id, who.scope)
+        if rows is not None:
+            return rows
+        token = cache.token()
     with db.held_read() as conn:
-        return job_reads.job_rows_by_id(conn, job_id, team_id=who.scope)
+        rows = job_reads.job_rows_by_id(conn, job_id, team_id=who.scope)
+    if cache is not None:
+        cache.put(job_id, rows, token)
+    return rows
 
 
 def page(*, status: str | None, limit: int, cursor: str | None, with_artifacts: bool = True) -> tuple[list[dict], str | None]:

@@ -199,6 +199,21 @@ class Database:
         self._kept: list[tuple[Connection, float]] = []  # ``held_read(shared=True)``'s idle ones, the last used on top
         self._held_all: set[Connection] = set()
         self._held_lock = threading.Lock()
+        self._job_rows = None  # ``job_rows``, made at its first use
+
+    @property
+    def job_rows(self):
+        """PostgreSQL: the jobs' rows this process read, kept until each job's change notice (storage/job_cache.py);
+        None on SQLite (no notices)."""
+        cache = self._job_rows
+        if cache is None and self.reader is not self.engine:
+            from storage.job_cache import JobRowsCache
+
+            with self._held_lock:
+                if self._job_rows is None:
+                    self._job_rows = JobRowsCache(self)
+                cache = self._job_rows
+        return cache
 
     @classmethod
     def from_settings(cls, settings, *, retry_seconds: float = 0.0) -> "Database":
@@ -346,6 +361,8 @@ class Database:
         return True
 
     def dispose(self) -> None:
+        if self._job_rows is not None:
+            self._job_rows.close()
         with self._held_lock:
             held, self._held_all = list(self._held_all), set()
             self._kept.clear()

@@ -35,6 +35,23 @@ def announces_new_jobs(db) -> bool:
     return db.engine.dialect.name == "postgresql"
 
 
+def listening_connection(db, channel: str, what: str):
+    """A psycopg connection of its own (never the pool's: it is held while it listens) listening on ``channel``, or
+    None, logged as a warning naming ``what`` it listens for, when the database cannot be reached."""
+    conn = None
+    try:
+        dialect = db.engine.dialect  # the engine's own connect arguments, outside its pool
+        cargs, cparams = dialect.create_connect_args(db.engine.url)
+        conn = dialect.connect(*cargs, **cparams)
+        conn.autocommit = True
+        conn.execute(f"LISTEN {channel}")
+    except Exception as exc:  # noqa: BLE001 - the database is away: try again later
+        log.warning("Cannot listen for %s (%s); trying again in %.0f s", what, type(exc).__name__, RECONNECT_SECONDS)
+        close_listening(conn)
+        return None
+    return conn
+
+
 class NewJobNotices:
     """A connection of its own listening on ``NEW_JOBS``; ``wait`` returns when a notice arrives.
 
@@ -79,29 +96,20 @@ class NewJobNotices:
         return False
 
     def _listen(self) -> bool:
-        conn = None
-        try:
-            dialect = self.db.engine.dialect  # the engine's own connect arguments, outside its pool
-            cargs, cparams = dialect.create_connect_args(self.db.engine.url)
-            conn = dialect.connect(*cargs, **cparams)
-            conn.autocommit = True
-            conn.execute(f"LISTEN {NEW_JOBS}")
-        except Exception as exc:  # noqa: BLE001 - the database is away: try again later
-            log.warning("Cannot listen for new jobs (%s); trying again in %.0f s", type(exc).__name__, RECONNECT_SECONDS)
+        self._conn = listening_connection(self.db, NEW_JOBS, "new jobs")
+        if self._conn is None:
             self._next_try = time.monotonic() + RECONNECT_SECONDS
-            self._close(conn)
-            return False
-        self._conn = conn
-        return True
+        return self._conn is not None
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        self._close(conn)
+        close_listening(conn)
 
-    @staticmethod
-    def _close(conn) -> None:
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - a broken connection's close
-                log.debug("Closing the listening connection failed", exc_info=True)
+
+def close_listening(conn) -> None:
+    """Close a ``listening_connection`` (None: nothing), broken or not."""
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a broken connection's close
+            log.debug("Closing the listening connection failed", exc_info=True)

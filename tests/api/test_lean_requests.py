@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -72,16 +74,20 @@ def test_a_stale_health_answer_is_checked_again_by_one_caller_while_the_others_k
 
 @pytest.fixture
 def statements(monkeypatch):
-    """Every statement psycopg sends, BEGIN and COMMIT included."""
+    """Every statement psycopg sends from the test's thread, BEGIN and COMMIT included (not the LISTEN of the thread
+    that hears job changes: storage/job_cache.py)."""
     sent: list[str] = []
     execute, command = psycopg.Cursor.execute, psycopg.Connection._exec_command
+    mine = threading.current_thread()
 
     def spy_execute(self, query, *a, **k):
-        sent.append(str(query).split()[0].upper())
+        if threading.current_thread() is mine:
+            sent.append(str(query).split()[0].upper())
         return execute(self, query, *a, **k)
 
     def spy_command(self, cmd, *a, **k):
-        sent.append((cmd.decode() if isinstance(cmd, bytes) else str(cmd)).split()[0].upper())
+        if threading.current_thread() is mine:
+            sent.append((cmd.decode() if isinstance(cmd, bytes) else str(cmd)).split()[0].upper())
         return command(self, cmd, *a, **k)
 
     monkeypatch.setattr(psycopg.Cursor, "execute", spy_execute)
