@@ -4,7 +4,8 @@ Load balancers poll /healthz, clients poll their jobs and submit them. Flask's
 request context, routing and hooks were about a third of such a request's CPU,
 so ``FastPath``, a WSGI middleware around the app's own, answers the plain case
 of each with the code the views run (the health memo, ``auth.cached_principal``,
-``job_service.read_job``, ``jobs.jobs_page``, ``job_service.check_submit`` and
+``job_service.read_job_rows`` (on PostgreSQL, rows kept until the job's change
+notice: storage/job_cache.py), ``jobs.jobs_page``, ``job_service.check_submit`` and
 ``create``) and writes Flask's own response: the same bytes, status and headers
 as the view. It counts each request it answers in the HTTP metrics under the
 route's template, as the Flask hook would.
@@ -55,12 +56,14 @@ class EncodedViews:
     column it shows, json columns as their stored text), so rows equal to rows seen
     before make the same bytes: a job polled again, unchanged, is neither decoded nor
     built nor encoded again (about half of a page's CPU). Any change to what a view
-    shows changes its rows. Bounded: emptied when full.
+    shows changes its rows. Bounded: emptied when full, in views or in their text (a
+    job's spec can be a megabyte).
     """
 
-    def __init__(self, make, size: int = 1024):
-        self.make, self.size = make, size  # make(rows) -> the encoded view
+    def __init__(self, make, size: int = 1024, max_chars: int = 32 * 1024 * 1024):
+        self.make, self.size, self.max_chars = make, size, max_chars  # make(rows) -> the encoded view
         self._memo: dict[tuple, str] = {}
+        self._chars = 0
 
     def __call__(self, rows: tuple[tuple, ...]) -> str:
         text = self._memo.get(rows)
@@ -69,9 +72,11 @@ class EncodedViews:
             eta = rows[0][_ETA]
             # 0.0 and -0.0 are equal keys but encode apart; a NaN is never equal to itself: neither is kept.
             if eta is None or (eta != 0 and not math.isnan(eta)):
-                if len(self._memo) >= self.size:
+                if len(self._memo) >= self.size or self._chars + len(text) > self.max_chars:
                     self._memo.clear()
+                    self._chars = 0
                 self._memo[rows] = text
+                self._chars += len(text)
         return text
 
 

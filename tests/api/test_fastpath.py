@@ -338,3 +338,23 @@ def test_with_auth_off_a_request_without_a_key_is_answered_before_flask_as_the_l
         assert apps["auto"].test_client().get(f"/v1/jobs/{ids[0]}").status_code == 200 and calls != []  # no key yet: local admin
     finally:
         db.dispose()
+
+
+def test_the_encoded_views_kept_are_bounded_by_their_text():
+    """A job's spec can be a megabyte: the views kept by their rows hold at most ``max_chars`` of text."""
+    from api.fastpath import EncodedViews
+    from storage.job_reads import JOB_COLUMNS
+
+    made: list[str] = []
+    views = EncodedViews(lambda rows: made.append(rows[0][0]) or "x" * 40, max_chars=100)
+
+    def rows(job_id: str) -> tuple:
+        return ((job_id, *[None] * (len(JOB_COLUMNS) - 1)),)
+
+    for job_id in ("job_a", "job_b", "job_a", "job_b"):
+        assert views(rows(job_id)) == "x" * 40
+    assert made == ["job_a", "job_b"]  # kept: 80 characters
+    views(rows("job_c"))  # 120 > 100: emptied first
+    views(rows("job_c"))
+    views(rows("job_a"))
+    assert made == ["job_a", "job_b", "job_c", "job_a"]
