@@ -4,9 +4,9 @@ Load balancers poll /healthz, clients poll their jobs and submit them. Flask's
 request context, routing and hooks were about a third of such a request's CPU,
 so ``FastPath``, a WSGI middleware around the app's own, answers the plain case
 of each with the code the views run (the health memo, ``auth.cached_principal``,
-``job_service.read_job_rows`` (on PostgreSQL, rows kept until the job's change
-notice: storage/job_cache.py), ``jobs.jobs_page``, ``job_service.check_submit`` and
-``create``) and writes Flask's own response: the same bytes, status and headers
+``job_service.read_job_rows`` and ``read_page_rows`` (on PostgreSQL, with the rows
+kept until each job's change notice: storage/job_cache.py), ``job_service.check_submit``
+and ``create``) and writes Flask's own response: the same bytes, status and headers
 as the view. It counts each request it answers in the HTTP metrics under the
 route's template, as the Flask hook would.
 

@@ -293,8 +293,26 @@ def read_page_rows(db, who: auth.Principal, *, status: str | None, limit: int,
                    cursor: str | None) -> tuple[list[tuple[tuple, ...]], str | None]:
     """``read_page``'s jobs as each one's rows (``summary_view(view_of(rows))`` is its item), and the next cursor."""
     who.require(Role.VIEWER)
+    cache = db.job_rows
+    if cache is None:
+        with db.held_read() as conn:
+            return job_reads.job_rows_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
+    # PostgreSQL: the database chooses the page's jobs (their ids and statuses); the rows this process keeps
+    # (storage/job_cache.py) are used for those whose status they show still, and the rest are read in one statement.
+    token = cache.token()
     with db.held_read() as conn:
-        return job_reads.job_rows_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
+        heads = job_reads.page_heads(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
+        kept = {}
+        for job_id, job_status in heads[:limit]:
+            rows = cache.get(job_id, who.scope)
+            if rows is not None and rows[0][job_reads.STATUS] == job_status:
+                kept[job_id] = rows
+        missing = [job_id for job_id, _ in heads[:limit] if job_id not in kept]
+        read = job_reads.job_rows_by_ids(conn, missing, team_id=who.scope) if missing else {}
+    for job_id, rows in read.items():
+        cache.put(job_id, rows, token)
+    jobs = [kept.get(job_id) or read[job_id] for job_id, _ in heads[:limit] if job_id in kept or job_id in read]
+    return jobs, (heads[limit - 1][0] if len(heads) > limit else None)
 
 
 def summary_view(view: dict) -> dict:

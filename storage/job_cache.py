@@ -4,7 +4,10 @@ Clients poll their jobs: most GETs of one job find it as it was a moment ago,
 and its database round trip was most of such a GET's cost (bench/RESULTS.md, API
 load). ``JobRowsCache`` keeps each job's rows as read (storage/job_reads.py:
 ``job_rows_by_id``, what the view is made from) and forgets them when the job
-changes:
+changes. A page of jobs (api/job_service.py: ``read_page_rows``) still asks the
+database which jobs are on it, with their statuses, and reads the rows of only
+the jobs not kept, or kept with another status than the database's (so a page
+chosen by status never shows one of another):
 
 - **Another process's change** (a worker's progress, another API process's
   cancel): every change to a job's row or its artifacts notifies the job's id on
@@ -41,6 +44,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from storage.job_reads import JOB_COLUMNS
+
 log = logging.getLogger(__name__)
 
 JOB_CHANGES = "quantfarm_job_changes"  # the channel (its name is fixed in migration 0008 too)
@@ -51,7 +56,7 @@ MAX_CHARS = 32 * 1024 * 1024  # the kept rows' text at most (emptied when over):
 IDLE_STOP = 10.0  # seconds without a lookup after which the listener stops (and starts again at the next)
 SLICE_SECONDS = 0.25  # how long one wait for notices reads before it looks at its stop and idle state
 RECONNECT_SECONDS = 1.0  # between attempts to listen while the database is away
-TEAM = 1  # the team's position in a job's row (storage.job_reads.JOB_COLUMNS)
+TEAM = JOB_COLUMNS.index("team_id")  # its position in a job's row
 
 _caches: "weakref.WeakSet[JobRowsCache]" = weakref.WeakSet()  # every cache of this process
 _hooked = False

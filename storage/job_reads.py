@@ -17,7 +17,8 @@ from collections import namedtuple
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Integer, Text, bindparam, cast, select
+from sqlalchemy import Integer, String, Text, any_, bindparam, cast, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from quantfarm.errors import NotFound
@@ -39,6 +40,7 @@ ArtifactRow = namedtuple("ArtifactRow", ARTIFACT_COLUMNS)
 JobRow = namedtuple("JobRow", JOB_COLUMNS)
 _PREFIX = "artifact_"
 _N = len(JOB_COLUMNS)
+STATUS = JOB_COLUMNS.index("status")
 
 
 # The json columns among them, by position: ``job_rows_*`` read them as their stored text.
@@ -159,6 +161,44 @@ def job_rows_page(conn: Connection, *, status: str | None = None, limit: int = 5
     if current and more is None:
         jobs.append(tuple(current))
     return jobs, (jobs[-1][0][0] if more is not None else None)
+
+
+# A page by its jobs' ids and statuses, for the rows an API process keeps (storage/job_cache.py, PostgreSQL): the page's
+# jobs are chosen by the database each time, and only the jobs whose rows are not kept are read, in one statement.
+
+@lru_cache(maxsize=None)
+def _heads_statement(scoped: bool, by_status: bool, after: bool) -> Fixed:
+    heads = select(_JOBS.c.id, _JOBS.c.status).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
+    if scoped:
+        heads = heads.where(_JOBS.c.team_id == bindparam("team_id"))
+    if by_status:
+        heads = heads.where(_JOBS.c.status == bindparam("status"))
+    if after:
+        heads = heads.where(_JOBS.c.id < bindparam("cursor"))
+    return Fixed(heads)
+
+
+@lru_cache(maxsize=None)
+def _some_statement(scoped: bool) -> Fixed:
+    stmt = _with_artifacts(_JOBS, True).where(_JOBS.c.id == any_(bindparam("ids", type_=ARRAY(String))))
+    return Fixed(stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt)
+
+
+def page_heads(conn: Connection, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
+               team_id: str | None = None) -> list[tuple[str, str]]:
+    """(id, status) of ``job_rows_page``'s jobs, newest first, and of the one after them when there is one."""
+    return [(id_, st) for id_, st in _heads_statement(team_id is not None, bool(status), bool(cursor)).rows(
+        conn, _page_params(status, limit, cursor, team_id))]
+
+
+def job_rows_by_ids(conn: Connection, ids: list[str], *, team_id: str | None = None) -> dict[str, tuple[tuple, ...]]:
+    """PostgreSQL: the rows of each of ``ids``' jobs (as ``job_rows_by_id``'s), in one statement; a job not found (or
+    another team's when ``team_id`` is given) is left out."""
+    params: dict[str, Any] = {"ids": ids} if team_id is None else {"ids": ids, "team_id": team_id}
+    jobs: dict[str, list[tuple]] = {}
+    for row in _some_statement(team_id is not None).rows(conn, params):
+        jobs.setdefault(row[0], []).append(tuple(row))
+    return {id_: tuple(rows) for id_, rows in jobs.items()}
 
 
 def view_of(rows: tuple[tuple, ...]) -> dict[str, Any]:

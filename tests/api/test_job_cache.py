@@ -295,3 +295,62 @@ def test_the_kept_rows_are_bounded_by_their_text(monkeypatch):
     assert [cache.get(j, None) is not None for j in ("job_a", "job_b")] == [True, True]
     cache.put("job_a", rows("job_a"), cache.token())  # kept again: counted once
     assert cache.get("job_b", None) is not None
+
+
+@pytest.fixture
+def page_reads(monkeypatch):
+    """The job ids whose rows a page read from the database (storage.job_reads.job_rows_by_ids), a list per read."""
+    from storage import job_reads
+
+    read: list[list[str]] = []
+    real = job_reads.job_rows_by_ids
+
+    def spy(conn, ids, **kw):
+        read.append(list(ids))
+        return real(conn, ids, **kw)
+
+    monkeypatch.setattr(job_reads, "job_rows_by_ids", spy)
+    return read
+
+
+def _page(farm, query: str = "", who: str = "member") -> dict:
+    resp = farm["client"].get(f"/v1/jobs{query}", headers=farm[who])
+    assert resp.status_code == 200
+    return resp.get_json()
+
+
+def test_a_page_reads_the_rows_of_only_the_jobs_not_kept(farm, reads, page_reads):
+    """The database chooses the page's jobs every time; the rows of jobs kept are not read again, and a job changed
+    by another process is read again after its notice (alone)."""
+    client, member = farm["client"], farm["member"]
+    more = [client.post("/v1/jobs", json=MINIMAL, headers=member).get_json()["id"] for _ in range(3)]
+    newest = [*more[::-1], farm["job"]]
+    _kept(farm, reads)  # the listener is up; the first job's rows are kept
+    page_reads.clear()
+    first = _page(farm)
+    assert [j["id"] for j in first["items"]] == newest and page_reads == [more[::-1]]
+    assert _page(farm) == first and page_reads == [more[::-1]]  # every job kept: no rows read
+    with _plain(farm["url"]) as conn:
+        conn.execute("UPDATE jobs SET layers_done = 1, layers_total = 2 WHERE id = %s", (more[1],))
+    _until(lambda: (_page(farm)["items"][1]["progress"] or {}).get("layers_done") == 1, 2.0)
+    assert page_reads[-1] == [more[1]]
+    page_reads.clear()
+    client.post("/v1/jobs", json=MINIMAL, headers=member)  # a new job: chosen by the database at once
+    page = _page(farm, "?limit=2")
+    assert [j["id"] for j in page["items"]][1:] == [more[2]] and page["next_cursor"] == more[2]
+    assert len(page_reads) == 1 and len(page_reads[0]) == 1  # the new job's rows only
+    assert _page(farm, "?limit=2", "other") == {"items": [], "next_cursor": None}  # another team's jobs, kept or not
+
+
+def test_a_page_by_status_never_shows_a_kept_row_of_another_status(farm, reads, page_reads, monkeypatch):
+    """Even with no notice heard (switched off here), a page chosen by status shows each job's rows only when they
+    show that status: a kept row that does not is read again."""
+    _kept(farm, reads)
+    _page(farm)
+    monkeypatch.setattr(JobRowsCache, "forget", lambda self, job_id: None)
+    with _plain(farm["url"]) as conn:
+        conn.execute("UPDATE jobs SET status = 'running', started_at = now() WHERE id = %s", (farm["job"],))
+    page_reads.clear()
+    (item,) = _page(farm, "?status=running")["items"]
+    assert (item["id"], item["status"]) == (farm["job"], "running") and page_reads == [[farm["job"]]]
+    assert _page(farm, "?status=queued")["items"] == []

@@ -104,7 +104,10 @@ def _key(db, team: str, role: str) -> dict[str, str]:
 
 
 def test_each_read_is_one_statement_whatever_the_page_size(pg_url, store, tmp_path, statements):
-    """GET one job and a page of jobs (their artifacts included) are one SELECT each, with auth on and real keys."""
+    """GET one job and a page of jobs (their artifacts included) are one SELECT each, with auth on and real keys; a
+    job whose rows this process keeps (storage/job_cache.py) is not read again: GET one reads nothing, a page reads
+    its jobs' ids and statuses, and the rows of those not kept in a second SELECT."""
+    import time
     from datetime import timedelta
 
     from storage.models import Artifact, utcnow
@@ -124,19 +127,25 @@ def test_each_read_is_one_statement_whatever_the_page_size(pg_url, store, tmp_pa
                                size_bytes=7, files=[], created_at=t0 + timedelta(seconds=n)))
     for who in (member, other, admin):
         client.get("/v1/jobs", headers=who)  # the first use of a key reads it and records its use
+    began = time.monotonic()
+    while not db.job_rows.live:  # the first lookup started the listener: from now on rows are kept
+        assert time.monotonic() - began < 10
+        time.sleep(0.02)
     newest_first = ids[::-1]
 
+    for expected in (["SELECT"], []):  # read, then kept
+        statements.clear()
+        job = client.get(f"/v1/jobs/{ids[3]}", headers=member).get_json()
+        assert statements == expected
+        assert ([a["id"] for a in job["artifacts"]], job["artifacts"][0]["size_bytes"], job["status"]) == (["art_b1", "art_b2"], 7, "queued")
     statements.clear()
-    job = client.get(f"/v1/jobs/{ids[3]}", headers=member).get_json()
-    assert statements == ["SELECT"]
-    assert ([a["id"] for a in job["artifacts"]], job["artifacts"][0]["size_bytes"], job["status"]) == (["art_b1", "art_b2"], 7, "queued")
-    statements.clear()
-    assert client.get(f"/v1/jobs/{ids[3]}", headers=other).status_code == 404  # another team's job
+    assert client.get(f"/v1/jobs/{ids[3]}", headers=other).status_code == 404  # another team's job, kept or not
     assert statements == ["SELECT", "SELECT"]  # api/fastpath.py finds nothing and leaves the 404 to Flask, which reads again
-    for limit, who in ((1, member), (20, member), (200, member), (20, admin)):
+    # The jobs kept grow page by page: (limit, caller, statements).
+    for limit, who, expected in ((1, member, 2), (20, member, 2), (200, member, 2), (20, admin, 1), (200, member, 1)):
         statements.clear()
         page = client.get(f"/v1/jobs?limit={limit}", headers=who).get_json()
-        assert statements == ["SELECT"], limit
+        assert statements == ["SELECT"] * expected, limit
         assert [j["id"] for j in page["items"]] == newest_first[:limit]
         assert page["next_cursor"] == (newest_first[limit - 1] if limit < 25 else None)
         assert {j["id"]: [a["id"] for a in j["artifacts"]] for j in page["items"] if j["artifacts"]} == \
