@@ -21,7 +21,10 @@ the client reports how late it sent itself, so a client that fell behind is not 
 for a slow server). ``--token`` (or
 ``QUANTFARM_BENCH_TOKEN``; default: an admin key the bench makes, since auth is
 on as in compose) is sent as ``Authorization: Bearer`` to every farm call.
-Results go into their own section of bench/RESULTS.md.
+Results go into their own section of bench/RESULTS.md. The jobs do not change
+while it runs, so after the warm-up GET one and a page's items are served from the
+rows each API process keeps (storage/job_cache.py): the rates of polls that find
+their jobs unchanged; a poll of a changed job reads its rows as before.
 """
 
 from __future__ import annotations
