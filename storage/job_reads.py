@@ -71,15 +71,21 @@ def _one_statement(scoped: bool, raw: bool = False) -> Fixed:
     return Fixed(stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt)
 
 
-@lru_cache(maxsize=None)
-def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool, raw: bool = False) -> Fixed:
-    page = select(*[_JOBS.c[name] for name in JOB_COLUMNS]).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
+def _page_of(columns, scoped: bool, by_status: bool, after: bool):
+    """SELECT ``columns`` of a page of jobs, newest first: one team's (``scoped``), in one status, after a cursor."""
+    page = select(*columns).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
     if scoped:
         page = page.where(_JOBS.c.team_id == bindparam("team_id"))
     if by_status:
         page = page.where(_JOBS.c.status == bindparam("status"))
     if after:
         page = page.where(_JOBS.c.id < bindparam("cursor"))
+    return page
+
+
+@lru_cache(maxsize=None)
+def _page_statement(scoped: bool, by_status: bool, after: bool, with_artifacts: bool, raw: bool = False) -> Fixed:
+    page = _page_of([_JOBS.c[name] for name in JOB_COLUMNS], scoped, by_status, after)
     return Fixed(_with_artifacts(page.subquery("page"), raw) if with_artifacts else page)
 
 
@@ -168,14 +174,7 @@ def job_rows_page(conn: Connection, *, status: str | None = None, limit: int = 5
 
 @lru_cache(maxsize=None)
 def _heads_statement(scoped: bool, by_status: bool, after: bool) -> Fixed:
-    heads = select(_JOBS.c.id, _JOBS.c.status).order_by(_JOBS.c.id.desc()).limit(bindparam("limit", type_=Integer))
-    if scoped:
-        heads = heads.where(_JOBS.c.team_id == bindparam("team_id"))
-    if by_status:
-        heads = heads.where(_JOBS.c.status == bindparam("status"))
-    if after:
-        heads = heads.where(_JOBS.c.id < bindparam("cursor"))
-    return Fixed(heads)
+    return Fixed(_page_of([_JOBS.c.id, _JOBS.c.status], scoped, by_status, after))
 
 
 @lru_cache(maxsize=None)
