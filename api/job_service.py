@@ -298,7 +298,8 @@ def read_page_rows(db, who: auth.Principal, *, status: str | None, limit: int,
         with db.held_read() as conn:
             return job_reads.job_rows_page(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
     # PostgreSQL: the database chooses the page's jobs (their ids and statuses); the rows this process keeps
-    # (storage/job_cache.py) are used for those whose status they show still, and the rest are read in one statement.
+    # (storage/job_cache.py) are used for those whose status they show still, and the rest are read in one statement
+    # (in the page's status, if it has one: a job that left it, or was deleted, since the first statement is left out).
     token = cache.token()
     with db.held_read() as conn:
         heads = job_reads.page_heads(conn, status=status, limit=limit, cursor=cursor, team_id=who.scope)
@@ -308,7 +309,7 @@ def read_page_rows(db, who: auth.Principal, *, status: str | None, limit: int,
             if rows is not None and rows[0][job_reads.STATUS] == job_status:
                 kept[job_id] = rows
         missing = [job_id for job_id, _ in heads[:limit] if job_id not in kept]
-        read = job_reads.job_rows_by_ids(conn, missing, team_id=who.scope) if missing else {}
+        read = job_reads.job_rows_by_ids(conn, missing, team_id=who.scope, status=status) if missing else {}
     for job_id, rows in read.items():
         cache.put(job_id, rows, token)
     jobs = [kept.get(job_id) or read[job_id] for job_id, _ in heads[:limit] if job_id in kept or job_id in read]

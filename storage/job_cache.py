@@ -15,11 +15,16 @@ chosen by status never shows one of another):
   process listens on a connection of its own and forgets that job. The rows
   served can be as old as that notice's way here: milliseconds.
 - **This process's own write**, through any SQLAlchemy engine of the process:
-  every statement that is not a SELECT, and the commit after it, forget every
-  job at once, before the call that wrote returns. A caller that changed a job
-  through this process reads the change at once.
+  every statement that is not a SELECT forgets every job, and an ORM session's
+  commit forgets again once the database has committed (a GET of another thread
+  may have read the old rows just before), all before the call that wrote
+  returns. A caller that changed a job through this process reads the change
+  at once. (The API's writes to jobs and artifacts are ORM sessions'; its
+  raw-cursor writes only insert new jobs.)
 - **Nothing heard:** rows are kept and served only while the listening
-  connection is up. When it breaks (a database restart) everything is
+  connection is up, on a database that has the triggers (a rolling upgrade
+  may run this code before migration 0008), and never in a forked child
+  (its parent's listener is not its own). When it breaks (a database restart) everything is
   forgotten and nothing is kept until it listens again, since the notices sent
   meanwhile are lost. However it was heard, no rows are served older than
   ``MAX_AGE`` seconds (a notice that never came, a connection that died without
@@ -43,6 +48,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from storage.job_reads import JOB_COLUMNS
 
@@ -56,6 +62,8 @@ MAX_CHARS = 32 * 1024 * 1024  # the kept rows' text at most (emptied when over):
 IDLE_STOP = 10.0  # seconds without a lookup after which the listener stops (and starts again at the next)
 SLICE_SECONDS = 0.25  # how long one wait for notices reads before it looks at its stop and idle state
 RECONNECT_SECONDS = 1.0  # between attempts to listen while the database is away
+NO_TRIGGERS_SECONDS = 30.0  # between looks for the triggers while the database has none (not migrated yet)
+TRIGGERS = ("jobs_changed", "artifacts_changed", "jobs_truncated", "artifacts_truncated")  # migration 0008's
 TEAM = JOB_COLUMNS.index("team_id")  # its position in a job's row
 
 _caches: "weakref.WeakSet[JobRowsCache]" = weakref.WeakSet()  # every cache of this process
@@ -74,11 +82,11 @@ class JobRowsCache:
         self._chars = 0  # the text of the rows kept (about)
         self._live = False  # listening: rows may be kept and served
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         self._used = time.monotonic()
         self._closed = threading.Event()
         _watch_local_writes()
-        _caches.add(self)
+        with _hook_lock:
+            _caches.add(self)
 
     # The GET's side.
 
@@ -103,6 +111,8 @@ class JobRowsCache:
         if token is None:
             return
         chars = sum(len(value) for row in rows for value in row if type(value) is str)
+        if chars > MAX_CHARS:
+            return
         with self._lock:
             if token[0] != self._generation or not self._live:
                 return
@@ -142,6 +152,12 @@ class JobRowsCache:
     def live(self) -> bool:
         return self._live
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's listener (thread and connection) is not the child's; nothing is kept."""
+        self._lock = threading.Lock()
+        self._rows, self._chars, self._live, self._thread = {}, 0, False, None
+        self._generation += 1
+
     def _set_live(self, live: bool) -> None:
         with self._lock:
             self._generation += 1
@@ -153,10 +169,6 @@ class JobRowsCache:
         if self._closed.is_set():
             return
         with self._lock:
-            if os.getpid() != self._pid:  # a forked child: the parent's thread and connection are not its own
-                self._pid, self._thread, self._live = os.getpid(), None, False
-                self._rows.clear()
-                self._chars = 0
             if self._thread is not None and self._thread.is_alive():
                 return
             self._thread = threading.Thread(target=self._listen, name="quantfarm-job-changes", daemon=True)
@@ -172,6 +184,13 @@ class JobRowsCache:
                     conn = notices.listening_connection(self.db, JOB_CHANGES, "job changes")
                     if conn is None:
                         self._closed.wait(RECONNECT_SECONDS)
+                        continue
+                    if not _notices_sent(conn):  # a database not migrated yet: nothing would be heard
+                        log.warning("The database sends no job-change notices (migration 0008 has not run); "
+                                    "job rows are read every time")
+                        notices.close_listening(conn)
+                        conn = None
+                        self._closed.wait(NO_TRIGGERS_SECONDS)
                         continue
                     self._set_live(True)  # forgets everything: notices sent before now were not heard
                 try:
@@ -194,31 +213,59 @@ class JobRowsCache:
                     self._thread = None
 
 
+def _notices_sent(conn) -> bool:
+    """Whether the database has migration 0008's triggers (a rolling upgrade may run this code on an older schema)."""
+    [(found,)] = conn.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgname = ANY(%s)",
+                              (list(TRIGGERS),)).fetchall()
+    return found == len(TRIGGERS)
+
+
 def _forget_everywhere() -> None:
-    for cache in list(_caches):
+    with _hook_lock:  # a WeakSet changed while copied raises
+        caches = list(_caches)
+    for cache in caches:
         cache.forget_all()
 
 
+def _after_fork_in_child() -> None:
+    global _hook_lock
+    _hook_lock = threading.Lock()
+    for cache in list(_caches):
+        cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+_wrote = threading.local()  # .pending: this thread wrote since its last commit or rollback
+
+
 def _watch_local_writes() -> None:
-    """Have every statement but a SELECT, on any engine of this process, and the commit after it, forget every job."""
+    """Have every statement but a SELECT, on any engine of this process, forget every job; and the commit after it
+    again, once the database has committed (an ORM session's ``after_commit``; Core's ``commit`` event comes before the
+    driver's commit, while a GET of another thread could still read, and keep, the rows as they were)."""
     global _hooked
     with _hook_lock:
         if _hooked:
             return
 
         @event.listens_for(Engine, "after_cursor_execute")
-        def _wrote(conn, _cursor, statement, _params, _context, _executemany):
+        def _statement(conn, _cursor, statement, _params, _context, _executemany):
             if not statement.lstrip()[:6].upper().startswith("SELECT"):
-                conn.info["quantfarm_wrote"] = True
+                _wrote.pending = True
                 _forget_everywhere()
 
         @event.listens_for(Engine, "commit")
-        def _committed(conn):
-            if conn.info.pop("quantfarm_wrote", False):
+        def _committing(conn):
+            if getattr(_wrote, "pending", False):
+                _forget_everywhere()  # and again after it, below
+
+        @event.listens_for(Session, "after_commit")
+        def _committed(_session):
+            if getattr(_wrote, "pending", False):
+                _wrote.pending = False
                 _forget_everywhere()
 
         @event.listens_for(Engine, "rollback")
         def _rolled_back(conn):
-            conn.info.pop("quantfarm_wrote", None)
+            _wrote.pending = False
 
         _hooked = True

@@ -178,9 +178,11 @@ def _heads_statement(scoped: bool, by_status: bool, after: bool) -> Fixed:
 
 
 @lru_cache(maxsize=None)
-def _some_statement(scoped: bool) -> Fixed:
+def _some_statement(scoped: bool, by_status: bool) -> Fixed:
     stmt = _with_artifacts(_JOBS, True).where(_JOBS.c.id == any_(bindparam("ids", type_=ARRAY(String))))
-    return Fixed(stmt.where(_JOBS.c.team_id == bindparam("team_id")) if scoped else stmt)
+    if scoped:
+        stmt = stmt.where(_JOBS.c.team_id == bindparam("team_id"))
+    return Fixed(stmt.where(_JOBS.c.status == bindparam("status")) if by_status else stmt)
 
 
 def page_heads(conn: Connection, *, status: str | None = None, limit: int = 50, cursor: str | None = None,
@@ -190,12 +192,17 @@ def page_heads(conn: Connection, *, status: str | None = None, limit: int = 50, 
         conn, _page_params(status, limit, cursor, team_id))]
 
 
-def job_rows_by_ids(conn: Connection, ids: list[str], *, team_id: str | None = None) -> dict[str, tuple[tuple, ...]]:
-    """PostgreSQL: the rows of each of ``ids``' jobs (as ``job_rows_by_id``'s), in one statement; a job not found (or
-    another team's when ``team_id`` is given) is left out."""
-    params: dict[str, Any] = {"ids": ids} if team_id is None else {"ids": ids, "team_id": team_id}
+def job_rows_by_ids(conn: Connection, ids: list[str], *, team_id: str | None = None,
+                    status: str | None = None) -> dict[str, tuple[tuple, ...]]:
+    """PostgreSQL: the rows of each of ``ids``' jobs (as ``job_rows_by_id``'s), in one statement; a job not found, or
+    another team's when ``team_id`` is given, or in another status when ``status`` is, is left out."""
+    params: dict[str, Any] = {"ids": ids}
+    if team_id is not None:
+        params["team_id"] = team_id
+    if status:
+        params["status"] = status
     jobs: dict[str, list[tuple]] = {}
-    for row in _some_statement(team_id is not None).rows(conn, params):
+    for row in _some_statement(team_id is not None, bool(status)).rows(conn, params):
         jobs.setdefault(row[0], []).append(tuple(row))
     return {id_: tuple(rows) for id_, rows in jobs.items()}
 

@@ -44,6 +44,7 @@ def listening_connection(db, channel: str, what: str):
         cargs, cparams = dialect.create_connect_args(db.engine.url)
         conn = dialect.connect(*cargs, **cparams)
         conn.autocommit = True
+        conn.execute(f"SET application_name = 'quantfarm listens for {what}'")  # what pg_stat_activity shows it as
         conn.execute(f"LISTEN {channel}")
     except Exception as exc:  # noqa: BLE001 - the database is away: try again later
         log.warning("Cannot listen for %s (%s); trying again in %.0f s", what, type(exc).__name__, RECONNECT_SECONDS)

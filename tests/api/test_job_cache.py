@@ -24,6 +24,9 @@ from tests.api.test_fastpath import _key
 from tests.conftest import _truncate
 
 
+LISTENER = "quantfarm listens for job changes"  # the listening connection's application_name
+
+
 def _until(check, seconds: float = 5.0) -> float:
     """Seconds until ``check()`` is true (fails after ``seconds``)."""
     began = time.monotonic()
@@ -174,7 +177,7 @@ def test_nothing_is_kept_while_nobody_listens_and_all_is_forgotten_when_it_liste
     monkeypatch.setattr(notices, "listening_connection", held)
     with _plain(farm["url"]) as conn:
         [(killed,)] = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   "WHERE datname = current_database() AND query = %s", (f"LISTEN {JOB_CHANGES}",)).fetchall()
+                                   "WHERE datname = current_database() AND application_name = %s", (LISTENER,)).fetchall()
         assert killed == 1
         _until(lambda: not farm["db"].job_rows.live)
         conn.execute("UPDATE jobs SET layers_done = 5, layers_total = 7 WHERE id = %s", (farm["job"],))
@@ -198,8 +201,8 @@ def test_rows_older_than_max_age_are_read_again(farm, reads, monkeypatch):
 def test_the_listener_stops_when_unused_and_at_dispose(farm, reads, monkeypatch):
     def listening() -> int:
         with _plain(farm["url"]) as conn:
-            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
-                                (f"LISTEN {JOB_CHANGES}",)).fetchone()[0]
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND application_name = %s", (LISTENER,)).fetchone()[0]
 
     cache = farm["db"].job_rows
     _kept(farm, reads)
@@ -354,3 +357,87 @@ def test_a_page_by_status_never_shows_a_kept_row_of_another_status(farm, reads, 
     (item,) = _page(farm, "?status=running")["items"]
     assert (item["id"], item["status"]) == (farm["job"], "running") and page_reads == [[farm["job"]]]
     assert _page(farm, "?status=queued")["items"] == []
+
+
+def test_a_read_between_a_commits_event_and_the_commit_is_not_served_after_it(farm, reads, monkeypatch):
+    """SQLAlchemy's ``commit`` event comes before the driver's commit: a GET of another thread just then reads the
+    rows as they were, and keeps them. The session's ``after_commit`` forgets them again, so the writer's next GET
+    reads its change (no notice heard here: the listener's forgetting is switched off)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    _kept(farm, reads)
+    monkeypatch.setattr(JobRowsCache, "forget", lambda self, job_id: None)
+    seen: list[int | None] = []
+
+    def read_meanwhile(conn):
+        if not seen:
+            seen.append(_layers(farm))  # another connection: the row as committed so far
+
+    event.listen(Engine, "commit", read_meanwhile)
+    try:
+        with farm["db"].session() as s:
+            s.execute(update(Job).where(Job.id == farm["job"]).values(layers_done=6, layers_total=9))
+    finally:
+        event.remove(Engine, "commit", read_meanwhile)
+    assert seen == [None]  # read before the commit: no progress yet
+    assert _layers(farm) == 6
+
+
+def test_a_database_without_the_triggers_keeps_nothing(farm, reads, monkeypatch, caplog):
+    """Code newer than the schema (a rolling upgrade before migration 0008): no notice would come, so nothing is kept
+    and every GET reads; once the triggers exist, rows are kept."""
+    import logging
+
+    monkeypatch.setattr(job_cache, "NO_TRIGGERS_SECONDS", 0.1)
+    caplog.set_level(logging.WARNING, logger="storage.job_cache")
+    with _plain(farm["url"]) as conn:
+        conn.execute("ALTER TRIGGER jobs_changed ON jobs RENAME TO jobs_changed_off")
+        try:
+            _get(farm)  # the listener is up (the fixture's pages started it): it looks for the triggers as it listens
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND application_name = %s", (LISTENER,))
+            _until(lambda: "migration 0008 has not run" in caplog.text)
+            reads.clear()
+            for _ in range(3):
+                _get(farm)
+                time.sleep(0.05)
+            assert reads == [farm["job"]] * 3 and not farm["db"].job_rows.live
+        finally:
+            conn.execute("ALTER TRIGGER jobs_changed_off ON jobs RENAME TO jobs_changed")
+    _until(lambda: farm["db"].job_rows.live)
+
+
+def test_a_forked_child_keeps_nothing_of_its_parents(farm, reads):
+    """A child forked while its parent listens has neither the parent's listener nor its rows."""
+    import os
+
+    _kept(farm, reads)
+    cache = farm["db"].job_rows
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest here, only an exit code
+        ok = not cache.live and cache._thread is None and cache._rows == {} and cache.token() is None
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert cache.live and _get(farm)[0] == 200
+
+
+def test_a_job_that_leaves_a_pages_status_between_its_two_statements_is_left_out(farm, reads, monkeypatch):
+    """The page's jobs are chosen by one statement and the rows not kept read by a second: a job that changed status
+    in between is not shown in a page of the status it left."""
+    from storage import job_reads
+
+    _kept(farm, reads)
+    new = farm["client"].post("/v1/jobs", json=MINIMAL, headers=farm["member"]).get_json()["id"]
+    real = job_reads.page_heads
+
+    def then_started(conn, **kw):
+        heads = real(conn, **kw)
+        with _plain(farm["url"]) as other:
+            other.execute("UPDATE jobs SET status = 'running' WHERE id = %s", (new,))
+        return heads
+
+    monkeypatch.setattr(job_reads, "page_heads", then_started)
+    page = _page(farm, "?status=queued")
+    assert [j["id"] for j in page["items"]] == [farm["job"]] and all(j["status"] == "queued" for j in page["items"])
