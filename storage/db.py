@@ -67,6 +67,8 @@ def make_engine(url: str, **kwargs) -> Engine:
 
 # A kept reader connection (held_read) unused this long goes back to the pool (whose checkout pings one idle this long).
 HELD_IDLE_SECONDS = 1.0
+# At most this many reader connections kept at once (the pool's own size, leaving its overflow to everything else).
+HELD_MAX = 10
 
 
 def _reusable(conn: Connection) -> bool:
@@ -195,8 +197,7 @@ class Database:
         self.reader = self.engine if url.startswith("sqlite") else _autocommit_engine(url)
         self.reader.dialect.quantfarm_keyring = keyring
         self.readers = sessionmaker(self.reader, expire_on_commit=False)
-        self._held = threading.local()  # each thread's own kept reader connections (``held_read``), in a list
-        self._kept: list[tuple[Connection, float]] = []  # ``held_read(shared=True)``'s idle ones, the last used on top
+        self._kept: list[tuple[Connection, float]] = []  # ``held_read``'s idle ones and when each was put back, the last on top
         self._held_all: set[Connection] = set()
         self._held_lock = threading.Lock()
         self._job_rows = None  # ``job_rows``, made at its first use
@@ -280,46 +281,64 @@ class Database:
             lean.write_together(conn, writes)
 
     @contextlib.contextmanager
-    def held_read(self, *, shared: bool = False) -> Iterator[Connection]:
-        """``connect_read``'s connection, kept from one use to the next (the fast path's reads; with ``shared``, the
-        batched submits' statements).
+    def held_read(self) -> Iterator[Connection]:
+        """``connect_read``'s connection, kept from one use to the next (the fast path's reads, the batched submits'
+        statements).
 
-        A pool checkout and checkin a request were about a fifth of a GET's CPU on the fast path. As Django keeps a
-        thread's connection between requests (``CONN_MAX_AGE`` with health checks), a thread keeps its connection
-        between uses. ``shared``: the process's kept connections instead, handed out last used first, so its batch
-        statements run on as few database backends as ran at once, each warm: on the connection of whichever thread
-        led a batch they went round 8 backends that each sat idle in between, and PostgreSQL spent more CPU on the
-        same statements (``bench.submit_cpu``, 8 threads, alternated: its backends 133-213 µs a submit, 108-117 shared
-        last used first). A connection found unused for ``HELD_IDLE_SECONDS`` or more goes back to the pool and
-        another is checked out (the pool pings one that sat idle, so one that died with a database restart is
-        replaced). A transaction a use left open is rolled back; a connection left invalidated or closed goes back
-        (the pool discards it), so the next use gets a fresh one. ``dispose`` closes every kept one. A thread keeps
-        one of its own at most, and the shared ones are as many as ran at once (gunicorn's 8 threads: at most 8 of
-        the pool's 10 for reads, and one or two for the statements).
+        A pool checkout and checkin a request were about a fifth of a GET's CPU on the fast path, so the process keeps
+        the connections its uses put back, as Django keeps a connection between requests (``CONN_MAX_AGE`` with health
+        checks). They are handed out last used first: the process's statements run on as few database backends as ran
+        at once, each warm (handed round, 8 backends that each sat idle in between cost PostgreSQL more CPU for the same
+        statements: ``bench.submit_cpu``, 8 threads, alternated, its backends 133-213 µs a submit against 108-117 last
+        used first). They belong to the process, never to a thread: a request may run on a thread or a greenlet that
+        ends with it (gunicorn's gevent workers, werkzeug's threads), and a connection kept by one that ended would stay
+        checked out of the pool for good.
+
+        A connection found unused for ``HELD_IDLE_SECONDS`` or more goes back to the pool, whose checkout pings one that
+        sat idle (one that died with a database restart is replaced); each put back also returns the oldest kept one if
+        it sat that long, so the kept ones shrink to what runs at once again after a burst. At most ``HELD_MAX`` are kept:
+        a use beyond them checks one out of the pool and back in. Kept ones never go back to the pool while in steady
+        use, so without that bound more uses at once than the pool holds (werkzeug's threads and gunicorn's gevent
+        workers have no fixed number) would wait in the pool's queue while the connections were put back on the stack,
+        never in the pool, and fail at its timeout. A transaction a use left open
+        is rolled back; a connection left invalidated or closed goes back (the pool discards it), so the next use gets a
+        fresh one. ``dispose`` closes every kept one.
         """
-        if shared:
-            kept = self._kept
-        else:
-            kept = self._held.__dict__.get("kept")
-            if kept is None:
-                kept = self._held.__dict__["kept"] = []
+        kept = self._kept
         try:
             conn, at = kept.pop()  # list.pop and append are atomic: no lock on the way in and out
         except IndexError:
             conn = None
         if conn is not None and time.monotonic() - at >= HELD_IDLE_SECONDS:
             conn = self._unhold(conn)
+        held = conn is not None
         if conn is None:
             conn = self.reader.connect()
             with self._held_lock:
-                self._held_all.add(conn)
+                if len(self._held_all) < HELD_MAX:
+                    self._held_all.add(conn)
+                    held = True
         try:
             yield conn
         finally:
-            if _reusable(conn):
-                kept.append((conn, time.monotonic()))
+            now = time.monotonic()
+            if not held:  # more uses at once than are kept: this one was the pool's for this use only
+                conn.close()
+            elif _reusable(conn):
+                kept.append((conn, now))
             else:
                 self._unhold(conn)
+            try:
+                oldest = kept[0]
+            except IndexError:
+                oldest = None
+            if oldest is not None and now - oldest[1] >= HELD_IDLE_SECONDS:
+                try:
+                    kept.remove(oldest)  # atomic; another use may have taken it meanwhile
+                except ValueError:
+                    pass
+                else:
+                    self._unhold(oldest[0])
 
     def _unhold(self, conn: Connection) -> None:
         with self._held_lock:

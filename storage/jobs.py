@@ -353,7 +353,7 @@ def insert_jobs(db, rows: list[str]) -> set[str]:
     SQLAlchemy's would be (storage/lean.py).
     """
     batch = f"[{','.join(rows)}]"
-    with db.held_read(shared=True) as conn:  # the process's connection used last: a warm backend
+    with db.held_read() as conn:  # the process's connection used last: a warm backend
         dbapi_conn = conn.connection.dbapi_connection
         try:
             cur = kept_cursor(conn)

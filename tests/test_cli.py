@@ -127,6 +127,23 @@ def api_submit(live: Live, **overrides) -> dict:
     return resp.json()
 
 
+def test_the_embedded_server_answers_polls_each_made_on_a_new_connection(live):
+    """The embedded server (werkzeug) serves each connection on a thread that ends with it, and a client without a
+    session (``requests.get``, a shell loop of curl) opens a connection a poll. The fast path's reads keep their
+    database connection from one request to the next; kept a thread each, every ended thread's stayed checked out of
+    the pool (20 at most), and the 21st poll waited for one until it timed out. 30 polls, each answered with the job."""
+    from storage import teams
+
+    job_id = api_submit(live)["id"]
+    with live.db.session() as s:  # with a key the fast path answers (without one, while no key exists, Flask does)
+        key = teams.create_key(s, teams.ensure_default_team(s), role="admin", name="poller").key
+    for n in range(30):
+        resp = requests.get(f"{live.url}/v1/jobs/{job_id}", timeout=5,
+                            headers={"Connection": "close", "Authorization": f"Bearer {key}"})
+        assert (n, resp.status_code, resp.json()["id"]) == (n, 200, job_id)
+    assert live.db.reader.pool.checkedout() <= 1
+
+
 def test_submit_wait_exits_0_when_the_job_succeeds(live):
     proc = start_cli(live, "submit", "/models/tiny", "--method", "rtn", "--bits", "4", "--wait", "--poll-interval", "0.05")
     job_id = the_job(live)

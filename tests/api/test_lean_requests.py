@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -396,11 +397,11 @@ def test_reads_return_their_connection_without_a_rollback_unless_a_transaction_i
     db.dispose()
 
 
-def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_second(pg_url, monkeypatch):
-    """``held_read``: back-to-back reads of one thread use one connection (one pool checkout); unused a second it goes
-    back to the pool, whose checkout pings it; a read that meets a dead connection fails (a 503 for the caller) and the
-    next one gets a fresh connection; a transaction left open is rolled back before the next use; ``dispose`` closes
-    every thread's."""
+def test_the_process_keeps_its_reader_connection_while_it_reads_at_least_once_a_second(pg_url, monkeypatch):
+    """``held_read``: back-to-back reads use one connection (one pool checkout), whichever thread runs them; unused a
+    second it goes back to the pool, whose checkout pings it; a read that meets a dead connection fails (a 503 for the
+    caller) and the next one gets a fresh connection; a transaction left open is rolled back before the next use;
+    ``dispose`` closes every kept one."""
     import threading
 
     import storage.db as dbmod
@@ -425,9 +426,9 @@ def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_sec
     t = threading.Thread(target=lambda: other.append(pid()))
     t.start()
     t.join()
-    assert other[0] != first and len(checkouts) == 2  # another thread, its own connection
+    assert other == [first] and len(checkouts) == 1  # another thread after it: the same warm connection
     clock[0] += 1.5  # unused a second and a half: back to the pool, checked out again
-    assert pid() == first and len(checkouts) == 3
+    assert pid() == first and len(checkouts) == 2
     _admin_exec(f"SELECT pg_terminate_backend({first})")  # as a database restart would, while in steady use
     clock[0] += 0.1
     with pytest.raises(sa.exc.OperationalError):
@@ -439,34 +440,79 @@ def test_a_thread_keeps_its_reader_connection_while_it_reads_at_least_once_a_sec
     with db.held_read() as conn:  # the transaction left open was rolled back before the next use
         assert conn.connection.dbapi_connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.exec_driver_sql("SELECT to_regclass('left_open') IS NULL").scalar() is True
-    assert len(checkouts) == 4
+    assert len(checkouts) == 3
     db.dispose()
     assert db.reader.pool.checkedout() == 0 and db._held_all == set()
 
 
-def test_shared_reader_connections_go_to_any_thread_last_used_first(pg_url):
-    """``held_read(shared=True)`` (the batched submits' statements): a use after another's takes its connection,
-    whichever thread it runs on; uses at once take one each, and the one put back last is handed out first; a
-    thread's own kept connection is apart from the shared ones; ``dispose`` closes them all."""
+def test_kept_reader_connections_outlive_no_thread_and_shrink_after_a_burst(pg_url, monkeypatch):
+    """Requests run on threads or greenlets that end with them (werkzeug's threads, gunicorn's gevent workers). Kept
+    connections belong to the process: 12 short-lived threads reading one after another used one connection, not 12
+    left checked out of the pool by threads that no longer exist (the pool holds 20). Uses at once take one each, the
+    one put back last is handed out first, and once the burst is over a second, the next use returns the rest."""
     import threading
 
+    import storage.db as dbmod
+
+    clock = [1000.0]
+    monkeypatch.setattr(dbmod.time, "monotonic", lambda: clock[0])
     db = Database(pg_url)
 
-    def pid(**kw) -> int:
-        with db.held_read(**kw) as conn:
+    def pid() -> int:
+        with db.held_read() as conn:
             return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
 
-    first = pid(shared=True)
-    other: list[int] = []
-    t = threading.Thread(target=lambda: other.append(pid(shared=True)))
-    t.start()
-    t.join()
-    assert other == [first]  # another thread after it: the same warm connection
-    with db.held_read(shared=True) as a, db.held_read(shared=True) as b:  # two at once: two connections
-        both = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (a, b)]
-    assert both[0] == first and both[1] != first
-    assert pid(shared=True) == first  # the one put back last is handed out first
-    assert pid() not in both  # this thread's own, apart from the shared ones
-    assert db.reader.pool.checkedout() == 3
+    seen: list[int] = []
+    for _ in range(12):
+        t = threading.Thread(target=lambda: seen.append(pid()))
+        t.start()
+        t.join()
+    assert len(set(seen)) == 1 and db.reader.pool.checkedout() == 1
+    first = seen[0]
+    with db.held_read() as a, db.held_read() as b, db.held_read() as c:  # three at once: three connections
+        burst = [x.exec_driver_sql("SELECT pg_backend_pid()").scalar() for x in (a, b, c)]
+    assert burst[0] == first and len(set(burst)) == 3 and db.reader.pool.checkedout() == 3
+    assert pid() == burst[0]  # put back last (the outermost use), handed out first
+    clock[0] += 0.5
+    assert pid() == burst[0] and db.reader.pool.checkedout() == 3  # within a second: all three kept
+    clock[0] += 0.6  # the other two unused for 1.1 s: the next use returns the oldest, then the one after
+    assert pid() == burst[0] and db.reader.pool.checkedout() == 2
+    assert pid() == burst[0] and db.reader.pool.checkedout() == 1
+    assert len(db._held_all) == 1
     db.dispose()
     assert db.reader.pool.checkedout() == 0 and db._held_all == set()
+
+
+def test_more_reads_at_once_than_the_pool_holds_all_get_a_connection(pg_url, monkeypatch):
+    """30 reads at once, each holding its connection 50 ms, on a reader pool of 20 with a 3 s checkout timeout (gunicorn's
+    gevent workers and werkzeug's threads have no fixed number of requests at once). At most ``HELD_MAX`` (10) are kept
+    and the rest go back to the pool after their use, so every read gets one in turn. Kept without that bound, the
+    first 20 were put back on the process's stack, not in the pool, and the other 10 waited on the pool until its
+    timeout (a 503 each)."""
+    import threading
+
+    import storage.db as dbmod
+
+    db = Database(pg_url)
+    db.reader.pool._timeout = 3.0
+    start = threading.Barrier(30)
+    got: list[object] = []
+
+    def read() -> None:
+        start.wait()
+        try:
+            with db.held_read() as conn:
+                time.sleep(0.05)
+                got.append(conn.exec_driver_sql("SELECT 1").scalar())
+        except Exception as exc:  # noqa: BLE001 - what the assert shows
+            got.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert got == [1] * 30
+    assert len(db._held_all) == dbmod.HELD_MAX == 10 and db.reader.pool.checkedout() == 10
+    db.dispose()
+    assert db.reader.pool.checkedout() == 0
