@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import socket
-import threading
 import uuid
 from typing import Any
 
@@ -122,7 +121,8 @@ class RedisWakeups:
         self.reply_to = str(uuid.uuid4())  # Celery's client app has one such id per process; nothing replies to it
         # Thread-safe (a pool of connections); a forked child opens its own. A connection the server dropped
         # (a Redis restart) is retried on a fresh one; a broker that is down fails the send within seconds.
-        self._own = threading.local()  # each thread's own connection (``send``)
+        self._idle: list = []  # ``send``'s connections not in use, the last used on top (``_take``)
+        self._idle_pid = os.getpid()
         self._templates: dict[tuple[str, int], tuple[str, ...]] = {}  # (task name, pid) -> ``_template``
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
@@ -185,7 +185,7 @@ class RedisWakeups:
         return parts
 
     def send(self, name: str, args: list[Any]) -> None:
-        """LPUSH the message on this thread's own connection; on a connection error, through the client (its retries).
+        """LPUSH the message on a connection kept by the process; on a connection error, through the client (its retries).
 
         The client's command path (its pool, retry and timing layers) cost a submit
         more CPU than the push itself (~80 µs of ~120 in a gunicorn-like request).
@@ -193,23 +193,35 @@ class RedisWakeups:
         import redis
 
         message = self.message(name, args)
-        conn = self._connection()
+        conn = self._take()
         try:
             conn.send_packed_command(conn.pack_command("LPUSH", self.queue, message))
             conn.read_response()
         except (redis.ConnectionError, redis.TimeoutError):  # dropped (a Redis restart): the client's way, which retries
-            conn.disconnect()
+            conn.disconnect()  # the next use of it connects again
             self.client.lpush(self.queue, message)
+        finally:
+            self._idle.append(conn)
 
-    def _connection(self):
-        """This thread's connection, made with the client's settings (a forked child makes its own)."""
-        own = self._own
-        if getattr(own, "pid", None) != os.getpid():
-            own.conn, own.pid = self.client.connection_pool.make_connection(), os.getpid()
-        return own.conn
+    def _take(self):
+        """A connection not in use, the last used first, or a new one made with the client's settings.
+
+        The connections belong to the process, not to a thread: a request may run on a thread or greenlet that ends
+        with it (werkzeug's threads, gunicorn's gevent workers), and one connection each would pile up. As many are
+        kept as sent at once. A forked child makes its own.
+        """
+        if self._idle_pid != os.getpid():
+            self._idle, self._idle_pid = [], os.getpid()
+        try:
+            return self._idle.pop()  # atomic: no lock
+        except IndexError:
+            return self.client.connection_pool.make_connection()
 
     def client_id(self) -> int:
-        """Redis's id of this thread's connection (tests drop it)."""
-        conn = self._connection()
-        conn.send_command("CLIENT", "ID")
-        return conn.read_response()
+        """Redis's id of the connection ``send`` uses next (tests drop it)."""
+        conn = self._take()
+        try:
+            conn.send_command("CLIENT", "ID")
+            return conn.read_response()
+        finally:
+            self._idle.append(conn)

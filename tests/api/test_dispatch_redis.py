@@ -70,7 +70,7 @@ def test_the_wake_up_is_the_message_celery_would_send(tmp_path, queue):
 
 
 def test_the_wake_up_client_outlives_a_dropped_connection(tmp_path, queue):
-    """A connection the server dropped (as a Redis restart does) costs a retry, not the wake-up: the thread's own
+    """A connection the server dropped (as a Redis restart does) costs a retry, not the wake-up: the kept
     connection, then the client's pooled one too."""
     r, name = queue
     dispatcher = Dispatcher(Settings(home=tmp_path / "home", broker_url=REDIS, queue=name))
@@ -80,7 +80,7 @@ def test_the_wake_up_client_outlives_a_dropped_connection(tmp_path, queue):
     dispatcher.run_job("job_2")  # through the client, which connects
     pooled = dispatcher.wakeups.client.client_id()
     assert r.llen(name) == 2 and pooled != mine
-    dispatcher.run_job("job_3")  # the thread's connection again, made anew
+    dispatcher.run_job("job_3")  # the kept connection again, made anew
     fresh = dispatcher.wakeups.client_id()
     assert fresh not in (mine, pooled)
     r.client_kill_filter(_id=fresh)
