@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.api_load [--duration 12] [--slices 3] [--warmup 2] [--connections 32] [--jobs 200] [--token KEY]
         [--no-write] [--no-auth]
 
-Both servers run with the gunicorn arguments of ``docker-compose.yml`` (2 workers x
-8 threads). The farm talks to PostgreSQL (``QUANTFARM_TEST_PG``'s server, a new
+Both servers run with the gunicorn arguments of ``docker-compose.yml`` and its
+``gunicorn.conf.py`` (the table names the shape). The farm talks to PostgreSQL (``QUANTFARM_TEST_PG``'s server, a new
 database with ``--jobs`` jobs) and a Redis of its own. Every endpoint, the ceiling
 among them, is first warmed by an uncounted ``--warmup``-second run (a fresh
 server's first second of submits ran at half the rate of the rest: connections,
@@ -15,10 +15,11 @@ every round: its ratio is its requests over the ceiling's in those paired slices
 so a drift of the machine within the run (this host's ceiling moved by ±10% within
 minutes) falls on both alike. Its maximum rate and p99 at saturation come from
 its slices; then it is held at
-half that rate by a small open-loop client of a few processes (wrk cannot hold a rate;
-latency counts from each request's scheduled send time, so a stall is not hidden, and
-the client reports how late it sent itself, so a client that fell behind is not taken
-for a slow server). ``--token`` (or
+half that rate by an open-loop client of our own (bench/openloop.c, built with the
+system's C compiler; a Python client of a few processes where there is none): wrk
+cannot hold a rate; latency counts from each request's scheduled send time, so a
+stall is not hidden, and the client reports how late it sent itself, so a client that
+fell behind is not taken for a slow server. ``--token`` (or
 ``QUANTFARM_BENCH_TOKEN``; default: an admin key the bench makes, since auth is
 on as in compose) is sent as ``Authorization: Bearer`` to every farm call.
 Results go into their own section of bench/RESULTS.md. The jobs do not change
@@ -49,6 +50,18 @@ GOALS = {"get": 0.5, "list": 0.3, "post": 0.25, "healthz": 0.7}
 P99_GOAL_MS = 50.0
 BEGIN, END = "<!-- api_load:begin -->", "<!-- api_load:end -->"
 POST_BODY = {"model": {"source": "local", "path": "/models/bench-tiny"}, "method": "rtn"}
+
+
+def server_shape() -> str:
+    """The compose API command's gunicorn shape in words: its workers, and their threads or gevent connections."""
+    from tests.support.compose import compose_file
+
+    argv = compose_file()["services"]["api"]["command"]
+    opts = dict(zip(argv, argv[1:]))
+    workers = opts.get("--workers", opts.get("-w", "1"))
+    if opts.get("--worker-class", opts.get("-k")) == "gevent":
+        return f"{workers} gevent workers of up to {int(opts.get('--worker-connections', 1000)):,} connections each"
+    return f"{workers} workers x {opts.get('--threads', '1')} threads"
 
 
 def gunicorn_argv(app: str, port: int) -> list[str]:
@@ -111,15 +124,46 @@ def run_wrk(url: str, *, duration: int, connections: int, headers: dict[str, str
     return parse_wrk(out)
 
 
-CLIENT_PROCESSES = 4  # one Python process's threads could not send more than ~1,500-2,000 requests a second here
+CLIENT_PROCESSES = 4  # the Python client's: one process's threads could not send more than ~1,500-2,000 requests a second here
+HELD_CONNECTIONS = 64  # the C client's keep-alive connections (a request waits for a free one, counted from when it was due)
 LAGGING_MS = 5.0  # a client whose median send is later than this behind schedule measured itself, not the server
 
 
+def openloop_binary(work: Path) -> Path | None:
+    """bench/openloop.c built into ``work`` with the system's C compiler, or None where there is none (or it fails)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    exe = work / "openloop"
+    if not exe.exists():
+        done = subprocess.run([cc, "-O2", "-o", str(exe), str(ROOT / "bench" / "openloop.c")], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"bench/openloop.c did not build ({done.stderr.strip()[:300]}); the Python client holds the rate", file=sys.stderr)
+            return None
+    return exe
+
+
 def open_loop(port: int, method: str, path: str, body: bytes | None, headers: dict[str, str], rate: float, seconds: float,
-              processes: int = CLIENT_PROCESSES, threads: int = 8) -> dict:
-    """Send ``rate`` requests a second on schedule from ``processes`` client processes; return p50/p99 measured from
-    each scheduled time, and how late the client itself sent (``client_lag_p50_ms``: over ``LAGGING_MS``, the
-    client could not keep the rate and the latencies are its own)."""
+              processes: int = CLIENT_PROCESSES, threads: int = 8, work: Path | None = None) -> dict:
+    """Send ``rate`` requests a second on schedule; return p50/p99 measured from each request's scheduled time, and how
+    late the client itself sent (``client_lag_p50_ms``: over ``LAGGING_MS``, the client could not keep the rate and the
+    latencies are its own). With ``work`` and a C compiler: bench/openloop.c (one thread, epoll, ``HELD_CONNECTIONS``
+    connections); otherwise ``processes`` Python processes of ``threads`` threads each."""
+    exe = openloop_binary(work) if work is not None else None
+    if exe is not None:
+        argv = [str(exe), "-p", str(port), "-r", f"{rate:.3f}", "-d", f"{seconds:g}", "-c", str(HELD_CONNECTIONS), "-m", method]
+        for k, v in headers.items():
+            argv += ["-H", f"{k}: {v}"]
+        if body is not None:
+            bodyfile = work / f"openloop-body-{uuid.uuid4().hex}"
+            bodyfile.write_bytes(body)
+            argv += ["-b", str(bodyfile)]
+        done = subprocess.run([*argv, path], capture_output=True, text=True, check=True)
+        if done.stderr:
+            print(f"{method} {path} at {rate:.0f} rps: {done.stderr.strip()}", file=sys.stderr)
+        got = json.loads(done.stdout)
+        return {"rate": rate, "p50_ms": got["p50_ms"], "p99_ms": got["p99_ms"], "failures": got["failures"],
+                "requests": got["requests"], "client_lag_p50_ms": got["lag_p50_ms"], "client": "C"}
     import multiprocessing
 
     n = max(1, int(rate * seconds))
@@ -130,7 +174,7 @@ def open_loop(port: int, method: str, path: str, body: bytes | None, headers: di
     latencies = sorted(x for lat, _, _ in parts for x in lat)
     lags = sorted(x for _, lag, _ in parts for x in lag)
     return {"rate": rate, "p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(0.99 * (len(latencies) - 1))],
-            "failures": sum(f for _, _, f in parts), "requests": n, "client_lag_p50_ms": lags[len(lags) // 2]}
+            "failures": sum(f for _, _, f in parts), "requests": n, "client_lag_p50_ms": lags[len(lags) // 2], "client": "Python"}
 
 
 def _client(port, method, path, body, headers, rate, start, indices, threads) -> tuple[list[float], list[float], int]:
@@ -318,14 +362,14 @@ def measure(srv: Servers, a, work: Path) -> list[dict]:
         wake_ups = srv.listener.heard - heard
         sat = paired(beside, mine)
         ceiling_runs += beside
-        held = open_loop(port, method, path, body, args[key][1], rate=sat["rps"] / 2, seconds=a.duration)
+        held = open_loop(port, method, path, body, args[key][1], rate=sat["rps"] / 2, seconds=a.duration, work=work)
         rows.append({"key": key, "label": label, **sat, "half_rate": held, "wake_ups": wake_ups})
         print(f"{label}: {sat['rps']:.0f} rps (slices {', '.join(f'{x:.0f}' for x in sat['slices'])}) beside the ceiling's "
               f"{sat['ceiling_rps']:.0f} (slices {', '.join(f'{x:.0f}' for x in sat['ceiling_slices'])}): {sat['ratio']:.2f}; "
               f"p99 {sat['p99_ms']:.1f} ms; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
     key, label, port, method, path, body = eps[0]
     ceiling = paired(ceiling_runs, ceiling_runs)
-    held = open_loop(port, method, path, body, args[key][1], rate=ceiling["rps"] / 2, seconds=a.duration)
+    held = open_loop(port, method, path, body, args[key][1], rate=ceiling["rps"] / 2, seconds=a.duration, work=work)
     print(f"{label}: {ceiling['rps']:.0f} rps over all its slices; at {held['rate']:.0f} rps p99 {held['p99_ms']:.1f} ms", flush=True)
     return [{"key": key, "label": label, **ceiling, "half_rate": held, "wake_ups": 0}, *rows]
 
@@ -367,6 +411,13 @@ def render_auth(rows: list[dict], a, started: str, env: dict) -> str:
     ])
 
 
+def held_client(rows: list[dict]) -> str:
+    """The open-loop client that held the rates, in words."""
+    if all(r["half_rate"].get("client") == "C" for r in rows):
+        return f"an open-loop client in C (bench/openloop.c: one thread, epoll, {HELD_CONNECTIONS} keep-alive connections)"
+    return f"an open-loop client in Python ({CLIENT_PROCESSES} processes)"
+
+
 def render(rows: list[dict], a, started: str, env: dict) -> str:
     table = []
     for r in rows:
@@ -391,12 +442,12 @@ def render(rows: list[dict], a, started: str, env: dict) -> str:
     return "\n".join([
         BEGIN, "## API load: gunicorn on PostgreSQL vs a trivial Flask ceiling", "",
         f"- Command: `{cmd}`", f"- Date: {started}; machine: {env['cores']} cores, load average at start {env['load']}",
-        f"- Both servers: the compose file's gunicorn command (2 workers x 8 threads); the farm on PostgreSQL with {a.jobs} jobs "
+        f"- Both servers: the compose file's gunicorn command ({server_shape()}); the farm on PostgreSQL with {a.jobs} jobs "
         f"and a Redis of its own, auth on (every farm call carries an admin API key). Each endpoint warmed first by an uncounted "
         f"{a.warmup} s run. Saturation: `wrk -t2 -c{a.connections}` in {a.slices} slices of {slice_s} s, each beside a "
         "slice of the ceiling as long (their order swapped every round); the ratio is the endpoint's requests a second "
         "over the ceiling's in those paired slices, and the ceiling's row is all its slices. "
-        f"Held: an open-loop client ({CLIENT_PROCESSES} processes) at half the measured maximum, latency from each request's scheduled send time; "
+        f"Held: {held_client(rows)} at half the measured maximum, latency from each request's scheduled send time; "
         f"where the client's own median send lag passed {LAGGING_MS:g} ms it could not keep the rate, and the p99 is not judged.",
         "- An idle worker's listening connection (storage/notices.py) ran on the farm's database throughout: the submits' "
         f"inserts notified it ({wake_ups}; "

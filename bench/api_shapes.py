@@ -1,6 +1,10 @@
 """The ceiling and POST /v1/jobs under other gunicorn shapes (workers x threads), side by side, alternating.
 
-    .venv/bin/python -m bench.api_shapes [--shapes 2x8,3x8,4x8,2x16] [--rounds 2] [--duration 8]
+    .venv/bin/python -m bench.api_shapes [--shapes 2x8,3x8,4x8,2x16,2xg] [--rounds 2] [--duration 8]
+
+A shape ``NxK`` is N workers of K threads each; ``Nxg`` is N gevent workers
+(``--worker-class gevent``, 1,000 connections each; gevent is not a dependency of the
+farm: ``.venv/bin/pip install -c constraints.txt gevent`` first).
 
 The compose file runs the API as 2 workers x 8 threads. For each shape, in turn and
 ``--rounds`` times, this starts the trivial ceiling (bench/api_ceiling.py) and the
@@ -27,12 +31,18 @@ from bench.api_load import POST_BODY, ROOT, Servers, run_wrk, wait_http
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="2x8,3x8,4x8,2x16", help="workers x threads, comma separated")
+    ap.add_argument("--shapes", default="2x8,3x8,4x8,2x16", help="workers x threads (or x g: gevent), comma separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=32)
     a = ap.parse_args(argv)
-    shapes = [tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")]
+    shapes = [(int(s.split("x")[0]), s.split("x")[1]) for s in a.shapes.split(",")]
+    if any(t == "g" for _, t in shapes):
+        try:
+            import gevent  # noqa: F401 - only whether it is there
+        except ImportError:
+            print("a gevent shape needs gevent: .venv/bin/pip install -c constraints.txt gevent", file=sys.stderr)
+            return 2
     if not shutil.which("wrk"):
         print("wrk is not installed (Debian: apt install wrk)", file=sys.stderr)
         return 2
@@ -45,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                       'wrk.headers["Content-Type"] = "application/json"\n')
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
 
-    def start(app: str, workers: int, threads: int) -> tuple[subprocess.Popen, int]:
+    def start(app: str, workers: int, threads: str) -> tuple[subprocess.Popen, int]:
         port = free_port()
-        argv = [gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads), app]
+        argv = [gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+        if threads == "g":
+            argv += ["-k", "gevent", "--worker-connections", "1000", app]
+        else:
+            argv += ["--threads", threads, app]
         log = open(work / f"gunicorn-{port}.log", "wb")
         return subprocess.Popen(argv, env=srv.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), port
 

@@ -50,3 +50,75 @@ def test_paired_weighs_slices_by_their_measured_seconds():
     got = paired([_slice(4_000, 1.0)], [_slice(1_000, 1.0), _slice(3_000, 2.0)])
     assert got["rps"] == pytest.approx(4_000 / 3.0)
     assert got["ratio"] == pytest.approx((4_000 / 3.0) / 4_000)
+
+
+class _Slow:
+    """A keep-alive HTTP/1.1 server on a thread a connection: each answer after ``delay`` seconds, every ``bad``-th a 500."""
+
+    def __init__(self, delay: float, bad: int = 0):
+        import http.server
+        import itertools
+        import threading
+
+        count = itertools.count(1)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                import time
+
+                time.sleep(delay)
+                n = next(count)
+                body = b'{"n": %d}' % n
+                self.send_response(500 if bad and n % bad == 0 else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def work(tmp_path):
+    from bench.api_load import openloop_binary
+
+    if openloop_binary(tmp_path) is None:
+        pytest.skip("no C compiler to build bench/openloop.c")
+    return tmp_path
+
+
+def test_the_held_client_counts_from_each_requests_due_time_so_a_slow_server_is_charged_for_the_queue(work):
+    """bench/openloop.c holds a rate open-loop: 40 requests a second for 1.5 s at a server answering in 100 ms. With 8
+    connections (room for the 4 in flight) each takes ~100 ms from its due time. With 2 connections the server can
+    answer only 20 a second: the requests wait for a free connection, and each is charged from when it was due, so
+    the latencies grow past the server's 100 ms to most of a second (a closed-loop client, as wrk, would report
+    100 ms). Every 5th answer a 500: failures counted."""
+    from bench.api_load import HELD_CONNECTIONS, open_loop
+    import bench.api_load as load
+
+    slow = _Slow(0.1, bad=5)
+    try:
+        enough = open_loop(slow.port, "GET", "/x", None, {}, rate=40, seconds=1.5, work=work)
+        load.HELD_CONNECTIONS = 2
+        try:
+            starved = open_loop(slow.port, "GET", "/x", None, {}, rate=40, seconds=1.5, work=work)
+        finally:
+            load.HELD_CONNECTIONS = HELD_CONNECTIONS
+    finally:
+        slow.close()
+    assert enough["client"] == "C" and enough["requests"] == 60 and enough["failures"] == 12
+    assert 95 <= enough["p50_ms"] <= 150 and enough["p99_ms"] < 250 and enough["client_lag_p50_ms"] < 5
+    assert starved["requests"] == 60 and starved["failures"] == 12
+    assert starved["p99_ms"] > 1000 and starved["p50_ms"] > 400  # 60 requests at 20 a second: the last done ~3 s in, due at 1.5 s
+    assert starved["client_lag_p50_ms"] > 100  # sent late: waiting for a connection, which the server held
