@@ -294,9 +294,10 @@ class Database:
         ends with it (gunicorn's gevent workers, werkzeug's threads), and a connection kept by one that ended would stay
         checked out of the pool for good.
 
-        A connection found unused for ``HELD_IDLE_SECONDS`` or more goes back to the pool, whose checkout pings one that
-        sat idle (one that died with a database restart is replaced); each put back also returns the oldest kept one if
-        it sat that long, so the kept ones shrink to what runs at once again after a burst. At most ``HELD_MAX`` are kept:
+        A connection found unused for ``HELD_IDLE_SECONDS`` or more is pinged first, and one that died (a database
+        restart, an idle timeout) is replaced by a fresh one from the pool. (It was given back to the pool, whose
+        checkout pings a connection idle that long; but its checkin had just stamped it as fresh, so the same dead
+        connection came back unpinged.) Each put back also returns the oldest kept one to the pool if it sat that long, so the kept ones shrink to what runs at once again after a burst. At most ``HELD_MAX`` are kept:
         a use beyond them checks one out of the pool and back in. Kept ones never go back to the pool while in steady
         use, so without that bound more uses at once than the pool holds (werkzeug's threads and gunicorn's gevent
         workers have no fixed number) would wait in the pool's queue while the connections were put back on the stack,
@@ -309,7 +310,7 @@ class Database:
             conn, at = kept.pop()  # list.pop and append are atomic: no lock on the way in and out
         except IndexError:
             conn = None
-        if conn is not None and time.monotonic() - at >= HELD_IDLE_SECONDS:
+        if conn is not None and time.monotonic() - at >= HELD_IDLE_SECONDS and not self._alive(conn):
             conn = self._unhold(conn)
         held = conn is not None
         if conn is None:
@@ -339,6 +340,15 @@ class Database:
                     pass
                 else:
                     self._unhold(oldest[0])
+
+    def _alive(self, conn: Connection) -> bool:
+        """Ping a kept connection that sat unused; one that fails it is invalidated (the pool discards it)."""
+        try:
+            self.reader.dialect.do_ping(conn.connection.dbapi_connection)
+            return True
+        except Exception:  # noqa: BLE001 - dead (a database restart, an idle timeout): a fresh one instead
+            conn.invalidate()
+            return False
 
     def _unhold(self, conn: Connection) -> None:
         with self._held_lock:

@@ -131,7 +131,7 @@ def test_the_embedded_server_answers_polls_each_made_on_a_new_connection(live):
     """The embedded server (werkzeug) serves each connection on a thread that ends with it, and a client without a
     session (``requests.get``, a shell loop of curl) opens a connection a poll. The fast path's reads keep their
     database connection from one request to the next; kept a thread each, every ended thread's stayed checked out of
-    the pool (20 at most), and the 21st poll waited for one until it timed out. 30 polls, each answered with the job."""
+    the pool (15 at most on SQLite), and the 16th poll waited for one until it timed out. 30 polls, each answered with the job."""
     from storage import teams
 
     job_id = api_submit(live)["id"]

@@ -399,9 +399,9 @@ def test_reads_return_their_connection_without_a_rollback_unless_a_transaction_i
 
 def test_the_process_keeps_its_reader_connection_while_it_reads_at_least_once_a_second(pg_url, monkeypatch):
     """``held_read``: back-to-back reads use one connection (one pool checkout), whichever thread runs them; unused a
-    second it goes back to the pool, whose checkout pings it; a read that meets a dead connection fails (a 503 for the
-    caller) and the next one gets a fresh connection; a transaction left open is rolled back before the next use;
-    ``dispose`` closes every kept one."""
+    second it is pinged before its next use, and one that died meanwhile (a database restart) is replaced; a read that
+    meets a connection dead within the second fails (a 503 for the caller) and the next one gets a fresh connection; a
+    transaction left open is rolled back before the next use; ``dispose`` closes every kept one."""
     import threading
 
     import storage.db as dbmod
@@ -427,13 +427,17 @@ def test_the_process_keeps_its_reader_connection_while_it_reads_at_least_once_a_
     t.start()
     t.join()
     assert other == [first] and len(checkouts) == 1  # another thread after it: the same warm connection
-    clock[0] += 1.5  # unused a second and a half: back to the pool, checked out again
-    assert pid() == first and len(checkouts) == 2
-    _admin_exec(f"SELECT pg_terminate_backend({first})")  # as a database restart would, while in steady use
+    clock[0] += 1.5  # unused a second and a half: pinged, alive, kept
+    assert pid() == first and len(checkouts) == 1
+    _admin_exec(f"SELECT pg_terminate_backend({first})")  # a database restart while the process sat idle
+    clock[0] += 1.5
+    second = pid()  # pinged: dead, so a fresh connection from the pool, and the read goes through
+    assert second != first and len(checkouts) == 2
+    _admin_exec(f"SELECT pg_terminate_backend({second})")  # as a database restart would, while in steady use
     clock[0] += 0.1
     with pytest.raises(sa.exc.OperationalError):
         pid()
-    assert pid() != first  # the dead one dropped; a fresh connection
+    assert pid() not in (first, second)  # the dead one dropped; a fresh connection
     with db.held_read() as conn:
         conn.exec_driver_sql("BEGIN")
         conn.exec_driver_sql("CREATE TABLE left_open (x int)")
