@@ -158,7 +158,7 @@ def open_loop(port: int, method: str, path: str, body: bytes | None, headers: di
             bodyfile = work / f"openloop-body-{uuid.uuid4().hex}"
             bodyfile.write_bytes(body)
             argv += ["-b", str(bodyfile)]
-        done = subprocess.run([*argv, path], capture_output=True, text=True, check=True)
+        done = subprocess.run([*argv, path], capture_output=True, text=True, check=True, timeout=3 * seconds + 60)
         if done.stderr:
             print(f"{method} {path} at {rate:.0f} rps: {done.stderr.strip()}", file=sys.stderr)
         got = json.loads(done.stdout)

@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -150,6 +151,7 @@ int main(int argc, char **argv) {
        idle until the server's keep-alive timeout closes it as a request goes out on it. */
     long *idle = malloc(sizeof(long) * nconn), nidle = 0, ihead = 0;
 #define PUSH_IDLE(x) (idle[(ihead + nidle++) % nconn] = (x))
+    signal(SIGPIPE, SIG_IGN);  /* a write on a connection the server reset fails with EPIPE, not the process */
     epfd = epoll_create1(0);
     for (int i = 0; i < nconn; i++) {
         conns[i].fd = -1;
@@ -192,11 +194,12 @@ int main(int argc, char **argv) {
             if (!(evs[e].events & (EPOLLIN | EPOLLHUP | EPOLLERR))) continue;
             int broken = 0;
             const char *broken_why = "";
+            int why_errno = 0;
             for (;;) {
                 char buf[65536];
                 ssize_t r = read(c->fd, buf, sizeof buf);
                 if (r < 0 && errno == EAGAIN) break;
-                if (r <= 0) { broken = 1; broken_why = r == 0 ? "closed by the server" : "read failed, errno"; break; }
+                if (r <= 0) { broken = 1; broken_why = r == 0 ? "closed by the server" : "read failed, errno"; why_errno = r == 0 ? 0 : errno; break; }
                 if (c->req < 0) continue;  /* nothing asked: ignore */
                 size_t off = 0;
                 if (c->body_left < 0) {
@@ -216,13 +219,16 @@ int main(int argc, char **argv) {
                     lat[nlat++] = (now_s() - due[c->req]) * 1000.0;
                     if (c->status >= 400 || c->status < 100) { failures++; note("status", c->status); }
                     done++;
+                    if (c->sent < request_len) {  /* answered before its body was all sent: the rest would be a bad request */
+                        if (redial(c) < 0) { perror("connect"); return 1; }
+                    }
                     c->req = -1;
                     PUSH_IDLE(c - conns);
                 }
             }
             if (broken) {
                 long was = c->req;  /* -1: closed while free, so in the ring already (it stays there, dialled anew) */
-                if (was >= 0) { lat[nlat++] = (now_s() - due[was]) * 1000.0; failures++; done++; note(broken_why, errno); }
+                if (was >= 0) { lat[nlat++] = (now_s() - due[was]) * 1000.0; failures++; done++; note(broken_why, why_errno); }
                 if (redial(c) < 0) { perror("connect"); return 1; }
                 if (was >= 0) PUSH_IDLE(c - conns);
             }
